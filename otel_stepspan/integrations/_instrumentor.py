@@ -1,0 +1,81 @@
+"""Patching helpers shared by the engine integrations, in the OpenTelemetry instrumentor style.
+
+Every wrap has its unwrap beside it. A wrap is applied when the engine module is imported
+(wrapt's post-import hook), so instrumenting a process that never loads the engine's model
+runner imports nothing heavy. The wrapper itself is a plain function made by
+:func:`otel_stepspan.runtime.wrap_method` (see there for why not a wrapt proxy); it keeps the
+original as ``__wrapped__``, and unpatching puts the original back only if our wrapper is still
+the one in place.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import wrapt
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # noqa: F401  (re-exported)
+
+MakeWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+_wanted: dict[tuple[str, str], MakeWrapper] = {}
+_installed: dict[tuple[str, str], Callable[..., Any]] = {}
+_hooked: set[tuple[str, str]] = set()
+
+
+def _owner(module: Any, class_name: str) -> Any:
+    owner = module
+    for part in class_name.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+def _apply(module: Any, key: tuple[str, str]) -> None:
+    make = _wanted.get(key)
+    if make is None:
+        return
+    class_name, method_name = key[1].rsplit(".", 1)
+    owner = _owner(module, class_name)
+    current = owner.__dict__.get(method_name)
+    if current is not None and current is _installed.get(key):
+        return
+    wrapper = make(getattr(owner, method_name))
+    setattr(owner, method_name, wrapper)
+    _installed[key] = wrapper
+
+
+def patch_when_imported(module_name: str, dotted: str, make_wrapper: MakeWrapper) -> None:
+    """Replace ``module_name.Class.method`` by ``make_wrapper(original)`` now, or as soon as the
+    module is imported."""
+    key = (module_name, dotted)
+    _wanted[key] = make_wrapper
+    module = sys.modules.get(module_name)
+    if module is not None:
+        _apply(module, key)
+    if key not in _hooked:
+        _hooked.add(key)
+        wrapt.register_post_import_hook(lambda mod: _apply(mod, key), module_name)
+
+
+def unpatch(module_name: str, dotted: str) -> None:
+    """Undo :func:`patch_when_imported`; a later import of the module is left alone."""
+    key = (module_name, dotted)
+    _wanted.pop(key, None)
+    wrapper = _installed.pop(key, None)
+    module = sys.modules.get(module_name)
+    if module is None or wrapper is None:
+        return
+    class_name, method_name = dotted.rsplit(".", 1)
+    owner = _owner(module, class_name)
+    if owner.__dict__.get(method_name) is wrapper:
+        setattr(owner, method_name, wrapper.__wrapped__)
+
+
+def is_patched(module_name: str, dotted: str) -> bool:
+    """True when our wrapper is the method in place now."""
+    module = sys.modules.get(module_name)
+    wrapper = _installed.get((module_name, dotted))
+    if module is None or wrapper is None:
+        return False
+    class_name, method_name = dotted.rsplit(".", 1)
+    return _owner(module, class_name).__dict__.get(method_name) is wrapper

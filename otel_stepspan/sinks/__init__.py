@@ -1,0 +1,1 @@
+"""Where a step's label goes: the torch profiler, OpenTelemetry, NVTX."""

@@ -1,0 +1,227 @@
+"""The OpenTelemetry sink: step spans created off the engine's thread.
+
+A plain SDK span costs tens of microseconds of Python per step (ids, sampler, attribute
+validation, processors). The engine's scheduler loop cannot pay that, so the engine thread only
+records what the span needs (a cheap capture of the batch, the parent context, two timestamps)
+into a bounded queue; a background thread turns each record into a real span through the
+configured tracer provider, with the recorded start and end times and parent. Samplers and span
+processors see every span exactly as if it had been created inline.
+
+When the queue is full the step is not traced, the drop is counted, and one log line per interval
+says how many were dropped: tracing never blocks the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Callable, Mapping, Optional
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ..step import AttributeValue, StepInfo, unknown_step
+from ..version import __version__
+
+logger = logging.getLogger("otel_stepspan")
+
+Finish = Callable[[Any], StepInfo]
+
+_POLL_S = 0.05
+_DROP_REPORT_INTERVAL_S = 10.0
+
+
+def _exception_event(exc: BaseException) -> dict[str, str]:
+    """The exception event's attributes, made at once so the traceback's frames (and the tensors
+    they hold) are not kept alive until the background thread gets to the span."""
+    return {
+        "exception.type": type(exc).__qualname__,
+        "exception.message": str(exc),
+        "exception.stacktrace": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+class DeferredSpanSink:
+    """Turns step records into spans on a background thread."""
+
+    def __init__(
+        self,
+        provider: trace.TracerProvider,
+        *,
+        name_by: str = "label",
+        max_pending: int = 65536,
+    ) -> None:
+        self.provider = provider
+        self.tracer = provider.get_tracer("otel_stepspan", __version__)
+        self.name_by = name_by
+        self.max_pending = max_pending
+        self.dropped_total = 0
+        self.emitted_total = 0
+        self.failed_total = 0
+        self._queue: deque = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = False
+        self._started = False
+        self._stopping = False
+        self._dropped_reported = 0
+        self._last_report = time.monotonic()
+        self._start_lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        finish: Finish,
+        captured: Any,
+        static_attributes: Mapping[str, AttributeValue],
+        parent: Any,
+        start_ns: int,
+        end_ns: int,
+        error: Optional[BaseException],
+    ) -> None:
+        """Queue one finished step. O(1), never blocks, never raises."""
+        if not self._started:
+            self._start()
+        queue = self._queue
+        if len(queue) >= self.max_pending:
+            self.dropped_total += 1
+            return
+        event = _exception_event(error) if error is not None else None
+        queue.append((finish, captured, static_attributes, parent, start_ns, end_ns, event))
+
+    # -- background thread ---------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._started:
+                return
+            thread = threading.Thread(target=self._run, name="otel_stepspan-spans", daemon=True)
+            thread.start()
+            self._started = True
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's thread does not exist in the child and the parent exports its own
+        # pending spans: the child starts empty and starts its own thread on its first step.
+        self._queue = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._start_lock = threading.Lock()
+        self._busy = False
+        self._started = False
+        self.dropped_total = self.emitted_total = self.failed_total = 0
+        self._dropped_reported = 0
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(_POLL_S)
+            self._wake.clear()
+            self._drain()
+            self._report_drops()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        with self._idle:
+            self._busy = True
+        try:
+            while queue:
+                try:
+                    item = queue.popleft()
+                except IndexError:
+                    break
+                self._emit(item)
+        finally:
+            with self._idle:
+                self._busy = False
+                self._idle.notify_all()
+
+    def _emit(self, item: tuple) -> None:
+        finish, captured, static_attributes, parent, start_ns, end_ns, event = item
+        try:
+            try:
+                info = captured if isinstance(captured, StepInfo) else finish(captured)
+            except Exception:
+                info = unknown_step()
+            attributes = info.attributes()
+            attributes.update(static_attributes)
+            name = info.label if self.name_by == "label" else info.mode_label
+            span = self.tracer.start_span(
+                name,
+                context=parent,
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
+                start_time=start_ns,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            if event is not None and span.is_recording():
+                span.add_event("exception", event, timestamp=end_ns)
+                span.set_status(Status(StatusCode.ERROR, f"{event['exception.type']}: {event['exception.message']}"))
+            span.end(end_time=end_ns)
+            self.emitted_total += 1
+        except Exception:
+            self.failed_total += 1
+            if self.failed_total == 1:
+                logger.exception("otel_stepspan: could not create a step span; further failures are counted")
+
+    def _report_drops(self) -> None:
+        now = time.monotonic()
+        if now - self._last_report < _DROP_REPORT_INTERVAL_S:
+            return
+        self._last_report = now
+        self.report_drops()
+
+    def report_drops(self) -> int:
+        """Log the drops since the last report (one line), and return how many there were."""
+        new = self.dropped_total - self._dropped_reported
+        if new:
+            self._dropped_reported += new
+            logger.warning(
+                "otel_stepspan: dropped %d step spans (%d in total): the span queue (%d) was full; "
+                "raise OTEL_STEPSPAN_MAX_PENDING or check the exporter",
+                new,
+                self.dropped_total,
+                self.max_pending,
+            )
+        return new
+
+    # -- flushing ------------------------------------------------------------------------------
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued step has become a span (not necessarily exported yet)."""
+        if not self._started:
+            if not self._queue:
+                return True
+            self._start()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._idle:
+                if not self._queue and not self._busy:
+                    return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wake.set()
+            with self._idle:
+                self._idle.wait(min(remaining, _POLL_S))
+
+    def flush(self, timeout_s: float) -> bool:
+        """Drain the queue into spans, then ask the provider to export everything pending."""
+        deadline = time.monotonic() + timeout_s
+        drained = self.drain(timeout_s)
+        self.report_drops()
+        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        force_flush = getattr(self.provider, "force_flush", None)
+        exported = True
+        if force_flush is not None:
+            try:
+                exported = bool(force_flush(remaining_ms))
+            except TypeError:
+                exported = bool(force_flush())
+        return drained and exported

@@ -1,0 +1,113 @@
+"""Find or build the tracer provider the step spans go to (CONTRACT §3).
+
+An engine (or ``opentelemetry-instrument``) that already set an SDK provider keeps it: we only
+take a tracer from it. Only when nobody set one and the standard variables ask for export do we
+build one, once per process, the first time a step runs. Doing it that late, rather than at
+import, leaves the engine free to set its own provider first, and lets each spawned or forked
+worker build its own exporter threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Mapping, Optional
+
+from opentelemetry import trace
+
+from ..settings import exporters_requested
+
+logger = logging.getLogger("otel_stepspan")
+
+_lock = threading.Lock()
+_owned_provider: Optional[object] = None
+
+
+class ExportConfigError(ValueError):
+    """The OTEL_* variables ask for something this process cannot export with."""
+
+
+def current_provider() -> Optional[trace.TracerProvider]:
+    """The provider the process set, or ``None`` if there is none that records spans."""
+    provider = getattr(trace, "_TRACER_PROVIDER", None)
+    if provider is None or isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider)):
+        return None
+    return provider
+
+
+def _otlp_exporter(environ: Mapping[str, str]):
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+        or "grpc"
+    ).lower()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+
+        return HTTPExporter()
+    raise ExportConfigError(
+        f"OTLP protocol {protocol!r} is not supported; use 'grpc' or 'http/protobuf' "
+        "(OTEL_EXPORTER_OTLP_PROTOCOL / OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)"
+    )
+
+
+def _exporter(name: str, environ: Mapping[str, str]):
+    if name == "otlp":
+        return _otlp_exporter(environ)
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    raise ExportConfigError(
+        f"OTEL_TRACES_EXPORTER names {name!r}; supported here: otlp, console, none"
+    )
+
+
+def build_provider(environ: Optional[Mapping[str, str]] = None):
+    """An SDK provider configured from the standard variables.
+
+    The SDK itself reads the resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), the
+    sampler (``OTEL_TRACES_SAMPLER[_ARG]``), the batch processor (``OTEL_BSP_*``) and each
+    exporter's endpoint, headers, certificate, compression and timeout, exactly as the
+    specification defines them; we choose the exporters and the protocol.
+    """
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    env = os.environ if environ is None else environ
+    exporters = [_exporter(name, env) for name in exporters_requested(env) if name != "none"]
+    provider = TracerProvider(resource=Resource.create({"process.pid": os.getpid()}))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def resolve_provider(export_requested: bool) -> Optional[trace.TracerProvider]:
+    """The provider to use now, building and installing one if the environment asks for it."""
+    global _owned_provider
+    provider = current_provider()
+    if provider is not None or not export_requested:
+        return provider
+    with _lock:
+        provider = current_provider()
+        if provider is None:
+            try:
+                built = build_provider()
+            except ExportConfigError as exc:
+                logger.error("otel_stepspan: OpenTelemetry export is off: %s", exc)
+                return None
+            trace.set_tracer_provider(built)
+            _owned_provider = built
+            provider = current_provider()
+    return provider
+
+
+def owned_provider() -> Optional[object]:
+    """The provider this package built, if it built one (tests and shutdown use it)."""
+    return _owned_provider

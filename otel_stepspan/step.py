@@ -1,0 +1,141 @@
+"""What a forward step is, and what it is called.
+
+This module is the pure core of the project: it imports neither torch nor OpenTelemetry, so the
+label grammar and the attribute table can be tested (and reused by any engine) on their own.
+Everything here runs off the engine's hot path: sinks build labels only when someone is looking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+AttributeValue = Union[str, int]
+
+#: The value an integer attribute takes when the engine did not expose the count. The keys are
+#: always present (so Jaeger tag search and span metrics can rely on them); the label shows ``?``.
+UNKNOWN = -1
+
+KNOWN_MODES = ("idle", "decode", "prefill", "mixed", "verify", "draft", "draft_extend")
+
+
+def normalize_mode(name: object) -> str:
+    """Lower-case an engine's mode name and keep it safe inside ``step[...]``.
+
+    Engines name their modes freely (sglang's ``TARGET_VERIFY``, ``SPLIT_PREFILL``…); the label
+    must stay one token so that it can be searched for, so anything but letters, digits and ``_``
+    becomes ``_``.
+    """
+    text = str(name).strip().lower()
+    cleaned = "".join(ch if (ch.isalnum() and ch.isascii()) or ch == "_" else "_" for ch in text)
+    return cleaned or "unknown"
+
+
+def _count(value: Optional[int]) -> str:
+    return "?" if value is None or value < 0 else str(value)
+
+
+def _attr(value: Optional[int]) -> int:
+    return UNKNOWN if value is None or value < 0 else value
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One forward step, as the engine counted it.
+
+    ``None`` (or a negative number) in a count means the engine did not expose it: the label shows
+    ``?`` and the attribute carries :data:`UNKNOWN`, so a malformed batch degrades the description
+    instead of breaking the forward.
+    """
+
+    mode: str
+    batch_size: Optional[int] = None
+    extend_tokens: Optional[int] = 0
+    decode_seqs: Optional[int] = 0
+    prefill_seqs: Optional[int] = 0
+    num_tokens: Optional[int] = 0
+    pass_id: Optional[int] = None
+
+    @classmethod
+    def from_counts(
+        cls,
+        *,
+        prefill_seqs: int,
+        extend_tokens: int,
+        decode_seqs: int,
+        pass_id: Optional[int] = None,
+    ) -> "StepInfo":
+        """The step of an engine that knows how many sequences extend a prompt (and by how many
+        tokens) and how many decode: idle, prefill, decode or mixed, by what is present."""
+        batch_size = prefill_seqs + decode_seqs
+        if batch_size == 0:
+            return cls("idle", 0, 0, 0, 0, 0, pass_id)
+        mode = "mixed" if prefill_seqs and decode_seqs else ("prefill" if prefill_seqs else "decode")
+        return cls(mode, batch_size, extend_tokens, decode_seqs, prefill_seqs, extend_tokens + decode_seqs, pass_id)
+
+    @property
+    def label(self) -> str:
+        """The record_function name and (by default) the span name; grammar in CONTRACT §1."""
+        mode = self.mode
+        if mode == "idle":
+            return "step[idle]"
+        bs = _count(self.batch_size)
+        if mode == "prefill":
+            return f"step[prefill bs={bs} toks={_count(self.extend_tokens)}]"
+        if mode == "mixed":
+            return (
+                f"step[mixed bs={bs} ext={_count(self.extend_tokens)} "
+                f"dec={_count(self.decode_seqs)}]"
+            )
+        if mode == "verify":
+            return f"step[verify bs={bs} toks={_count(self.num_tokens)}]"
+        return f"step[{mode} bs={bs}]"
+
+    @property
+    def mode_label(self) -> str:
+        """The low-cardinality span name (``OTEL_STEPSPAN_SPAN_NAME=mode``)."""
+        return f"step[{self.mode}]"
+
+    def attributes(self) -> dict[str, AttributeValue]:
+        """The ``forward.*`` span attributes of CONTRACT §2; ``forward.pass_id`` only when known."""
+        attrs: dict[str, AttributeValue] = {
+            "forward.mode": self.mode,
+            "forward.batch_size": _attr(self.batch_size),
+            "forward.extend_tokens": _attr(self.extend_tokens),
+            "forward.decode_seqs": _attr(self.decode_seqs),
+            "forward.prefill_seqs": _attr(self.prefill_seqs),
+            "forward.num_tokens": _attr(self.num_tokens),
+            "forward.label": self.label,
+        }
+        if self.pass_id is not None and self.pass_id >= 0:
+            attrs["forward.pass_id"] = self.pass_id
+        return attrs
+
+
+def unknown_step(pass_id: Optional[int] = None) -> StepInfo:
+    """What a step is called when the batch could not be read at all."""
+    return StepInfo(
+        mode="unknown",
+        batch_size=None,
+        extend_tokens=None,
+        decode_seqs=None,
+        prefill_seqs=None,
+        num_tokens=None,
+        pass_id=pass_id,
+    )
+
+
+def engine_attributes(
+    name: Optional[str] = None,
+    tp_rank: Optional[int] = None,
+    dp_rank: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+) -> dict[str, AttributeValue]:
+    """The ``engine.*`` attributes, keeping only what is known (CONTRACT §2)."""
+    attrs: dict[str, AttributeValue] = {}
+    if name:
+        attrs["engine.name"] = name
+    for key, value in (("engine.tp_rank", tp_rank), ("engine.dp_rank", dp_rank), ("engine.pp_rank", pp_rank)):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            attrs[key] = value
+    return attrs
