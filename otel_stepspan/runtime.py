@@ -217,11 +217,19 @@ def wrap_method(
     ``(wrapped, instance, args, kwargs)`` wrapper costs more than the sinks-off budget.
     """
 
-    def traced(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    batch_name = _second_parameter(method)
+
+    def traced(self: Any, batch: Any = _MISSING, *args: Any, **kwargs: Any) -> Any:
         if not _profiler.profiler_enabled() and _trace_api._TRACER_PROVIDER is None and not _state.wanted:
-            if args or kwargs:
+            if args or kwargs or batch is _MISSING:
+                if batch is _MISSING:
+                    return method(self, *args, **kwargs)
                 return method(self, batch, *args, **kwargs)
             return method(self, batch)
+        if batch is _MISSING:
+            return run_traced(
+                method, (self, *args), kwargs, capture, finish, attributes_of(self), (self, kwargs.get(batch_name))
+            )
         return run_traced(
             method, (self, batch, *args), kwargs, capture, finish, attributes_of(self), (self, batch)
         )
@@ -233,6 +241,20 @@ def wrap_method(
         except AttributeError:
             pass
     return traced
+
+
+_MISSING: Any = object()
+
+
+def _second_parameter(method: Callable[..., Any]) -> str:
+    """The name the batch goes by when passed as a keyword (``forward_batch`` in sglang)."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return "batch"
+    return names[1] if len(names) > 1 else "batch"
 
 
 def run_traced(

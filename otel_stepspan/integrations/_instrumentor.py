@@ -20,7 +20,7 @@ MakeWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 _wanted: dict[tuple[str, str], MakeWrapper] = {}
 _installed: dict[tuple[str, str], Callable[..., Any]] = {}
-_hooked: set[tuple[str, str]] = set()
+_hook_pending: set[tuple[str, str]] = set()
 
 
 def _owner(module: Any, class_name: str) -> Any:
@@ -52,9 +52,16 @@ def patch_when_imported(module_name: str, dotted: str, make_wrapper: MakeWrapper
     module = sys.modules.get(module_name)
     if module is not None:
         _apply(module, key)
-    if key not in _hooked:
-        _hooked.add(key)
-        wrapt.register_post_import_hook(lambda mod: _apply(mod, key), module_name)
+    elif key not in _hook_pending:
+        # wrapt fires a hook once, on the next import; a module imported, dropped from
+        # sys.modules and imported again needs a new one.
+        _hook_pending.add(key)
+
+        def on_import(mod: Any) -> None:
+            _hook_pending.discard(key)
+            _apply(mod, key)
+
+        wrapt.register_post_import_hook(on_import, module_name)
 
 
 def unpatch(module_name: str, dotted: str) -> None:

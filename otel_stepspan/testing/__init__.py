@@ -1,0 +1,1 @@
+"""Helpers for testing step spans end to end: a real OTLP receiver."""

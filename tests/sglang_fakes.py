@@ -1,0 +1,207 @@
+"""sglang-shaped stand-ins: a ForwardMode with sglang's member names, ForwardBatch-like objects,
+GPU tensors that record any attempt to read their values, and a stand-in ``model_runner`` module
+at sglang's real import path with the real ``ModelRunner.forward`` signature (0.5.13+)."""
+
+from __future__ import annotations
+
+import enum
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+class ForwardMode(enum.IntEnum):
+    """sglang 0.5.23's members (values are auto() there and shift between releases; only names
+    matter)."""
+
+    EXTEND = enum.auto()
+    DECODE = enum.auto()
+    MIXED = enum.auto()
+    IDLE = enum.auto()
+    TARGET_VERIFY = enum.auto()
+    DRAFT_EXTEND_V2 = enum.auto()
+    PREBUILT = enum.auto()
+    SPLIT_PREFILL = enum.auto()
+    DLLM_EXTEND = enum.auto()
+
+    # sglang's own predicate, which is why the adapter must not use it.
+    def is_extend(self) -> bool:
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.TARGET_VERIFY, ForwardMode.SPLIT_PREFILL)
+
+
+class OldForwardMode(enum.IntEnum):
+    """sglang 0.5.9's members, DRAFT_EXTEND included."""
+
+    EXTEND = enum.auto()
+    DECODE = enum.auto()
+    MIXED = enum.auto()
+    IDLE = enum.auto()
+    TARGET_VERIFY = enum.auto()
+    DRAFT_EXTEND = enum.auto()
+    DRAFT_EXTEND_V2 = enum.auto()
+    PREBUILT = enum.auto()
+    SPLIT_PREFILL = enum.auto()
+    DLLM_EXTEND = enum.auto()
+
+
+#: Every way a GPU value was touched during a test; must stay empty.
+GPU_READS: list[str] = []
+
+
+class GpuTensor:
+    """A tensor that lives on the GPU: its shape is free to read, its values are not."""
+
+    def __init__(self, *shape: int) -> None:
+        self.shape = torch.Size(shape)
+        self.device = torch.device("cuda", 0)
+
+    def _touched(self, what: str) -> Any:
+        GPU_READS.append(what)
+        raise AssertionError(f"GPU value read through {what}: that would synchronise the device")
+
+    def item(self):
+        return self._touched("item()")
+
+    def tolist(self):
+        return self._touched("tolist()")
+
+    def __int__(self):
+        return self._touched("int()")
+
+    def __index__(self):
+        return self._touched("__index__")
+
+    def __float__(self):
+        return self._touched("float()")
+
+    def __bool__(self):
+        return self._touched("bool()")
+
+    def __iter__(self):
+        return self._touched("iteration")
+
+    def __len__(self):
+        return self._touched("len()")
+
+    def sum(self, *args, **kwargs):
+        return self._touched("sum()")
+
+
+@dataclass
+class EagleVerifyInput:
+    draft_token_num: int
+    spec_steps: int = 3
+    topk: int = 1
+    draft_token: Any = None
+
+
+@dataclass
+class ForwardBatch:
+    """The fields of sglang's ForwardBatch the adapter may see, with sglang's types."""
+
+    forward_mode: Any
+    batch_size: int
+    input_ids: Any = None
+    seq_lens: Any = None
+    seq_lens_cpu: Optional[torch.Tensor] = None
+    seq_lens_sum: int = 0
+    extend_num_tokens: Optional[int] = None
+    extend_seq_lens: Any = None
+    extend_prefix_lens: Any = None
+    extend_seq_lens_cpu: Optional[list[int]] = None
+    extend_prefix_lens_cpu: Optional[list[int]] = None
+    positions: Any = None
+    spec_info: Any = None
+    global_num_tokens_cpu: Optional[list[int]] = None
+    num_token_non_padded: Any = field(default_factory=lambda: GpuTensor())
+
+
+def extend_batch(lens: list[int], prefix: Optional[list[int]] = None) -> ForwardBatch:
+    tokens = sum(lens)
+    return ForwardBatch(
+        ForwardMode.EXTEND,
+        len(lens),
+        input_ids=GpuTensor(tokens),
+        seq_lens=GpuTensor(len(lens)),
+        extend_num_tokens=tokens,
+        extend_seq_lens=GpuTensor(len(lens)),
+        extend_seq_lens_cpu=list(lens),
+        extend_prefix_lens_cpu=list(prefix or [0] * len(lens)),
+        positions=GpuTensor(tokens),
+    )
+
+
+def decode_batch(bs: int) -> ForwardBatch:
+    return ForwardBatch(
+        ForwardMode.DECODE,
+        bs,
+        input_ids=GpuTensor(bs),
+        seq_lens=GpuTensor(bs),
+        seq_lens_cpu=torch.arange(bs) + 10,
+        positions=GpuTensor(bs),
+    )
+
+
+def mixed_batch(prefill_lens: list[int], running_bs: int) -> ForwardBatch:
+    """As sglang's mix_with_running builds it: decodes appended as length-1 extends."""
+    lens = list(prefill_lens) + [1] * running_bs
+    batch = extend_batch(lens)
+    batch.forward_mode = ForwardMode.MIXED
+    return batch
+
+
+def verify_batch(bs: int, draft_token_num: int) -> ForwardBatch:
+    return ForwardBatch(
+        ForwardMode.TARGET_VERIFY,
+        bs,
+        input_ids=GpuTensor(bs * draft_token_num),
+        seq_lens=GpuTensor(bs),
+        spec_info=EagleVerifyInput(draft_token_num=draft_token_num, draft_token=GpuTensor(bs * draft_token_num)),
+    )
+
+
+MODULE = "sglang.srt.model_executor.model_runner"
+
+
+class ModelRunner:
+    """The attributes the adapter reads, and forward() with sglang 0.5.13+'s signature."""
+
+    def __init__(self, is_draft_worker: bool = False, tp_rank: int = 0, pp_rank: int = 0) -> None:
+        self.is_draft_worker = is_draft_worker
+        self.tp_rank = tp_rank
+        self.pp_rank = pp_rank
+        self.forward_pass_id = 0
+        self.seen: list[Any] = []
+
+    def forward(
+        self,
+        forward_batch,
+        skip_attn_backend_init=None,
+        pp_proxy_tensors=None,
+        reinit_attn_backend=False,
+        split_forward_count=1,
+    ):
+        self.forward_pass_id += 1
+        self.seen.append((forward_batch, skip_attn_backend_init, pp_proxy_tensors, split_forward_count))
+        if getattr(forward_batch, "explode", None) is not None:
+            raise forward_batch.explode
+        return ("output", self.forward_pass_id)
+
+
+def install_model_runner_module() -> types.ModuleType:
+    """Put a fresh stand-in module at sglang's import path; returns it."""
+    for name in ("sglang", "sglang.srt", "sglang.srt.model_executor"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    module = types.ModuleType(MODULE)
+    runner_class = type("ModelRunner", (ModelRunner,), {"forward": ModelRunner.forward, "__module__": MODULE})
+    module.ModelRunner = runner_class
+    sys.modules[MODULE] = module
+    return module
+
+
+def remove_model_runner_module() -> None:
+    for name in (MODULE, "sglang.srt.model_executor", "sglang.srt", "sglang"):
+        sys.modules.pop(name, None)

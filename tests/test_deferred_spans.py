@@ -1,0 +1,89 @@
+"""Spans made off the engine thread keep the engine's timing, parent and thread structure."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from opentelemetry import trace
+
+from otel_stepspan import StepInfo, stats, step_span
+
+
+def test_deferred_spans_keep_start_end_and_parent(memory_spans):
+    tracer = memory_spans.provider.get_tracer("engine")
+    windows = []
+    with tracer.start_as_current_span("request") as parent:
+        for bs in (1, 2, 3):
+            before = time.time_ns()
+            with step_span(StepInfo("decode", bs, 0, bs, 0, bs)):
+                time.sleep(0.02)
+            windows.append((before, time.time_ns()))
+    steps = [s for s in memory_spans.spans() if s.name.startswith("step[")]
+    assert [s.name for s in steps] == ["step[decode bs=1]", "step[decode bs=2]", "step[decode bs=3]"]
+    for span, (before, after) in zip(steps, windows):
+        assert before <= span.start_time <= span.end_time <= after
+        assert span.end_time - span.start_time >= 20_000_000
+        assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+        assert span.context.trace_id == parent.get_span_context().trace_id
+
+
+def test_steps_without_a_parent_are_roots(memory_spans):
+    with step_span(StepInfo("idle", 0)):
+        pass
+    (span,) = memory_spans.spans()
+    assert span.parent is None
+
+
+def test_steps_from_several_threads_are_well_formed_and_parented(memory_spans):
+    tracer = memory_spans.provider.get_tracer("engine")
+    parents: dict[int, int] = {}
+
+    def scheduler(index: int) -> None:
+        with tracer.start_as_current_span(f"scheduler-{index}") as parent:
+            parents[index] = parent.get_span_context().span_id
+            for step in range(50):
+                with step_span(StepInfo("decode", 1000 * index + step)):
+                    pass
+
+    threads = [threading.Thread(target=scheduler, args=(i,)) for i in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    steps = [s for s in memory_spans.spans() if s.name.startswith("step[")]
+    assert len(steps) == 200
+    for span in steps:
+        index = span.attributes["forward.batch_size"] // 1000
+        assert span.parent.span_id == parents[index]
+        assert span.end_time >= span.start_time
+    assert len({s.context.span_id for s in steps}) == 200
+    assert stats()["dropped"] == 0
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(memory_spans, monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_STEPSPAN_MAX_PENDING", "10")
+    from otel_stepspan import runtime
+
+    runtime.refresh_settings()
+    sink_lock = threading.Lock()
+    from otel_stepspan.sinks import otel as otel_sink
+
+    original_emit = otel_sink.DeferredSpanSink._emit
+
+    def slow_emit(self, item):
+        with sink_lock:
+            return original_emit(self, item)
+
+    monkeypatch.setattr(otel_sink.DeferredSpanSink, "_emit", slow_emit)
+    with sink_lock:  # the span thread is stuck: a blocking queue would deadlock here
+        for bs in range(1, 101):
+            with step_span(StepInfo("decode", bs)):
+                pass
+    counters = stats()
+    assert counters["dropped"] >= 89  # at most 10 queued (+1 being emitted)
+    with caplog.at_level("WARNING", logger="otel_stepspan"):
+        spans = memory_spans.spans()
+    assert len(spans) + counters["dropped"] == 100
+    assert any("dropped" in record.getMessage() for record in caplog.records)
+    assert trace.get_tracer_provider() is memory_spans.provider
