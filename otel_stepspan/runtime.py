@@ -20,7 +20,9 @@ from opentelemetry import context as _otel_context
 from opentelemetry import trace as _trace_api
 
 from .settings import Settings, read_settings
+from .sinks import nvtx as _nvtx
 from .sinks import profiler as _profiler
+from .sinks.gpu_timing import GpuStepTimer, cuda_timer
 from .sinks.otel import DeferredSpanSink
 from .sinks.otel_provider import resolve_provider
 from .step import AttributeValue, StepInfo, unknown_step
@@ -39,9 +41,14 @@ class _State:
 
     def __init__(self) -> None:
         self.settings: Settings = read_settings()
-        self.wanted = self.settings.otel_wanted
+        # True when the environment alone turns a sink on (OTel export, NVTX): the wrappers then
+        # always take the traced path.
+        self.wanted = self.settings.otel_wanted or self.settings.nvtx
+        self.nvtx = self.settings.nvtx and _nvtx.available()
         self.decided_for: object = _UNDECIDED
         self.sink: Optional[DeferredSpanSink] = None
+        self.gpu_timer: Optional[GpuStepTimer] = None
+        self.gpu_timers: list[GpuStepTimer] = []
         self.sinks_by_provider: dict[int, DeferredSpanSink] = {}
         self.lock = threading.Lock()
         self.atexit_registered = False
@@ -97,9 +104,28 @@ def otel_sink() -> Optional[DeferredSpanSink]:
                 if not state.atexit_registered:
                     atexit.register(_flush_at_exit)
                     state.atexit_registered = True
+        state.gpu_timer = _gpu_timer_for(sink) if sink is not None and state.settings.gpu_timing else None
         state.sink = sink
         state.decided_for = provider_key
         return sink
+
+
+def _gpu_timer_for(sink: DeferredSpanSink) -> Optional[GpuStepTimer]:
+    """The CUDA-event timer feeding ``sink`` (OTEL_STEPSPAN_GPU_TIMING=1), or None without CUDA."""
+
+    def emit(payload: tuple, start_ns: int, end_ns: int, extra: dict) -> None:
+        finish, captured, static, parent = payload
+        sink.submit(finish, captured, static, parent, start_ns, end_ns, None, extra)
+
+    try:
+        timer = cuda_timer(emit)
+    except Exception:
+        timer = None
+    if timer is None:
+        warn_once("gpu", "otel_stepspan: OTEL_STEPSPAN_GPU_TIMING=1 but CUDA is not available; spans keep CPU times")
+    else:
+        _state.gpu_timers.append(timer)
+    return timer
 
 
 def _flush_at_exit() -> None:
@@ -117,6 +143,8 @@ def flush(timeout_s: float = 10.0) -> bool:
     """
     deadline = time.monotonic() + timeout_s
     ok = True
+    for timer in list(_state.gpu_timers):
+        ok = timer.drain(max(0.0, deadline - time.monotonic())) and ok
     for sink in list(_state.sinks_by_provider.values()):
         ok = sink.flush(max(0.0, deadline - time.monotonic())) and ok
     return ok
@@ -136,15 +164,17 @@ def stats() -> dict[str, int]:
 class _Open:
     """What the engine thread holds between the start and the end of one traced forward."""
 
-    __slots__ = ("sink", "scope", "captured", "parent", "start_ns", "finish", "static")
+    __slots__ = ("sink", "scope", "nvtx", "captured", "parent", "start_ns", "finish", "static", "gpu")
 
-    def __init__(self, sink, scope, captured, parent, finish, static) -> None:
+    def __init__(self, sink, scope, nvtx, captured, parent, finish, static, gpu) -> None:
         self.sink = sink
         self.scope = scope
+        self.nvtx = nvtx
         self.captured = captured
         self.parent = parent
         self.finish = finish
         self.static = static
+        self.gpu = gpu
         self.start_ns = 0
 
 
@@ -156,9 +186,11 @@ def begin(
 ) -> Optional[_Open]:
     """Start tracing one forward, or return None when no sink is on. Never raises."""
     try:
+        state = _state
         profiling = _profiler.profiler_enabled()
         sink = otel_sink()
-        if sink is None and not profiling:
+        nvtx = state.nvtx
+        if sink is None and not profiling and not nvtx:
             return None
         try:
             captured = capture(*capture_args)
@@ -166,11 +198,16 @@ def begin(
             warn_once("capture", "otel_stepspan: could not read the batch; labelling the step unknown")
             captured = unknown_step()
         scope = None
-        if profiling:
+        if profiling or nvtx:
+            # These sinks need the label now, on the engine thread.
             captured = _finished(finish, captured)
-            scope = _profiler.enter_range(captured.label)
+            if profiling:
+                scope = _profiler.enter_range(captured.label)
+            if nvtx:
+                _nvtx.push(captured.label)
         parent = _get_current() if sink is not None else None
-        opened = _Open(sink, scope, captured, parent, finish, static_attributes)
+        gpu = state.gpu_timer.start() if sink is not None and state.gpu_timer is not None else None
+        opened = _Open(sink, scope, nvtx, captured, parent, finish, static_attributes, gpu)
         opened.start_ns = _time_ns()
         return opened
     except Exception:
@@ -182,12 +219,22 @@ def end(opened: _Open, error: Optional[BaseException]) -> None:
     """Finish tracing one forward. Never raises."""
     end_ns = _time_ns()
     try:
+        if opened.nvtx:
+            _nvtx.pop()
         if opened.scope is not None:
             _profiler.exit_range(opened.scope)
-        if opened.sink is not None:
-            opened.sink.submit(
-                opened.finish, opened.captured, opened.static, opened.parent, opened.start_ns, end_ns, error
-            )
+        sink = opened.sink
+        if sink is None:
+            return
+        if opened.gpu is not None:
+            timer = _state.gpu_timer
+            if error is None and timer is not None:
+                payload = (opened.finish, opened.captured, opened.static, opened.parent)
+                timer.stop(opened.gpu, payload, opened.start_ns, end_ns)
+                return
+            if timer is not None:
+                timer.cancel(opened.gpu)
+        sink.submit(opened.finish, opened.captured, opened.static, opened.parent, opened.start_ns, end_ns, error)
     except Exception:
         warn_once("end", "otel_stepspan: step instrumentation failed at the end of a forward")
 

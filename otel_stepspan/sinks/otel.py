@@ -67,7 +67,6 @@ class DeferredSpanSink:
         self._idle = threading.Condition()
         self._busy = False
         self._started = False
-        self._stopping = False
         self._dropped_reported = 0
         self._last_report = time.monotonic()
         self._start_lock = threading.Lock()
@@ -85,6 +84,7 @@ class DeferredSpanSink:
         start_ns: int,
         end_ns: int,
         error: Optional[BaseException],
+        extra: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Queue one finished step. O(1), never blocks, never raises."""
         if not self._started:
@@ -94,7 +94,7 @@ class DeferredSpanSink:
             self.dropped_total += 1
             return
         event = _exception_event(error) if error is not None else None
-        queue.append((finish, captured, static_attributes, parent, start_ns, end_ns, event))
+        queue.append((finish, captured, static_attributes, parent, start_ns, end_ns, event, extra))
 
     # -- background thread ---------------------------------------------------------------------
 
@@ -142,7 +142,7 @@ class DeferredSpanSink:
                 self._idle.notify_all()
 
     def _emit(self, item: tuple) -> None:
-        finish, captured, static_attributes, parent, start_ns, end_ns, event = item
+        finish, captured, static_attributes, parent, start_ns, end_ns, event, extra = item
         try:
             try:
                 info = captured if isinstance(captured, StepInfo) else finish(captured)
@@ -150,6 +150,8 @@ class DeferredSpanSink:
                 info = unknown_step()
             attributes = info.attributes()
             attributes.update(static_attributes)
+            if extra:
+                attributes.update(extra)
             name = info.label if self.name_by == "label" else info.mode_label
             span = self.tracer.start_span(
                 name,
