@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -103,6 +105,7 @@ def otel_sink() -> Optional[DeferredSpanSink]:
                     state.sinks_by_provider[id(provider)] = sink
                 if not state.atexit_registered:
                     atexit.register(_flush_at_exit)
+                    _flush_on_sigterm()
                     state.atexit_registered = True
         state.gpu_timer = _gpu_timer_for(sink) if sink is not None and state.settings.gpu_timing else None
         state.sink = sink
@@ -128,9 +131,64 @@ def _gpu_timer_for(sink: DeferredSpanSink) -> Optional[GpuStepTimer]:
     return timer
 
 
-def _flush_at_exit() -> None:
+class _ForkAnchor:
+    """multiprocessing keeps its after-fork callbacks by weak reference to an object."""
+
+
+_FORK_ANCHOR = _ForkAnchor()
+
+
+def _flush_when_forked_worker_exits() -> None:
+    """multiprocessing's fork workers leave through ``os._exit``, skipping atexit, and clear the
+    finalizers they inherited: register a flush among the worker's own exit finalizers, from
+    multiprocessing's after-fork callbacks which run once that clearing is done."""
+    multiprocessing_util = sys.modules.get("multiprocessing.util")
+    if multiprocessing_util is None or not _state.atexit_registered:
+        return
+
+    def add_finalizer(_anchor: object) -> None:
+        multiprocessing_util.Finalize(None, _flush_at_exit, exitpriority=100)
+
+    multiprocessing_util.register_after_fork(_FORK_ANCHOR, add_finalizer)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_flush_when_forked_worker_exits)
+
+
+def _flush_on_sigterm() -> None:
+    """SIGTERM skips atexit: flush first, then die of the signal as before (or run the handler
+    the engine had installed). Only from the main thread, and only over the default handler or
+    a Python one; an engine that installs its own later takes over (and usually exits through
+    sys.exit, which runs the atexit flush)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
     try:
-        flush(timeout_s=10.0)
+        previous = signal.getsignal(signal.SIGTERM)
+    except (AttributeError, ValueError):
+        return
+    if previous is signal.SIG_IGN or previous is None:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _flush_at_exit(timeout_s=5.0)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except (ValueError, OSError):
+        pass
+
+
+def _flush_at_exit(timeout_s: float = 10.0) -> None:
+    try:
+        flush(timeout_s=timeout_s)
     except Exception:  # interpreter shutdown: say why, never raise
         logger.exception("otel_stepspan: flushing step spans at exit failed")
 

@@ -3,9 +3,8 @@ and allocates nothing."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import tracemalloc
+import subprocess
+import sys
 from pathlib import Path
 
 from opentelemetry import trace
@@ -60,46 +59,61 @@ def test_off_path_describes_nothing_and_creates_no_otel_object(monkeypatch):
     assert runtime._state.sink is None and runtime._state.sinks_by_provider == {}
 
 
-def _peak_bytes_of(step, repeats: int = 2000) -> int:
-    """Bytes allocated at the peak of ``repeats`` calls, beyond what was live before them
-    (transient allocations count, not only what is kept)."""
+ALLOCATION_PROBE = """
+import contextlib, itertools, sys, tracemalloc
+sys.path.insert(0, sys.argv[1])
+import sglang_fakes as fakes
+from otel_stepspan import StepInfo, step_span
+from otel_stepspan.integrations import sglang
+
+class Runner:
+    def forward(self, forward_batch, skip_attn_backend_init=None):
+        return forward_batch
+
+Runner.forward = sglang.traced_forward(Runner.forward)
+runner, batch, shared = Runner(), fakes.decode_batch(4), contextlib.nullcontext()
+
+def empty_step():
+    pass
+
+def wrapper_step():
+    runner.forward(batch)
+
+def context_step():
+    with step_span(StepInfo, batch):
+        pass
+
+def bare_with_step():
+    with shared:
+        pass
+
+def peak_bytes_of(step, repeats=2000):
     step()  # warm up: the first call binds the profiler check
     tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        baseline, _ = tracemalloc.get_traced_memory()
-        for _ in itertools.repeat(None, repeats):
-            step()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    tracemalloc.reset_peak()
+    baseline, _ = tracemalloc.get_traced_memory()
+    for _ in itertools.repeat(None, repeats):
+        step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
     return peak - baseline
+
+print(*(peak_bytes_of(step) for step in (empty_step, wrapper_step, bare_with_step, context_step)))
+"""
 
 
 def test_off_path_allocates_nothing():
-    runner = Runner()
-    batch = fakes.decode_batch(4)
-
-    def wrapper_step():
-        runner.forward(batch)
-
-    def context_step():
-        with step_span(StepInfo, batch):
-            pass
-
-    def empty_step():
-        pass
-
-    shared = contextlib.nullcontext()
-
-    def bare_with_step():
-        with shared:
-            pass
-
-    assert _peak_bytes_of(wrapper_step) == _peak_bytes_of(empty_step)
+    """Peak bytes allocated over 2000 steps, beyond what was live before (so transient
+    allocations count). Measured in a fresh process: no other thread may allocate meanwhile."""
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATION_PROBE, str(Path(__file__).parent)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    empty, wrapper, bare_with, context = map(int, result.stdout.split())
+    assert wrapper == empty
     # A ``with`` statement itself makes (and frees) a bound ``__exit__`` per block: the step
     # span's block must cost exactly that and nothing of its own.
-    assert _peak_bytes_of(context_step) == _peak_bytes_of(bare_with_step)
+    assert context == bare_with
 
 
 def test_a_provider_set_after_the_first_step_is_noticed(memory_spans, monkeypatch):

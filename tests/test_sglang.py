@@ -4,6 +4,7 @@ instrumentor around a stand-in ModelRunner at sglang's real import path."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 
@@ -161,6 +162,7 @@ def test_instrumentor_traces_forward_and_passes_everything_through(runner_module
         "engine.name": "sglang",
         "engine.tp_rank": 1,
         "engine.pp_rank": 0,
+        "process.pid": os.getpid(),
     }
     assert spans[1].attributes["forward.pass_id"] == 2
 

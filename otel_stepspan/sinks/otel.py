@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..step import AttributeValue, StepInfo, unknown_step
+from .otel_provider import health as export_health
 from ..version import __version__
 
 logger = logging.getLogger("otel_stepspan")
@@ -62,12 +63,14 @@ class DeferredSpanSink:
         self.dropped_total = 0
         self.emitted_total = 0
         self.failed_total = 0
+        self._pid = os.getpid()
         self._queue: deque = deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._busy = False
         self._started = False
         self._dropped_reported = 0
+        self._queue_full_reported, self._failed_reported = export_health.snapshot()[2], export_health.snapshot()[1]
         self._last_report = time.monotonic()
         self._start_lock = threading.Lock()
         if hasattr(os, "register_at_fork"):
@@ -109,6 +112,7 @@ class DeferredSpanSink:
     def _after_fork_in_child(self) -> None:
         # The parent's thread does not exist in the child and the parent exports its own
         # pending spans: the child starts empty and starts its own thread on its first step.
+        self._pid = os.getpid()
         self._queue = deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
@@ -152,6 +156,8 @@ class DeferredSpanSink:
             attributes.update(static_attributes)
             if extra:
                 attributes.update(extra)
+            # Right in forked workers too, where a resource built before the fork is not.
+            attributes["process.pid"] = self._pid
             name = info.label if self.name_by == "label" else info.mode_label
             span = self.tracer.start_span(
                 name,
@@ -180,18 +186,32 @@ class DeferredSpanSink:
         self.report_drops()
 
     def report_drops(self) -> int:
-        """Log the drops since the last report (one line), and return how many there were."""
-        new = self.dropped_total - self._dropped_reported
-        if new:
-            self._dropped_reported += new
+        """Log, in one line, the spans lost since the last report: steps dropped here because the
+        queue was full, and (for providers this package built) spans the export queue dropped or
+        the exporter failed to send. Returns how many there were."""
+        _, failed_total, queue_full_total = export_health.snapshot()
+        dropped = self.dropped_total - self._dropped_reported
+        queue_full = queue_full_total - self._queue_full_reported
+        failed = failed_total - self._failed_reported
+        lost = dropped + queue_full + failed
+        if lost:
+            self._dropped_reported = self.dropped_total
+            self._queue_full_reported = queue_full_total
+            self._failed_reported = failed_total
             logger.warning(
-                "otel_stepspan: dropped %d step spans (%d in total): the span queue (%d) was full; "
-                "raise OTEL_STEPSPAN_MAX_PENDING or check the exporter",
-                new,
-                self.dropped_total,
+                "otel_stepspan: lost %d step spans since the last report: %d dropped before export "
+                "(step queue of %d full), %d dropped by the full export queue, %d failed to export "
+                "(is the collector up?); totals %d / %d / %d",
+                lost,
+                dropped,
                 self.max_pending,
+                queue_full,
+                failed,
+                self.dropped_total,
+                queue_full_total,
+                failed_total,
             )
-        return new
+        return lost
 
     # -- flushing ------------------------------------------------------------------------------
 

@@ -49,6 +49,19 @@ def _otlp_exporter(environ: Mapping[str, str]):
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
+        certificate = environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE") or environ.get(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE"
+        )
+        if certificate:
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA file, so
+            # on machines that set them the OTLP certificate would be ignored: keep the
+            # environment out of this session (proxies from the environment included).
+            import requests
+
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = certificate
+            return HTTPExporter(session=session)
         return HTTPExporter()
     raise ExportConfigError(
         f"OTLP protocol {protocol!r} is not supported; use 'grpc' or 'http/protobuf' "
@@ -68,6 +81,55 @@ def _exporter(name: str, environ: Mapping[str, str]):
     )
 
 
+class ExportHealth:
+    """What happened to spans after they left the step sink, for the providers we built.
+
+    The SDK's batch processor warns once per dropped span when its queue is full (during a
+    collector outage: once per step) and drops silently otherwise; here the drops and failed
+    exports are counted instead, and the step sink reports them in one line per interval.
+    """
+
+    def __init__(self) -> None:
+        self.exported = 0
+        self.export_failed = 0
+        self.queue_full = 0
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.exported, self.export_failed, self.queue_full
+
+
+health = ExportHealth()
+
+
+def _counting_processor(exporter):
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class CountingExporter(SpanExporter):
+        def export(self, spans):
+            result = exporter.export(spans)
+            if result == SpanExportResult.SUCCESS:
+                health.exported += len(spans)
+            else:
+                health.export_failed += len(spans)
+            return result
+
+        def shutdown(self):
+            return exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000):
+            return exporter.force_flush(timeout_millis)
+
+    class CountingBatchSpanProcessor(BatchSpanProcessor):
+        def on_end(self, span):
+            queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+            if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
+                health.queue_full += 1
+                return
+            super().on_end(span)
+
+    return CountingBatchSpanProcessor(CountingExporter())
+
+
 def build_provider(environ: Optional[Mapping[str, str]] = None):
     """An SDK provider configured from the standard variables.
 
@@ -78,13 +140,11 @@ def build_provider(environ: Optional[Mapping[str, str]] = None):
     """
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
     env = os.environ if environ is None else environ
     exporters = [_exporter(name, env) for name in exporters_requested(env) if name != "none"]
     provider = TracerProvider(resource=Resource.create({"process.pid": os.getpid()}))
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(_counting_processor(exporter))
     return provider
 
 

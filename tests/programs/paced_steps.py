@@ -1,0 +1,53 @@
+"""Steps at a steady pace, each labelled by its index (bs=i), for outage and signal tests.
+
+    python paced_steps.py SECONDS RATE [--forever]
+
+Prints 'ready' once the first step ran, and at the end one JSON line with the step count and
+every loss counter, so a test can check that received + reported lost == steps.
+"""
+
+import json
+import sys
+import time
+
+from otel_stepspan import StepInfo, stats, step_span
+from otel_stepspan.sinks.otel_provider import health
+
+
+def main() -> None:
+    seconds, rate = float(sys.argv[1]), float(sys.argv[2])
+    forever = "--forever" in sys.argv
+    interval = 1.0 / rate
+    started = time.monotonic()
+    steps = 0
+    next_at = started
+    while forever or time.monotonic() - started < seconds:
+        steps += 1
+        with step_span(StepInfo("decode", steps, 0, steps, 0, steps)):
+            pass
+        if steps == 1:
+            print("ready", flush=True)
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    import otel_stepspan
+
+    otel_stepspan.flush(20)
+    counters = stats()
+    print(
+        json.dumps(
+            {
+                "steps": steps,
+                "dropped": counters["dropped"],
+                "export_failed": health.export_failed,
+                "export_queue_full": health.queue_full,
+                "exported": health.exported,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

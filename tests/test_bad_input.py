@@ -1,0 +1,101 @@
+"""Bad input never reaches the engine: whatever the batch looks like, a label comes out, nothing
+raises from the instrumentation, and the forward's result and exceptions are unchanged."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sglang_fakes as fakes
+from otel_stepspan.integrations import sglang
+
+LABEL = re.compile(r"^step\[[a-z0-9_]+( [a-z]+=(\d+|\?))*\]$")
+
+
+class Raising:
+    """An attribute whose every use raises."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no {name}")
+
+
+class RaisingName:
+    @property
+    def name(self):
+        raise KeyError("name")
+
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.integers(-5, 10**12), st.none(), st.text(max_size=2)), max_size=6),
+    st.builds(fakes.GpuTensor),
+    st.builds(Raising),
+)
+modes = st.one_of(
+    st.sampled_from(list(fakes.ForwardMode) + list(fakes.OldForwardMode)),
+    st.text(max_size=12),
+    st.integers(),
+    st.none(),
+    st.builds(RaisingName),
+)
+FIELDS = ("batch_size", "extend_num_tokens", "extend_seq_lens_cpu", "spec_info", "seq_lens_cpu")
+
+
+@st.composite
+def batches(draw):
+    if draw(st.booleans()):
+        return draw(st.one_of(st.none(), st.integers(), st.text(max_size=4), st.builds(Raising)))
+    batch = type("Batch", (), {})()
+    if draw(st.booleans()):
+        batch.forward_mode = draw(modes)
+    for name in FIELDS:
+        if draw(st.booleans()):
+            setattr(batch, name, draw(values))
+    return batch
+
+
+@settings(max_examples=400, deadline=None)
+@given(batches(), st.booleans())
+def test_describe_always_labels_and_never_raises(batch, is_draft):
+    fakes.GPU_READS.clear()
+    info = sglang.describe(batch, is_draft_worker=is_draft)
+    assert LABEL.match(info.label), info.label
+    attrs = info.attributes()
+    assert all(isinstance(v, int) for k, v in attrs.items() if k not in ("forward.mode", "forward.label"))
+    assert fakes.GPU_READS == []
+
+
+class Runner:
+    def __init__(self, outcome):
+        self.outcome = outcome
+        self.forward_pass_id = "not an int"
+
+    def forward(self, forward_batch, skip_attn_backend_init=None):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+Runner.forward = sglang.traced_forward(Runner.forward)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches(), st.one_of(st.integers(), st.text(max_size=3), st.builds(lambda: ValueError("engine failed"))))
+def test_forward_result_and_exceptions_pass_through_unchanged(memory_spans, batch, outcome):
+    memory_spans.exporter.clear()
+    runner = Runner(outcome)
+    if isinstance(outcome, BaseException):
+        with pytest.raises(ValueError) as raised:
+            runner.forward(batch)
+        assert raised.value is outcome
+    else:
+        assert runner.forward(batch) == outcome
+    (span,) = memory_spans.spans()
+    assert LABEL.match(span.name), span.name

@@ -1,0 +1,212 @@
+"""Reliability: collector outages, signals, fork and spawn workers, TLS and auth headers.
+Every program runs as a subprocess configured only through OTEL_* variables and exports to a real
+OTLP receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from otel_stepspan.testing.otlp_receiver import OtlpReceiver
+
+PROGRAMS = Path(__file__).parent / "programs"
+
+
+def env_for(endpoint: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if text in line:
+            return
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError(f"program never printed {text!r}: {process.stderr.read()}")
+
+
+def test_collector_outages_lose_nothing_silently_and_recovery_delivers():
+    """Down at start, up, down mid-run, back: the program never stops stepping, every step is
+    either received or counted as lost, and the drop report is one line per interval."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    program = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "paced_steps.py"), "9", "200"],
+        env=env_for(endpoint),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    receiver = OtlpReceiver("grpc", port=port)
+    try:
+        wait_for_line(program, "ready")
+        time.sleep(1.5)  # collector down at start
+        receiver.start()
+        time.sleep(2.5)
+        receiver.stop()  # collector goes away mid-run
+        time.sleep(1.5)
+        up_again = time.time_ns()
+        receiver = OtlpReceiver("grpc", port=port)
+        receiver.start()  # ... and comes back
+        out, err = program.communicate(timeout=90)
+    finally:
+        program.kill() if program.poll() is None else None
+    assert program.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    spans = receiver.spans()
+    # what the first receiver got before it went away
+    received = len(spans)
+    assert summary["steps"] >= 1000
+    lost_and_counted = summary["dropped"] + summary["export_failed"] + summary["export_queue_full"]
+    assert lost_and_counted > 0  # the outages really cost spans...
+    # ... and every step is accounted for: the second receiver's spans plus the first's exports.
+    assert summary["exported"] + lost_and_counted == summary["steps"]
+    after_recovery = [s for s in spans if s.start_ns > up_again + 3_000_000_000]
+    assert after_recovery, "no span arrived after the collector came back"
+    indices = sorted(s.attributes["forward.batch_size"] for s in after_recovery)
+    assert indices == list(range(indices[0], indices[-1] + 1))  # nothing missing once recovered
+    assert received <= summary["exported"]
+    assert "Queue full" not in err  # no per-span warning from the SDK's batch processor
+    assert err.count("otel_stepspan: lost") <= 3  # one line per interval, not per step
+
+
+def test_sigterm_flushes_pending_spans_then_dies_of_the_signal():
+    with OtlpReceiver("grpc") as receiver:
+        program = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "paced_steps.py"), "0", "100", "--forever"],
+            env=env_for(receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="60000"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_line(program, "ready")
+        time.sleep(1.0)
+        assert receiver.span_count == 0  # nothing exported yet: all pending in the process
+        program.send_signal(signal.SIGTERM)
+        program.wait(timeout=60)
+        assert program.returncode == -signal.SIGTERM
+        spans = receiver.wait_for_spans(50, timeout_s=5)
+    indices = sorted(s.attributes["forward.batch_size"] for s in spans)
+    assert len(indices) >= 50
+    assert indices == list(range(1, len(indices) + 1))  # every step up to the signal, once
+
+
+def test_exit_with_the_collector_gone_is_bounded():
+    env = env_for(f"http://127.0.0.1:{free_port()}")
+    # A hang here would hit the subprocess timeout and fail the test.
+    result = subprocess.run(
+        [sys.executable, str(PROGRAMS / "paced_steps.py"), "0.5", "200"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["exported"] == 0
+    assert summary["export_failed"] + summary["dropped"] + summary["export_queue_full"] == summary["steps"]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_workers_export_their_own_spans_once(method):
+    steps, workers = 40, 2
+    with OtlpReceiver("grpc") as receiver:
+        result = subprocess.run(
+            [sys.executable, str(PROGRAMS / "forking.py"), method, str(workers), str(steps)],
+            env=env_for(receiver.endpoint),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "exit codes [0, 0]" in result.stdout
+        spans = receiver.wait_for_spans(steps * (workers + 1), timeout_s=10)
+    keys = Counter((s.attributes["process.pid"], s.attributes["forward.batch_size"]) for s in spans)
+    assert all(count == 1 for count in keys.values()), "duplicated spans"
+    assert len(spans) == steps * (workers + 1)
+    by_rank: dict[int, set[int]] = {}
+    for span in spans:
+        by_rank.setdefault(span.attributes["engine.tp_rank"], set()).add(span.attributes["process.pid"])
+    assert sorted(by_rank) == [0, 1, 2]
+    assert all(len(pids) == 1 for pids in by_rank.values())
+    assert len({next(iter(p)) for p in by_rank.values()}) == 3  # each rank its own process
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, bytes, bytes]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, cert.read_bytes(), key.read_bytes()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_tls_with_certificate_and_auth_headers(tmp_path, protocol):
+    cert_path, cert, key = _self_signed(tmp_path)
+    headers = {"authorization": "Bearer token-123", "x-tenant": "llm"}
+    with OtlpReceiver(protocol, tls=(cert, key), required_headers=headers) as receiver:
+        result = subprocess.run(
+            [sys.executable, str(PROGRAMS / "steps.py"), "3"],
+            env=env_for(
+                receiver.endpoint,
+                OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+                OTEL_EXPORTER_OTLP_CERTIFICATE=str(cert_path),
+                OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer%20token-123,x-tenant=llm",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        spans = receiver.wait_for_spans(3, timeout_s=10)
+    assert receiver.endpoint.startswith("https://")
+    assert [s.name for s in spans] == ["step[decode bs=1]", "step[decode bs=2]", "step[decode bs=3]"]
+    assert receiver.rejected == 0
+
+
+def test_wrong_auth_header_is_rejected_and_counted(tmp_path):
+    with OtlpReceiver("grpc", required_headers={"authorization": "Bearer right"}) as receiver:
+        result = subprocess.run(
+            [sys.executable, str(PROGRAMS / "paced_steps.py"), "0.3", "100"],
+            env=env_for(receiver.endpoint, OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer%20wrong"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 0
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert receiver.span_count == 0 and receiver.rejected >= 1
+    assert summary["export_failed"] == summary["steps"]
