@@ -1,0 +1,373 @@
+"""vLLM integration: a step span around every ``GPUModelRunner.execute_model`` (V1 and Model Runner V2).
+
+Usage::
+
+    from otel_stepspan.integrations.vllm import VLLMInstrumentor
+    VLLMInstrumentor().instrument()
+    # or, with no code change: opentelemetry-instrument vllm serve ...
+
+vLLM is never imported by this module: the ``SchedulerOutput`` is read by duck typing, and the
+patches are applied when vLLM itself imports its model runners (a post-import hook), so processes
+that never load a model pay nothing. Both runners are patched: V1's
+``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` and Model Runner V2's
+``vllm.v1.worker.gpu.model_runner.GPUModelRunner``; whichever vLLM picks is the one that runs.
+
+A step is one ``execute_model`` call: input preparation and the model forward. Current vLLM
+samples and drafts in the separate ``sample_tokens`` call, outside the span.
+
+Reading a step happens in two halves, as for sglang. :func:`capture` runs on the engine thread at
+entry to ``execute_model``: five attribute reads and references, O(1) whatever the batch size.
+:func:`finish` classifies the requests later, on the sink's thread. Neither touches a tensor: a
+``SchedulerOutput`` holds Python lists, dicts and ints (vLLM builds a fresh one every step and
+copies its dicts before editing them), and a value that is not one is refused, never converted.
+
+Classification follows vLLM's own ``compute_iteration_details`` (``vllm/v1/utils.py``): a request
+is in its prompt ("context") when it is new this step (``scheduled_new_reqs``) or a cached request
+with no output token yet (``CachedRequestData.num_output_tokens[i] == 0``, i.e. vLLM's
+``is_context_phase``; a later chunk of a chunked prefill is one). Every other scheduled request
+decodes. Then:
+
+- nothing scheduled, or a Model Runner V2 ``dummy_run`` (a data-parallel rank with no work, or
+  start-up profiling): ``step[idle]``;
+- draft tokens to verify (``scheduled_spec_decode_tokens`` not empty): ``step[verify bs=N toks=T]``
+  with T every token scheduled (prompt chunks and draft tokens alike);
+- context requests only: ``step[prefill bs=N toks=T]``, T the prompt tokens scheduled;
+- decodes only: ``step[decode bs=N]``;
+- both: ``step[mixed bs=N ext=T dec=D]``, T the prompt tokens, D the decoding requests.
+
+``bs`` is the number of scheduled requests (``len(num_scheduled_tokens)``). Older layouts without
+``num_output_tokens`` (vLLM 0.10-0.11, where ``CachedRequestData`` carries
+``resumed_from_preemption``; or a release that leaves the list empty) fall back to what the
+runner itself knows: a cached request is in its prompt when ``num_computed_tokens`` is below its
+prompt length as the runner keeps it (V1: ``runner.requests[id].num_prompt_tokens``; V2:
+``runner.req_states.prefill_len``), and decodes when that length is not known. vLLM 0.8-0.9's
+list of per-request ``CachedRequestData`` objects is read the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Mapping
+from typing import Any, Callable, Collection, NamedTuple, Optional
+
+from .. import runtime
+from ..step import AttributeValue, StepInfo, engine_attributes, unknown_step
+from ._instrumentor import BaseInstrumentor, is_patched, patch_when_imported, unpatch
+from ._read import as_count
+
+MODULE_V1 = "vllm.v1.worker.gpu_model_runner"
+MODULE_V2 = "vllm.v1.worker.gpu.model_runner"
+METHOD = "GPUModelRunner.execute_model"
+_instruments = ("vllm >= 0.12, < 1.0",)
+
+_IDLE = StepInfo("idle", 0, 0, 0, 0, 0)
+
+
+class Captured(NamedTuple):
+    """What the engine thread keeps of a ``SchedulerOutput``: references only."""
+
+    scheduled_new_reqs: Any
+    scheduled_cached_reqs: Any
+    num_scheduled_tokens: Any
+    total_num_scheduled_tokens: Any
+    scheduled_spec_decode_tokens: Any
+    dummy_run: bool
+    runner: Any
+
+
+def capture(scheduler_output: Any, dummy_run: bool = False, runner: Any = None) -> Captured:
+    """The engine-thread half of describing a step: attribute reads, nothing computed."""
+    return Captured(
+        getattr(scheduler_output, "scheduled_new_reqs", None),
+        getattr(scheduler_output, "scheduled_cached_reqs", None),
+        getattr(scheduler_output, "num_scheduled_tokens", None),
+        getattr(scheduler_output, "total_num_scheduled_tokens", None),
+        getattr(scheduler_output, "scheduled_spec_decode_tokens", None),
+        dummy_run,
+        runner,
+    )
+
+
+# -- reading the SchedulerOutput (off the engine thread) -----------------------------------------
+
+_Phase = Optional[bool]  # True: in its prompt; False: decoding; None: cannot tell
+
+
+def _new_request_ids(new_reqs: Any) -> Optional[set]:
+    """The ids of the requests scheduled for the first time, or None when unreadable."""
+    if not isinstance(new_reqs, (list, tuple)):
+        return None
+    ids = set()
+    for request in new_reqs:
+        req_id = getattr(request, "req_id", None)
+        if not isinstance(req_id, str):
+            return None
+        ids.add(req_id)
+    return ids
+
+
+def _prompt_len_lookup(runner: Any) -> Callable[[str], Optional[int]]:
+    """How long a cached request's prompt is, as the runner keeps it; for layouts without
+    ``num_output_tokens`` only. Read off-thread: a request gone since then reads as unknown."""
+    requests = getattr(runner, "requests", None)  # V1: req_id -> CachedRequestState
+    if isinstance(requests, dict):
+
+        def from_v1(req_id: str) -> Optional[int]:
+            return as_count(getattr(requests.get(req_id), "num_prompt_tokens", None))
+
+        return from_v1
+    states = getattr(runner, "req_states", None)  # V2: RequestState, NumPy mirrors
+    index_of = getattr(states, "req_id_to_index", None)
+    prefill_len = getattr(getattr(states, "prefill_len", None), "np", None)
+    if isinstance(index_of, dict) and type(prefill_len).__module__ == "numpy":
+
+        def from_v2(req_id: str) -> Optional[int]:
+            index = index_of.get(req_id)
+            if not isinstance(index, int) or not 0 <= index < len(prefill_len):
+                return None
+            return as_count(prefill_len[index])
+
+        return from_v2
+    return lambda req_id: None
+
+
+def _by_prompt_length(req_id: str, computed: Any, prompt_len_of: Callable[[str], Optional[int]]) -> bool:
+    computed_count = as_count(computed)
+    prompt_len = prompt_len_of(req_id) if computed_count is not None else None
+    return prompt_len is not None and computed_count < prompt_len  # type: ignore[operator]
+
+
+def _no_output_yet(num_output_tokens: Any) -> _Phase:
+    count = as_count(num_output_tokens)
+    return None if count is None else count == 0
+
+
+def _cached_phases(cached: Any, runner: Any) -> Optional[dict[str, _Phase]]:
+    """Each cached request's phase, or None when the cached requests cannot be read."""
+    if isinstance(cached, (list, tuple)):
+        # vLLM 0.8-0.9: one CachedRequestData per request, no output count.
+        prompt_len_of = _prompt_len_lookup(runner)
+        phases: dict[str, _Phase] = {}
+        for request in cached:
+            req_id = getattr(request, "req_id", None)
+            if not isinstance(req_id, str):
+                return None
+            phases[req_id] = _by_prompt_length(req_id, getattr(request, "num_computed_tokens", None), prompt_len_of)
+        return phases
+    req_ids = getattr(cached, "req_ids", None)
+    if not isinstance(req_ids, (list, tuple)) or not all(isinstance(r, str) for r in req_ids):
+        return None
+    outputs = getattr(cached, "num_output_tokens", None)
+    if not req_ids:
+        return {}
+    if isinstance(outputs, (list, tuple)) and len(outputs) == len(req_ids):
+        # vLLM's is_context_phase: no output token yet. A malformed entry is a phase unknown.
+        return {req_id: _no_output_yet(n) for req_id, n in zip(req_ids, outputs)}
+    if outputs is not None and not (isinstance(outputs, (list, tuple)) and len(outputs) == 0):
+        return {req_id: None for req_id in req_ids}  # present but malformed
+    # No output counts (older layout, or a release that leaves the list empty).
+    prompt_len_of = _prompt_len_lookup(runner)
+    computed = getattr(cached, "num_computed_tokens", None)
+    if not isinstance(computed, (list, tuple)) or len(computed) != len(req_ids):
+        return {req_id: False for req_id in req_ids}
+    return {req_id: _by_prompt_length(req_id, n, prompt_len_of) for req_id, n in zip(req_ids, computed)}
+
+
+def _add(total: Optional[int], count: Optional[int]) -> Optional[int]:
+    return None if total is None or count is None else total + count
+
+
+def finish(captured: Captured) -> StepInfo:
+    """The off-thread half: classify every scheduled request (see the module docstring)."""
+    try:
+        return _classify(captured)
+    except Exception:  # e.g. a dict edited under us: the step is unknown, the engine unharmed
+        return unknown_step()
+
+
+def _classify(c: Captured) -> StepInfo:
+    if c.dummy_run:
+        return _IDLE
+    total = as_count(c.total_num_scheduled_tokens)
+    scheduled = c.num_scheduled_tokens
+    if not isinstance(scheduled, Mapping):
+        return _IDLE if total == 0 else unknown_step()
+    items = list(scheduled.items())  # one C-level copy: no Python code runs while it is made
+    if not items or total == 0:
+        # vLLM runs no forward when nothing is scheduled.
+        return _IDLE
+    new_ids = _new_request_ids(c.scheduled_new_reqs)
+    phases = _cached_phases(c.scheduled_cached_reqs, c.runner)
+    ctx_reqs = dec_reqs = unknown_reqs = 0
+    ctx_toks: Optional[int] = 0
+    all_toks: Optional[int] = 0
+    for req_id, n in items:
+        count = as_count(n)
+        all_toks = _add(all_toks, count)
+        if new_ids is not None and req_id in new_ids:
+            phase: _Phase = True
+        elif phases is not None and req_id in phases:
+            phase = phases[req_id]
+        elif new_ids is None or phases is None:
+            phase = None
+        else:
+            phase = False  # in neither list: vLLM counts it as generation
+        if phase is None:
+            unknown_reqs += 1
+        elif phase:
+            ctx_reqs += 1
+            ctx_toks = _add(ctx_toks, count)
+        else:
+            dec_reqs += 1
+    bs = len(items)
+    num_tokens = total if total is not None else all_toks
+    spec = c.scheduled_spec_decode_tokens
+    if isinstance(spec, Mapping) and len(spec) > 0:
+        if unknown_reqs:
+            return StepInfo("verify", bs, None, None, None, num_tokens)
+        return StepInfo("verify", bs, ctx_toks, dec_reqs, ctx_reqs, num_tokens)
+    if unknown_reqs:
+        return StepInfo("unknown", bs, None, None, None, num_tokens)
+    if ctx_reqs and dec_reqs:
+        return StepInfo("mixed", bs, ctx_toks, dec_reqs, ctx_reqs, num_tokens)
+    if ctx_reqs:
+        return StepInfo("prefill", bs, ctx_toks, 0, ctx_reqs, num_tokens)
+    return StepInfo("decode", bs, 0, dec_reqs, 0, num_tokens)
+
+
+def describe(scheduler_output: Any, *, dummy_run: bool = False, runner: Any = None) -> StepInfo:
+    """The :class:`StepInfo` of one vLLM V1 ``SchedulerOutput``. Never raises, never syncs the GPU.
+
+    ``runner`` (the ``GPUModelRunner``) is consulted only for layouts without
+    ``num_output_tokens``, for the prompt lengths it keeps.
+    """
+    try:
+        return finish(capture(scheduler_output, dummy_run, runner))
+    except Exception:
+        return unknown_step()
+
+
+# -- the GPUModelRunner wrappers -----------------------------------------------------------------
+
+
+class _RunnerFacts(NamedTuple):
+    runner: Any  # weakref.ref, or None when the runner takes no weak reference
+    attributes: dict[str, AttributeValue]
+
+
+_facts_by_runner: dict[int, _RunnerFacts] = {}
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _process_ranks() -> tuple[Optional[int], Optional[int]]:
+    """(tp, pp) from vLLM's process-wide parallel state. Only modules vLLM has already imported
+    are consulted; a group not initialised yet (vLLM asserts there) reads as unknown."""
+    tp = pp = None
+    for name in ("vllm.distributed", "vllm.distributed.parallel_state"):
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        if tp is None:
+            try:
+                tp = _int_or_none(module.get_tensor_model_parallel_rank())
+            except Exception:
+                pass
+        if pp is None:
+            try:
+                pp = _int_or_none(module.get_pp_group().rank_in_group)
+            except Exception:
+                pass
+    return tp, pp
+
+
+def _dp_rank(runner: Any) -> Optional[int]:
+    try:
+        rank = _int_or_none(getattr(getattr(runner, "parallel_config", None), "data_parallel_rank", None))
+        return rank if rank is not None else _int_or_none(getattr(runner, "dp_rank", None))
+    except Exception:
+        return None
+
+
+def _runner_attributes(runner: Any) -> dict[str, AttributeValue]:
+    """The ``engine.*`` attributes of a runner, read on its first traced step. Never raises."""
+    try:
+        facts = _facts_by_runner.get(id(runner))
+        if facts is not None and facts.runner is not None and facts.runner() is runner:
+            return facts.attributes
+        tp, pp = _process_ranks()
+        attributes = engine_attributes("vllm", tp, _dp_rank(runner), pp)
+        try:
+            ref: Any = weakref.ref(runner)
+        except TypeError:
+            return attributes
+        _facts_by_runner[id(runner)] = _RunnerFacts(ref, attributes)
+        return attributes
+    except Exception:
+        return {"engine.name": "vllm"}
+
+
+def _capture_v1(runner: Any, scheduler_output: Any) -> Captured:
+    return capture(scheduler_output, False, runner)
+
+
+def traced_execute_model(execute_model: Any) -> Any:
+    """V1's ``execute_model(self, scheduler_output, intermediate_tensors=None)`` with a step span."""
+    return runtime.wrap_method(execute_model, _capture_v1, finish, _runner_attributes)
+
+
+def traced_execute_model_v2(execute_model: Any) -> Any:
+    """Model Runner V2's ``execute_model(self, scheduler_output, intermediate_tensors=None,
+    dummy_run=False, ...)`` with a step span.
+
+    A ``dummy_run`` call is traced as ``step[idle]``: V2 runs one whenever a data-parallel rank
+    has no request while the others step (and for start-up profiling). Its scheduler output holds
+    made-up requests; the GPU time is real and shows in the trace as idle, as sglang's padded
+    IDLE steps do.
+    """
+
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if runtime.sinks_off():
+            return execute_model(self, *args, **kwargs)
+        scheduler_output = args[0] if args else kwargs.get("scheduler_output")
+        dummy_run = (args[2] if len(args) > 2 else kwargs.get("dummy_run", False)) is True
+        return runtime.run_traced(
+            execute_model,
+            (self, *args),
+            kwargs,
+            capture,
+            finish,
+            _runner_attributes(self),
+            (scheduler_output, dummy_run, self),
+        )
+
+    traced.__wrapped__ = execute_model  # type: ignore[attr-defined]
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        try:
+            setattr(traced, name, getattr(execute_model, name))
+        except AttributeError:
+            pass
+    return traced
+
+
+class VLLMInstrumentor(BaseInstrumentor):
+    """Step spans for vLLM's ``GPUModelRunner.execute_model``, V1 and Model Runner V2."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        patch_when_imported(MODULE_V1, METHOD, traced_execute_model)
+        patch_when_imported(MODULE_V2, METHOD, traced_execute_model_v2)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        unpatch(MODULE_V1, METHOD)
+        unpatch(MODULE_V2, METHOD)
+
+
+def is_instrumented() -> bool:
+    """True when either runner's ``execute_model`` currently carries the step span."""
+    return is_patched(MODULE_V1, METHOD) or is_patched(MODULE_V2, METHOD)

@@ -1,0 +1,742 @@
+"""The vLLM adapter: every kind of step from SchedulerOutput-shaped objects (vLLM's field names),
+classified as vLLM's own ``compute_iteration_details`` does, never a GPU read; and the
+instrumentor around stand-in V1 and Model Runner V2 ``GPUModelRunner`` classes at vLLM's real
+import paths, with the real ``execute_model`` signatures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import textwrap
+import types
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_stepspan import StepInfo
+from otel_stepspan.integrations import vllm
+from otel_stepspan.integrations.vllm import VLLMInstrumentor, describe
+
+# -- vLLM-shaped data (vllm/v1/core/sched/output.py, 0.12+ layout) ------------------------------
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: Optional[list[int]]
+    mm_features: list[Any]
+    sampling_params: Any
+    pooling_params: Any
+    block_ids: tuple[list[int], ...]
+    num_computed_tokens: int
+    lora_request: Any
+    prompt_embeds: Any = None
+    prefill_token_ids: Optional[list[int]] = None
+
+
+@dataclass
+class CachedRequestData:
+    req_ids: list[str]
+    resumed_req_ids: set[str]
+    new_token_ids: list[list[int]]
+    all_token_ids: dict[str, list[int]]
+    new_block_ids: list[Any]
+    num_computed_tokens: list[int]
+    num_output_tokens: list[int]
+
+    @cached_property
+    def _req_id_to_num_output_tokens(self) -> dict[str, int]:
+        return dict(zip(self.req_ids, self.num_output_tokens))
+
+    def is_context_phase(self, req_id: str) -> bool:
+        # vLLM's own rule, used below as the reference the adapter must agree with.
+        return self._req_id_to_num_output_tokens.get(req_id) == 0
+
+    @classmethod
+    def make_empty(cls) -> "CachedRequestData":
+        return cls([], set(), [], {}, [], [], [])
+
+
+@dataclass
+class OldCachedRequestData:
+    """vLLM 0.10-0.11: ``resumed_from_preemption`` and no ``num_output_tokens``."""
+
+    req_ids: list[str]
+    resumed_from_preemption: list[bool]
+    new_token_ids: list[list[int]]
+    new_block_ids: list[Any]
+    num_computed_tokens: list[int]
+
+
+@dataclass
+class PerRequestCachedData:
+    """vLLM 0.8-0.9: one object per cached request."""
+
+    req_id: str
+    resumed_from_preemption: bool
+    new_token_ids: list[int]
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: Any
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    scheduled_spec_decode_tokens: dict[str, list[int]]
+    scheduled_encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    num_common_prefix_blocks: list[int] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)
+    free_encoder_mm_hashes: list[str] = field(default_factory=list)
+    preempted_req_ids: Optional[set[str]] = None
+    pending_structured_output_tokens: bool = False
+    kv_connector_metadata: Any = None
+    ec_connector_metadata: Any = None
+
+    @classmethod
+    def make_empty(cls) -> "SchedulerOutput":
+        return cls([], CachedRequestData.make_empty(), {}, 0, {})
+
+
+def new_req(req_id: str, prompt_len: int, computed: int = 0, **extra: Any) -> NewRequestData:
+    return NewRequestData(req_id, list(range(prompt_len)), [], None, None, ([1, 2],), computed, None, **extra)
+
+
+def cached_reqs(*entries: tuple[str, int, int]) -> CachedRequestData:
+    """``(req_id, num_computed_tokens, num_output_tokens)`` per request."""
+    return CachedRequestData(
+        req_ids=[e[0] for e in entries],
+        resumed_req_ids=set(),
+        new_token_ids=[],
+        all_token_ids={},
+        new_block_ids=[None] * len(entries),
+        num_computed_tokens=[e[1] for e in entries],
+        num_output_tokens=[e[2] for e in entries],
+    )
+
+
+def scheduler_output(
+    tokens: dict[str, int],
+    new: tuple[NewRequestData, ...] = (),
+    cached: Any = None,
+    spec: Optional[dict[str, list[int]]] = None,
+) -> SchedulerOutput:
+    return SchedulerOutput(
+        scheduled_new_reqs=list(new),
+        scheduled_cached_reqs=cached if cached is not None else CachedRequestData.make_empty(),
+        num_scheduled_tokens=dict(tokens),
+        total_num_scheduled_tokens=sum(tokens.values()),
+        scheduled_spec_decode_tokens=dict(spec or {}),
+    )
+
+
+def prefill_step() -> SchedulerOutput:
+    return scheduler_output({"a": 300, "b": 212}, new=(new_req("a", 300), new_req("b", 212)))
+
+
+def decode_step(bs: int) -> SchedulerOutput:
+    ids = [f"d{i}" for i in range(bs)]
+    return scheduler_output({i: 1 for i in ids}, cached=cached_reqs(*[(i, 40 + n, 8 + n) for n, i in enumerate(ids)]))
+
+
+def chunked_prefill_with_decodes() -> SchedulerOutput:
+    """A long prompt on its second chunk (cached, still no output), one new prompt, three decodes."""
+    return scheduler_output(
+        {"long": 1024, "fresh": 100, "d0": 1, "d1": 1, "d2": 1},
+        new=(new_req("fresh", 100),),
+        cached=cached_reqs(("long", 1024, 0), ("d0", 57, 3), ("d1", 80, 12), ("d2", 9, 1)),
+    )
+
+
+# -- GPU tensors that must never be read ---------------------------------------------------------
+
+GPU_READS: list[str] = []
+
+
+class GpuTensor:
+    """Lives on the GPU: reading a value would synchronise the device."""
+
+    def __init__(self, *shape: int) -> None:
+        self.shape = torch.Size(shape)
+        self.device = torch.device("cuda", 0)
+
+    def _touched(self, what: str) -> Any:
+        GPU_READS.append(what)
+        raise AssertionError(f"GPU value read through {what}")
+
+    def __int__(self):
+        return self._touched("int()")
+
+    def __index__(self):
+        return self._touched("__index__")
+
+    def __float__(self):
+        return self._touched("float()")
+
+    def item(self):
+        return self._touched("item()")
+
+    def tolist(self):
+        return self._touched("tolist()")
+
+    def __iter__(self):
+        return self._touched("iteration")
+
+    def __bool__(self):
+        return self._touched("bool()")
+
+    def __len__(self):
+        return self._touched("len()")
+
+    def __getitem__(self, index):
+        return self._touched("indexing")
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_reads():
+    GPU_READS.clear()
+    yield
+    assert GPU_READS == [], f"the adapter read GPU values: {GPU_READS}"
+
+
+# -- describe(): one test per kind of step -------------------------------------------------------
+
+
+def test_prefill_counts_the_prompt_tokens_scheduled():
+    info = describe(prefill_step())
+    assert info == StepInfo("prefill", 2, 512, 0, 2, 512)
+    assert info.label == "step[prefill bs=2 toks=512]"
+
+
+def test_decode_counts_every_request():
+    info = describe(decode_step(4))
+    assert info == StepInfo("decode", 4, 0, 4, 0, 4)
+    assert info.label == "step[decode bs=4]"
+
+
+def test_a_cached_request_still_in_its_prompt_is_prefill_not_decode():
+    step = chunked_prefill_with_decodes()
+    info = describe(step)
+    # "new requests prefill, cached ones decode" would say ext=100: the second chunk of "long"
+    # is a cached request with no output yet, which vLLM counts as context.
+    assert info == StepInfo("mixed", 5, 1124, 3, 2, 1127)
+    assert info.label == "step[mixed bs=5 ext=1124 dec=3]"
+    assert vllm_iteration_details(step) == (2, 1124, 3, 3)
+
+
+def test_a_chunk_of_a_long_prompt_alone_is_a_prefill():
+    step = scheduler_output({"long": 2048}, cached=cached_reqs(("long", 2048, 0)))
+    assert describe(step).label == "step[prefill bs=1 toks=2048]"
+
+
+def test_spec_decode_is_a_verify_step_counting_every_scheduled_token():
+    step = scheduler_output(
+        {"d0": 4, "d1": 4},
+        cached=cached_reqs(("d0", 30, 5), ("d1", 31, 6)),
+        spec={"d0": [11, 12, 13], "d1": [21, 22, 23]},
+    )
+    info = describe(step)
+    assert info == StepInfo("verify", 2, 0, 2, 0, 8)
+    assert info.label == "step[verify bs=2 toks=8]"
+
+
+def test_verify_step_with_a_prompt_in_it_keeps_the_prompt_counts():
+    step = scheduler_output(
+        {"fresh": 50, "d0": 3}, new=(new_req("fresh", 50),), cached=cached_reqs(("d0", 30, 5)), spec={"d0": [7, 8]}
+    )
+    info = describe(step)
+    assert info.label == "step[verify bs=2 toks=53]"
+    assert (info.extend_tokens, info.prefill_seqs, info.decode_seqs) == (50, 1, 1)
+
+
+def test_nothing_scheduled_is_idle():
+    assert describe(SchedulerOutput.make_empty()).label == "step[idle]"
+    assert describe(SchedulerOutput.make_empty()).attributes()["forward.batch_size"] == 0
+    zero = scheduler_output({"a": 0}, new=(new_req("a", 10),))
+    assert describe(zero).label == "step[idle]"  # vLLM runs no forward at total == 0
+
+
+def test_a_model_runner_v2_dummy_run_is_idle():
+    dummy = SchedulerOutput.make_empty()
+    dummy.num_scheduled_tokens = {"_dummy_req_0": 1}
+    dummy.total_num_scheduled_tokens = 1
+    assert describe(dummy, dummy_run=True) == StepInfo("idle", 0, 0, 0, 0, 0)
+    # Without the flag it reads as vLLM's compute_iteration_details would: one generation request.
+    assert describe(dummy).label == "step[decode bs=1]"
+
+
+# -- older layouts ------------------------------------------------------------------------------
+
+
+def old_layout_step() -> SchedulerOutput:
+    return scheduler_output(
+        {"long": 512, "d0": 1},
+        cached=OldCachedRequestData(["long", "d0"], [False, False], [], [None, None], [512, 70]),
+    )
+
+
+@dataclass
+class V1RequestState:  # vllm/v1/worker/gpu_input_batch.py CachedRequestState, in short
+    req_id: str
+    prompt_token_ids: list[int]
+    num_computed_tokens: int
+    output_token_ids: list[int]
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+
+
+def test_old_layout_without_the_runner_counts_cached_requests_as_decode():
+    assert describe(old_layout_step()).label == "step[decode bs=2]"
+
+
+def test_old_layout_asks_the_v1_runner_for_prompt_lengths():
+    runner = types.SimpleNamespace(
+        requests={
+            "long": V1RequestState("long", list(range(4096)), 512, []),
+            "d0": V1RequestState("d0", list(range(60)), 70, [5] * 10),
+        }
+    )
+    assert describe(old_layout_step(), runner=runner).label == "step[mixed bs=2 ext=512 dec=1]"
+
+
+def test_old_layout_asks_the_v2_runner_for_prompt_lengths_from_its_numpy_mirror():
+    prefill_len = types.SimpleNamespace(np=np.array([60, 4096, 0], dtype=np.int32), gpu=GpuTensor(3))
+    runner = types.SimpleNamespace(
+        req_states=types.SimpleNamespace(req_id_to_index={"d0": 0, "long": 1}, prefill_len=prefill_len)
+    )
+    assert describe(old_layout_step(), runner=runner).label == "step[mixed bs=2 ext=512 dec=1]"
+
+
+def test_an_elided_num_output_tokens_list_falls_back_like_an_old_layout():
+    step = chunked_prefill_with_decodes()
+    step.scheduled_cached_reqs.num_output_tokens = []
+    assert describe(step).label == "step[mixed bs=5 ext=100 dec=4]"
+    runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(3000)), 1024, [])})
+    assert describe(step, runner=runner).label == "step[mixed bs=5 ext=1124 dec=3]"
+
+
+def test_vllm_0_9_list_of_cached_requests_is_read_too():
+    step = scheduler_output(
+        {"long": 256, "d0": 1},
+        cached=[PerRequestCachedData("long", False, [], [], 256), PerRequestCachedData("d0", False, [], [], 90)],
+    )
+    runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(1000)), 256, [])})
+    assert describe(step, runner=runner).label == "step[mixed bs=2 ext=256 dec=1]"
+
+
+# -- malformed input degrades, never raises -----------------------------------------------------
+
+
+def _with(step: SchedulerOutput, **changes: Any) -> SchedulerOutput:
+    for name, value in changes.items():
+        setattr(step, name, value)
+    return step
+
+
+class Hostile:
+    def __getattr__(self, name):
+        raise RuntimeError("no attributes here")
+
+
+@pytest.mark.parametrize(
+    "make, label",
+    [
+        (lambda: None, "step[unknown bs=?]"),
+        (lambda: object(), "step[unknown bs=?]"),
+        (lambda: Hostile(), "step[unknown bs=?]"),
+        (lambda: _with(prefill_step(), num_scheduled_tokens=None), "step[unknown bs=?]"),
+        (lambda: _with(SchedulerOutput.make_empty(), num_scheduled_tokens=None), "step[idle]"),
+        (lambda: _with(prefill_step(), num_scheduled_tokens={"a": 300, "b": -4}), "step[prefill bs=2 toks=?]"),
+        (lambda: _with(prefill_step(), num_scheduled_tokens={"a": "300", "b": 212}), "step[prefill bs=2 toks=?]"),
+        (lambda: _with(prefill_step(), num_scheduled_tokens={"a": True, "b": 212}), "step[prefill bs=2 toks=?]"),
+        (lambda: _with(prefill_step(), total_num_scheduled_tokens=None), "step[prefill bs=2 toks=512]"),
+        (lambda: _with(prefill_step(), scheduled_cached_reqs=None), "step[prefill bs=2 toks=512]"),
+        (lambda: _with(prefill_step(), scheduled_new_reqs=None), "step[unknown bs=2]"),
+        (lambda: _with(prefill_step(), scheduled_new_reqs=[object()]), "step[unknown bs=2]"),
+        (lambda: _with(chunked_prefill_with_decodes(), scheduled_cached_reqs=None), "step[unknown bs=5]"),
+        (lambda: _with(decode_step(3), scheduled_spec_decode_tokens=None), "step[decode bs=3]"),
+        (lambda: _with(decode_step(2), num_scheduled_tokens={"d0": 1, "d1": 1, "d9": 1}), "step[decode bs=3]"),
+    ],
+)
+def test_malformed_scheduler_output_degrades_the_label(make, label):
+    assert describe(make()).label == label
+
+
+def test_a_malformed_output_count_makes_that_request_unknown():
+    step = chunked_prefill_with_decodes()
+    step.scheduled_cached_reqs.num_output_tokens[0] = -1
+    assert describe(step).label == "step[unknown bs=5]"
+    step.scheduled_cached_reqs.num_output_tokens = [0, 1]  # wrong length: every cached one unknown
+    info = describe(step)
+    assert info.label == "step[unknown bs=5]"
+    assert info.attributes()["forward.num_tokens"] == 1127
+    assert info.attributes()["forward.extend_tokens"] == -1
+
+
+def test_a_verify_step_stays_verify_when_phases_are_unknown():
+    step = scheduler_output({"d0": 3, "d1": 3}, cached=cached_reqs(("d0", 5, 1), ("d1", 5, 1)), spec={"d0": [1, 2]})
+    step.scheduled_cached_reqs.num_output_tokens = "x"  # wrong type, not the old layout
+    assert describe(step).label == "step[verify bs=2 toks=6]"
+    assert describe(step).attributes()["forward.decode_seqs"] == -1
+
+
+def test_negative_prompt_chunk_in_a_mixed_step_shows_ext_unknown():
+    step = chunked_prefill_with_decodes()
+    step.num_scheduled_tokens["long"] = -1
+    assert describe(step).label == "step[mixed bs=5 ext=? dec=3]"
+
+
+def test_gpu_values_are_never_read():
+    fresh = new_req("fresh", 100, prompt_embeds=GpuTensor(100, 4096))
+    fresh.mm_features = [types.SimpleNamespace(data=GpuTensor(3, 224, 224))]
+    fresh.sampling_params = types.SimpleNamespace(logits_bias=GpuTensor(32000))
+    step = chunked_prefill_with_decodes()
+    step.scheduled_new_reqs = [fresh]
+    step.kv_connector_metadata = GpuTensor(8)
+    assert describe(step).label == "step[mixed bs=5 ext=1124 dec=3]"
+
+    # Tensors where vLLM keeps Python values: refused, never converted.
+    step.num_scheduled_tokens = {"long": GpuTensor(), "fresh": 100, "d0": 1, "d1": 1, "d2": 1}
+    step.total_num_scheduled_tokens = GpuTensor()
+    assert describe(step).label == "step[mixed bs=5 ext=? dec=3]"
+    step.scheduled_cached_reqs.num_output_tokens = GpuTensor(4)
+    step.scheduled_cached_reqs.num_computed_tokens = GpuTensor(4)
+    assert describe(step).label == "step[unknown bs=5]"
+    step.scheduled_cached_reqs.num_output_tokens = [GpuTensor(), 3, 12, 1]
+    assert describe(step).label == "step[unknown bs=5]"
+    step.scheduled_cached_reqs = types.SimpleNamespace(req_ids=GpuTensor(4))
+    step.scheduled_new_reqs = GpuTensor(1)
+    step.scheduled_spec_decode_tokens = {"d0": GpuTensor(3)}
+    assert describe(step).label == "step[verify bs=5 toks=?]"
+    step.num_scheduled_tokens = GpuTensor(5)
+    assert describe(step).label == "step[unknown bs=?]"
+    old = old_layout_step()
+    old.scheduled_cached_reqs.num_computed_tokens = [GpuTensor(), GpuTensor()]
+    runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(4096)), 0, [])})
+    assert describe(old, runner=runner).label == "step[decode bs=2]"
+
+
+# -- agreement with vLLM's own classification ---------------------------------------------------
+
+
+def vllm_iteration_details(step: SchedulerOutput) -> tuple[int, int, int, int]:
+    """(context requests, context tokens, generation requests, generation tokens), by the rule of
+    vLLM's ``compute_iteration_details`` (vllm/v1/utils.py)."""
+    new_ids = {r.req_id for r in step.scheduled_new_reqs}
+    ctx_reqs = ctx_toks = gen_reqs = gen_toks = 0
+    for req_id, n in step.num_scheduled_tokens.items():
+        if step.scheduled_cached_reqs.is_context_phase(req_id) or req_id in new_ids:
+            ctx_reqs, ctx_toks = ctx_reqs + 1, ctx_toks + n
+        else:
+            gen_reqs, gen_toks = gen_reqs + 1, gen_toks + n
+    return ctx_reqs, ctx_toks, gen_reqs, gen_toks
+
+
+@st.composite
+def scheduler_outputs(draw):
+    n_new = draw(st.integers(0, 4))
+    cached = draw(st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 3), st.integers(1, 600)), max_size=6))
+    new = [new_req(f"n{i}", draw(st.integers(1, 900))) for i in range(n_new)]
+    tokens = {r.req_id: draw(st.integers(1, 900)) for r in new}
+    entries = []
+    for i, (computed, outputs, chunk) in enumerate(cached):
+        entries.append((f"c{i}", computed, outputs))
+        tokens[f"c{i}"] = chunk if outputs == 0 else 1
+    spec = {}
+    if entries and draw(st.booleans()):
+        req_id = entries[0][0]
+        spec = {req_id: [1, 2, 3]}
+        tokens[req_id] += 3
+    return scheduler_output(tokens, new=tuple(new), cached=cached_reqs(*entries), spec=spec)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scheduler_outputs())
+def test_counts_agree_with_vllms_compute_iteration_details(step):
+    ctx_reqs, ctx_toks, gen_reqs, gen_toks = vllm_iteration_details(step)
+    info = describe(step)
+    assert info.batch_size == len(step.num_scheduled_tokens)
+    if not step.num_scheduled_tokens:
+        assert info == StepInfo("idle", 0, 0, 0, 0, 0)
+        return
+    expected_mode = (
+        "verify"
+        if step.scheduled_spec_decode_tokens
+        else "mixed" if ctx_reqs and gen_reqs else "prefill" if ctx_reqs else "decode"
+    )
+    assert info.mode == expected_mode
+    assert (info.prefill_seqs, info.extend_tokens, info.decode_seqs) == (ctx_reqs, ctx_toks, gen_reqs)
+    assert info.num_tokens == ctx_toks + gen_toks == step.total_num_scheduled_tokens
+
+
+# -- the instrumentor, around stand-ins at vLLM's import paths ---------------------------------
+
+
+class ParallelConfig:
+    def __init__(self, data_parallel_rank: int = 0) -> None:
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_rank + 1
+
+
+class V1Runner:
+    """vllm.v1.worker.gpu_model_runner.GPUModelRunner: what the adapter reads, and execute_model
+    with vLLM's signature."""
+
+    def __init__(self, dp_rank: int = 0) -> None:
+        self.parallel_config = ParallelConfig(dp_rank)
+        self.requests: dict[str, Any] = {}
+        self.seen: list[Any] = []
+        self.explode: Optional[BaseException] = None
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        self.seen.append((scheduler_output, intermediate_tensors))
+        if self.explode is not None:
+            raise self.explode
+        return ("v1", scheduler_output.total_num_scheduled_tokens)
+
+
+class V2Runner:
+    """vllm.v1.worker.gpu.model_runner.GPUModelRunner (Model Runner V2)."""
+
+    def __init__(self, dp_rank: int = 0) -> None:
+        self.parallel_config = ParallelConfig(dp_rank)
+        self.dp_rank = dp_rank
+        self.seen: list[Any] = []
+
+    def execute_model(
+        self,
+        scheduler_output,
+        intermediate_tensors=None,
+        dummy_run=False,
+        skip_attn_for_dummy_run=False,
+        is_profile=False,
+        context_len=0,
+    ):
+        self.seen.append((scheduler_output, intermediate_tensors, dummy_run, skip_attn_for_dummy_run, is_profile))
+        return ("v2", dummy_run)
+
+
+class PPGroup:
+    rank_in_group = 0
+
+
+def _module(name: str, **attrs: Any) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+@pytest.fixture
+def vllm_modules(monkeypatch):
+    """Fresh stand-in modules at vLLM's import paths (removed again by monkeypatch)."""
+    v1_class = type("GPUModelRunner", (V1Runner,), {"execute_model": V1Runner.execute_model})
+    v2_class = type("GPUModelRunner", (V2Runner,), {"execute_model": V2Runner.execute_model})
+    modules = {
+        "vllm": _module("vllm"),
+        "vllm.v1": _module("vllm.v1"),
+        "vllm.v1.worker": _module("vllm.v1.worker"),
+        vllm.MODULE_V1: _module(vllm.MODULE_V1, GPUModelRunner=v1_class),
+        "vllm.v1.worker.gpu": _module("vllm.v1.worker.gpu"),
+        vllm.MODULE_V2: _module(vllm.MODULE_V2, GPUModelRunner=v2_class),
+        "vllm.distributed": _module(
+            "vllm.distributed", get_tensor_model_parallel_rank=lambda: 1, get_pp_group=lambda: PPGroup()
+        ),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    yield types.SimpleNamespace(V1=v1_class, V2=v2_class, distributed=modules["vllm.distributed"])
+    VLLMInstrumentor().uninstrument()
+
+
+def test_v1_execute_model_is_traced_and_passes_everything_through(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    assert vllm.is_instrumented()
+    runner = vllm_modules.V1(dp_rank=2)
+    step = decode_step(3)
+    marker = object()
+    assert runner.execute_model(step, marker) == ("v1", 3)
+    assert runner.seen[-1][0] is step and runner.seen[-1][1] is marker
+    assert runner.execute_model(scheduler_output=prefill_step()) == ("v1", 512)
+    runner.execute_model(chunked_prefill_with_decodes(), intermediate_tensors=None)
+    spans = memory_spans.spans()
+    assert [s.name for s in spans] == [
+        "step[decode bs=3]",
+        "step[prefill bs=2 toks=512]",
+        "step[mixed bs=5 ext=1124 dec=3]",
+    ]
+    first = spans[0]
+    assert first.kind == SpanKind.INTERNAL
+    assert first.instrumentation_scope.name == "otel_stepspan"
+    step_attributes = {k: v for k, v in first.attributes.items() if k.startswith(("forward.", "engine."))}
+    assert step_attributes == {
+        "forward.mode": "decode",
+        "forward.batch_size": 3,
+        "forward.extend_tokens": 0,
+        "forward.decode_seqs": 3,
+        "forward.prefill_seqs": 0,
+        "forward.num_tokens": 3,
+        "forward.label": "step[decode bs=3]",
+        "engine.name": "vllm",
+        "engine.tp_rank": 1,
+        "engine.dp_rank": 2,
+        "engine.pp_rank": 0,
+    }
+    assert "forward.pass_id" not in first.attributes  # vLLM's runner keeps no forward counter
+
+
+def test_v2_execute_model_is_traced_and_dummy_runs_are_idle(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V2()
+    step = prefill_step()
+    assert runner.execute_model(step) == ("v2", False)
+    dummy = SchedulerOutput.make_empty()
+    dummy.num_scheduled_tokens, dummy.total_num_scheduled_tokens = {"_dummy_req_0": 1}, 1
+    # As vLLM's _dummy_run calls it, and positionally.
+    assert runner.execute_model(dummy, intermediate_tensors=None, dummy_run=True, skip_attn_for_dummy_run=True) == (
+        "v2",
+        True,
+    )
+    assert runner.execute_model(dummy, None, True) == ("v2", True)
+    runner.execute_model(scheduler_output=decode_step(2))
+    assert runner.seen[0][0] is step
+    assert runner.seen[1] == (dummy, None, True, True, False)
+    spans = memory_spans.spans()
+    assert [s.name for s in spans] == ["step[prefill bs=2 toks=512]", "step[idle]", "step[idle]", "step[decode bs=2]"]
+    assert spans[1].attributes["forward.batch_size"] == 0
+    assert spans[0].attributes["engine.name"] == "vllm"
+    assert spans[0].attributes["engine.dp_rank"] == 0
+
+
+def test_exception_marks_span_error_and_propagates_the_same_object(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1()
+    boom = RuntimeError("CUDA out of memory")
+    runner.explode = boom
+    with pytest.raises(RuntimeError) as raised:
+        runner.execute_model(decode_step(2))
+    assert raised.value is boom
+    (span,) = memory_spans.spans()
+    assert span.name == "step[decode bs=2]"
+    assert span.status.status_code == StatusCode.ERROR
+    (event,) = span.events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "RuntimeError"
+    assert event.attributes["exception.message"] == "CUDA out of memory"
+
+
+def test_a_malformed_step_is_traced_as_unknown_without_disturbing_vllm(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V2()
+    assert runner.execute_model(Hostile()) == ("v2", False)
+    assert [s.name for s in memory_spans.spans()] == ["step[unknown bs=?]"]
+
+
+def test_ranks_that_vllm_has_not_initialised_are_left_out(vllm_modules, memory_spans):
+    def not_initialised():
+        raise AssertionError("pipeline model parallel group is not initialized")
+
+    vllm_modules.distributed.get_pp_group = not_initialised
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1(dp_rank=0)
+    del runner.parallel_config
+    runner.execute_model(decode_step(1))
+    (span,) = memory_spans.spans()
+    engine = {k: v for k, v in span.attributes.items() if k.startswith("engine.")}
+    assert engine == {"engine.name": "vllm", "engine.tp_rank": 1}
+
+
+def test_uninstrument_restores_both_original_methods(vllm_modules, memory_spans):
+    originals = {cls: cls.__dict__["execute_model"] for cls in (vllm_modules.V1, vllm_modules.V2)}
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    for cls, original in originals.items():
+        assert cls.__dict__["execute_model"] is not original
+        assert cls.__dict__["execute_model"].__wrapped__ is original
+    VLLMInstrumentor().uninstrument()
+    for cls, original in originals.items():
+        assert cls.__dict__["execute_model"] is original
+    assert not vllm.is_instrumented()
+    vllm_modules.V1().execute_model(decode_step(1))
+    vllm_modules.V2().execute_model(decode_step(1))
+    assert memory_spans.spans() == []
+
+
+def test_with_every_sink_off_nothing_is_read(vllm_modules, monkeypatch):
+    assert trace._TRACER_PROVIDER is None
+    reads = []
+    monkeypatch.setattr(vllm, "capture", lambda *args: reads.append(args))
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    assert vllm_modules.V1().execute_model(decode_step(2)) == ("v1", 2)
+    assert vllm_modules.V2().execute_model(decode_step(2), None, True) == ("v2", True)
+    assert reads == []
+
+
+def test_profiler_ranges_carry_the_same_labels(vllm_modules, tmp_path, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    v1, v2 = vllm_modules.V1(), vllm_modules.V2()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        v1.execute_model(chunked_prefill_with_decodes())
+        v2.execute_model(decode_step(4))
+        v2.execute_model(SchedulerOutput.make_empty(), dummy_run=True)
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    ranges = sorted(
+        (e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("step[")), key=lambda e: e["ts"]
+    )
+    labels = ["step[mixed bs=5 ext=1124 dec=3]", "step[decode bs=4]", "step[idle]"]
+    assert [e["name"] for e in ranges] == labels
+    assert [s.name for s in memory_spans.spans()] == labels
+
+
+def test_patch_applies_when_vllm_imports_its_runners_later(tmp_path, monkeypatch, memory_spans):
+    """opentelemetry-instrument runs instrumentors before vLLM imports its model runners."""
+    root = tmp_path / "vllm"
+    for package in ("", "v1", "v1/worker", "v1/worker/gpu"):
+        (root / package).mkdir(parents=True, exist_ok=True)
+        (root / package / "__init__.py").write_text("")
+    runner_source = textwrap.dedent(
+        """
+        class GPUModelRunner:
+            def execute_model(self, scheduler_output, intermediate_tensors=None{extra}):
+                return "{name}"
+        """
+    )
+    (root / "v1/worker/gpu_model_runner.py").write_text(runner_source.format(extra="", name="v1"))
+    (root / "v1/worker/gpu/model_runner.py").write_text(
+        runner_source.format(extra=", dummy_run=False, skip_attn_for_dummy_run=False", name="v2")
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not any(name == "vllm" or name.startswith("vllm.") for name in sys.modules)
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    try:
+        assert not vllm.is_instrumented()
+        v1 = importlib.import_module(vllm.MODULE_V1)
+        v2 = importlib.import_module(vllm.MODULE_V2)
+        assert vllm.is_instrumented()
+        assert v1.GPUModelRunner().execute_model(decode_step(2)) == "v1"
+        assert v2.GPUModelRunner().execute_model(prefill_step()) == "v2"
+        assert [s.name for s in memory_spans.spans()] == ["step[decode bs=2]", "step[prefill bs=2 toks=512]"]
+    finally:
+        VLLMInstrumentor().uninstrument()
+        for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
+            del sys.modules[name]
+
+
+def test_entry_point_is_registered_for_opentelemetry_instrument():
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group="opentelemetry_instrumentor")}
+    assert found.get("vllm") == "otel_stepspan.integrations.vllm:VLLMInstrumentor"
+    assert VLLMInstrumentor().instrumentation_dependencies() == ("vllm >= 0.12, < 1.0",)
