@@ -11,6 +11,7 @@ changes.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -339,13 +340,7 @@ def wrap_method(
             method, (self, batch, *args), kwargs, capture, finish, attributes_of(self), (self, batch)
         )
 
-    traced.__wrapped__ = method  # type: ignore[attr-defined]
-    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
-        try:
-            setattr(traced, name, getattr(method, name))
-        except AttributeError:
-            pass
-    return traced
+    return functools.update_wrapper(traced, method, updated=())
 
 
 _MISSING: Any = object()

@@ -46,6 +46,7 @@ list of per-request ``CachedRequestData`` objects is read the same way.
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Mapping
@@ -344,13 +345,7 @@ def traced_execute_model_v2(execute_model: Any) -> Any:
             (scheduler_output, dummy_run, self),
         )
 
-    traced.__wrapped__ = execute_model  # type: ignore[attr-defined]
-    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
-        try:
-            setattr(traced, name, getattr(execute_model, name))
-        except AttributeError:
-            pass
-    return traced
+    return functools.update_wrapper(traced, execute_model, updated=())
 
 
 class VLLMInstrumentor(BaseInstrumentor):

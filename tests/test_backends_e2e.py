@@ -1,0 +1,255 @@
+"""End to end against the real backends: the OpenTelemetry Collector (built with ocb from the
+project's builder config) and Jaeger v2, both built from their Go modules at the versions
+docker-compose.yml pins, run on 127.0.0.1 with the project's collector/config.yaml (endpoints
+rewritten for local ports only). The reference engine exports to the Collector through OTEL_*
+variables; the steps are then found through Jaeger's query API and with `otel-stepspan search`.
+
+Skips only where Go is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns that skip into a
+failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import backends  # noqa: E402
+
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.skipif(
+        shutil.which("go") is None and not os.environ.get(backends.ENV_GO),
+        reason="Go is not installed: the real Collector and Jaeger cannot be built",
+    ),
+]
+
+SERVICE = "otel-stepspan-e2e"
+CONTRACT_KEYS = {
+    "forward.mode",
+    "forward.batch_size",
+    "forward.extend_tokens",
+    "forward.decode_seqs",
+    "forward.prefill_seqs",
+    "forward.num_tokens",
+    "forward.label",
+    "forward.pass_id",
+    "engine.name",
+    "engine.tp_rank",
+    "engine.pp_rank",
+}
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _otlp_value(value: dict):
+    for key in ("stringValue", "boolValue", "doubleValue"):
+        if key in value:
+            return value[key]
+    if "intValue" in value:
+        return int(value["intValue"])
+    return None
+
+
+def _spans_of(body: dict) -> list[dict]:
+    spans = []
+    for resource_spans in body["result"]["resourceSpans"]:
+        for scope_spans in resource_spans["scopeSpans"]:
+            for span in scope_spans["spans"]:
+                attributes = {a["key"]: _otlp_value(a["value"]) for a in span.get("attributes", [])}
+                spans.append({"name": span["name"], "attributes": attributes})
+    return spans
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Jaeger (memstore) and the Collector running on free local ports."""
+    workdir = tmp_path_factory.mktemp("backends")
+    paths = backends.ensure_built()
+    port = backends.free_port
+    jaeger_ports = backends.JaegerPorts(
+        otlp_grpc=port(), otlp_http=port(), query_http=port(), query_grpc=port(), health=port()
+    )
+    jaeger = backends.start_jaeger(workdir, jaeger_ports, binary=paths["jaeger"])
+    collector = None
+    try:
+        otlp_grpc, otlp_http, metrics, health = port(), port(), port(), port()
+        config = backends.write_local_collector_config(
+            backends.COLLECTOR_CONFIG,
+            workdir / "collector.yaml",
+            otlp_grpc,
+            otlp_http,
+            f"127.0.0.1:{jaeger_ports.otlp_grpc}",
+            metrics,
+            health,
+        )
+        collector = backends.start_collector(
+            config, health, binary=paths["otelcol"], other_ports=(otlp_grpc, otlp_http, metrics)
+        )
+        yield {
+            "jaeger": f"http://127.0.0.1:{jaeger_ports.query_http}",
+            "otlp_grpc": f"http://127.0.0.1:{otlp_grpc}",
+            "otlp_http": f"http://127.0.0.1:{otlp_http}",
+            "metrics": f"http://127.0.0.1:{metrics}/metrics",
+            "workdir": workdir,
+        }
+    finally:
+        if collector is not None:
+            backends.stop(collector)
+        backends.stop(jaeger)
+
+
+@pytest.fixture(scope="module")
+def engine_run(stack):
+    """The reference engine's demo, exporting to the Collector over OTLP gRPC."""
+    out_dir = stack["workdir"] / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(
+        {
+            "OTEL_SERVICE_NAME": SERVICE,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": stack["otlp_grpc"],
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        }
+    )
+    started = datetime.now(timezone.utc) - timedelta(seconds=5)
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_stepspan.cli", "demo", "--requests", "16", "--no-profiler", "--quiet",
+         "--out-dir", str(out_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"started": started, "out_dir": out_dir}
+
+
+def _search_v3(jaeger: str, started: datetime, **extra: str) -> tuple[int, dict]:
+    params = {
+        "query.service_name": SERVICE,
+        "query.start_time_min": started.strftime("%Y-%m-%dT%H:%M:%S.%f000Z"),
+        "query.start_time_max": (datetime.now(timezone.utc) + timedelta(minutes=1)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%f000Z"
+        ),
+        "query.num_traces": "1000",
+        **extra,
+    }
+    status, text = _get(f"{jaeger}/api/v3/traces?{urllib.parse.urlencode(params)}")
+    return status, (json.loads(text) if text.strip().startswith("{") else {})
+
+
+def _wait_for_modes(stack, engine_run, modes: set[str], timeout_s: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    spans: list[dict] = []
+    while time.monotonic() < deadline:
+        status, body = _search_v3(stack["jaeger"], engine_run["started"])
+        if status == 200:
+            spans = _spans_of(body)
+            if modes <= {s["attributes"].get("forward.mode") for s in spans}:
+                return spans
+        time.sleep(1.0)
+    raise AssertionError(f"modes {modes} not all in Jaeger after {timeout_s}s: got {len(spans)} spans")
+
+
+def test_collector_validates_the_project_config():
+    backends.validate_collector_config(backends.COLLECTOR_CONFIG)
+
+
+def test_compose_file_follows_the_compose_specification():
+    import jsonschema
+    import yaml
+
+    schema = json.loads(backends.compose_schema().read_text())
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    jsonschema.validate(compose, schema)
+    for name, service in compose["services"].items():
+        for mapping in service.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} beyond loopback"
+    images = {s["image"] for s in compose["services"].values()}
+    versions = backends.pinned_versions()
+    assert f"otel/opentelemetry-collector-contrib:{versions.collector}" in images
+    assert f"jaegertracing/jaeger:{versions.jaeger}" in images
+
+
+def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, engine_run):
+    spans = _wait_for_modes(stack, engine_run, {"decode", "prefill", "mixed", "idle"})
+    steps = [s for s in spans if s["name"].startswith("step[")]
+    assert steps
+    for span in steps:
+        attributes = span["attributes"]
+        assert CONTRACT_KEYS <= set(attributes), CONTRACT_KEYS - set(attributes)
+        assert attributes["forward.label"] == span["name"]
+        assert attributes["engine.name"] == "sglang"
+    decodes = [s for s in steps if s["attributes"]["forward.mode"] == "decode"]
+    assert all(s["name"] == f"step[decode bs={s['attributes']['forward.batch_size']}]" for s in decodes)
+    # the local spans file of the same run holds the same steps
+    local = (engine_run["out_dir"] / "spans.jsonl").read_text().splitlines()
+    assert sum(len(ss["spans"]) for line in local for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]) == len(steps)
+
+
+def test_jaeger_reports_no_match_as_404(stack, engine_run):
+    _wait_for_modes(stack, engine_run, {"decode"})
+    status, _ = _search_v3(stack["jaeger"], engine_run["started"], **{"query.service_name": "no-such-service"})
+    assert status == 404
+
+
+def test_cli_search_finds_decode_steps_in_jaeger(stack, engine_run):
+    _wait_for_modes(stack, engine_run, {"decode"})
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_stepspan.cli", "search", "--jaeger", stack["jaeger"], "--service", SERVICE,
+         "--mode", "decode", "--since", "15m", "--limit", "500", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert rows
+    assert all(row["label"].startswith("step[decode bs=") for row in rows)
+    table = subprocess.run(
+        [sys.executable, "-m", "otel_stepspan.cli", "search", "--jaeger", stack["jaeger"], "--service", SERVICE,
+         "--mode", "decode", "--since", "15m"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "step[decode bs=" in table.stdout and "step[prefill" not in table.stdout
+
+
+def test_span_metrics_by_mode_without_per_batch_size_series(stack, engine_run):
+    _wait_for_modes(stack, engine_run, {"decode", "prefill", "mixed", "idle"})
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        status, text = _get(stack["metrics"])
+        if status == 200 and 'forward_mode="mixed"' in text and 'forward_mode="idle"' in text:
+            break
+        time.sleep(1.0)
+    series = [line for line in text.splitlines() if line and not line.startswith("#")]
+    ours = [line for line in series if SERVICE in line]
+    assert ours, "no span metrics for the engine's service"
+    modes = {part.split('"')[1] for line in ours for part in line.split(",") if part.strip().startswith("forward_mode=")}
+    assert {"decode", "prefill", "mixed", "idle"} <= modes
+    assert not any("span_name" in line for line in series)
+    calls = [line for line in ours if line.startswith("traces_span_metrics_calls_total")]
+    # one calls series per mode (and status), whatever the number of batch sizes seen
+    assert len(calls) <= 2 * len(modes)
