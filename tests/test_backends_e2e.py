@@ -197,7 +197,7 @@ def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, en
         attributes = span["attributes"]
         assert CONTRACT_KEYS <= set(attributes), CONTRACT_KEYS - set(attributes)
         assert attributes["forward.label"] == span["name"]
-        assert attributes["engine.name"] == "sglang"
+        assert attributes["engine.name"] == "otel-stepspan-reference"
     decodes = [s for s in steps if s["attributes"]["forward.mode"] == "decode"]
     assert all(s["name"] == f"step[decode bs={s['attributes']['forward.batch_size']}]" for s in decodes)
     # the local spans file of the same run holds the same steps

@@ -358,3 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "search":
         return _search(args)
     return _stats(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

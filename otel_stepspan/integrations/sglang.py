@@ -192,7 +192,7 @@ def _process_ranks() -> tuple[Optional[int], Optional[int], Optional[int]]:
     return tp, dp, pp
 
 
-def _runner_facts(runner: Any) -> _RunnerFacts:
+def _runner_facts(runner: Any, engine_name: str = "sglang") -> _RunnerFacts:
     """What never changes for a runner (draft or target, its ranks): read on its first step."""
     facts = _facts_by_runner.get(id(runner))
     if facts is None or facts.runner() is not runner:
@@ -205,14 +205,10 @@ def _runner_facts(runner: Any) -> _RunnerFacts:
         facts = _RunnerFacts(
             weakref.ref(runner),
             getattr(runner, "is_draft_worker", False) is True,
-            engine_attributes("sglang", tp, dp, pp),
+            engine_attributes(engine_name, tp, dp, pp),
         )
         _facts_by_runner[id(runner)] = facts
     return facts
-
-
-def _runner_attributes(runner: Any) -> dict[str, AttributeValue]:
-    return _runner_facts(runner).attributes
 
 
 def _capture_forward(runner: Any, forward_batch: Any) -> Captured:
@@ -222,9 +218,14 @@ def _capture_forward(runner: Any, forward_batch: Any) -> Captured:
     return capture(forward_batch, _runner_facts(runner).is_draft_worker, pass_id)
 
 
-def traced_forward(forward: Any) -> Any:
-    """``ModelRunner.forward`` with a step span; what the instrumentor installs."""
-    return runtime.wrap_method(forward, _capture_forward, finish, _runner_attributes)
+def traced_forward(forward: Any, *, engine_name: str = "sglang") -> Any:
+    """``ModelRunner.forward`` with a step span; what the instrumentor installs. Engines built
+    on sglang's runner shape (the reference engine) pass their own ``engine_name``."""
+
+    def runner_attributes(runner: Any) -> dict[str, AttributeValue]:
+        return _runner_facts(runner, engine_name).attributes
+
+    return runtime.wrap_method(forward, _capture_forward, finish, runner_attributes)
 
 
 class SGLangInstrumentor(BaseInstrumentor):

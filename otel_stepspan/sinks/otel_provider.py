@@ -130,21 +130,35 @@ def _counting_processor(exporter):
     return CountingBatchSpanProcessor(CountingExporter())
 
 
-def build_provider(environ: Optional[Mapping[str, str]] = None):
-    """An SDK provider configured from the standard variables.
+def add_env_exporters(provider, environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Add one batch processor per exporter that ``OTEL_TRACES_EXPORTER`` (or an OTLP endpoint)
+    names; returns their names. Raises :class:`ExportConfigError` before adding anything when a
+    name or protocol is not supported.
 
-    The SDK itself reads the resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), the
-    sampler (``OTEL_TRACES_SAMPLER[_ARG]``), the batch processor (``OTEL_BSP_*``) and each
-    exporter's endpoint, headers, certificate, compression and timeout, exactly as the
-    specification defines them; we choose the exporters and the protocol.
+    Each exporter reads its own endpoint, headers, certificate, compression and timeout from the
+    variables, and the batch processor its ``OTEL_BSP_*`` settings, as the specification defines.
     """
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
     env = os.environ if environ is None else environ
-    exporters = [_exporter(name, env) for name in exporters_requested(env) if name != "none"]
-    provider = TracerProvider(resource=Resource.create({"process.pid": os.getpid()}))
+    names = [name for name in exporters_requested(env) if name != "none"]
+    exporters = [_exporter(name, env) for name in names]
     for exporter in exporters:
         provider.add_span_processor(_counting_processor(exporter))
+    return names
+
+
+def build_provider(environ: Optional[Mapping[str, str]] = None):
+    """An SDK provider configured from the standard variables: the SDK reads the resource
+    (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) and the sampler
+    (``OTEL_TRACES_SAMPLER[_ARG]``); :func:`add_env_exporters` adds the exporters."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider(resource=Resource.create({"process.pid": os.getpid()}))
+    try:
+        add_env_exporters(provider, environ)
+    except ExportConfigError:
+        provider.shutdown()
+        raise
     return provider
 
 
