@@ -14,7 +14,7 @@ import math
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from otel_stepspan.cli.main import main
-from otel_stepspan.cli.report import percentile
+from otel_stepspan.quantiles import percentile
 from otel_stepspan.otlp_json import iter_step_spans
 
 RECORDINGS = Path(__file__).parent / "data" / "jaeger_v3"

@@ -135,9 +135,11 @@ def test_the_chrome_trace_and_the_spans_agree_step_for_step(default_run):
     cwd, _, spans = default_run
     events = trace_step_events(cwd / "trace.json")
     assert [e["name"] for e in events] == [s.name for s in spans]
-    # The same steps, not merely the same names: each range lasts about as long as its span.
+    # The same steps, not merely the same names: each span is timed inside its profiler range
+    # (the range opens before the span's clock starts and closes after it stops), so it is never
+    # longer than the range, whatever the machine's load (2 us for the trace's rounding).
     for event, span in zip(events, spans):
-        assert abs(float(event["dur"]) * 1e3 - span.duration_ns) < 2e6, span.name
+        assert span.duration_ns <= float(event["dur"]) * 1e3 + 2_000, span.name
 
 
 def test_no_request_content_reaches_a_span(default_run):

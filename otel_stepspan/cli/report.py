@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Optional, Sequence
 
 from ..otlp_json import StepSpan
+from ..quantiles import percentile
 from ..step import KNOWN_MODES
 
 NO_MATCH = "no matching steps"
@@ -72,17 +72,6 @@ def print_steps(steps: Sequence[StepSpan], out: IO[str], *, as_json: bool) -> No
 
 
 # -- stats -----------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by linear interpolation between closest ranks (NumPy's default,
-    Hyndman & Fan type 7): p50 of 1..100 is 50.5, p99 is 99.01."""
-    if not sorted_values:
-        return math.nan
-    position = (len(sorted_values) - 1) * q
-    low = math.floor(position)
-    high = math.ceil(position)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
 @dataclass(frozen=True)
@@ -201,6 +190,9 @@ def plot_steps(steps: Sequence[StepSpan], path: str) -> None:
             label=f"{mode} ({len(chosen)})",
         )
     axes.set_xlabel(f"seconds since {local_time(t0)}")
+    durations = [s.duration_ns for s in steps if s.duration_ns > 0]
+    if durations and max(durations) > 50 * min(durations):
+        axes.set_yscale("log")  # idle steps and slow prefills differ by orders of magnitude
     axes.set_ylabel("step duration (ms)")
     axes.set_title("otel_stepspan: step durations by mode")
     axes.grid(True, alpha=0.3)

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..quantiles import percentile
+
 DEFAULT_SERVICE_NAME = "otel-stepspan-demo"
 MODES = ("idle", "prefill", "decode", "mixed")
 
@@ -293,15 +295,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of ``values``; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 def summary_table(steps: Sequence[Any]) -> str:
     """Per mode: steps, p50/p90/p99 forward duration (ms), tokens computed per second of forward."""
     header = f"{'mode':<8} {'steps':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'tokens/s':>10}"
@@ -315,7 +308,8 @@ def summary_table(steps: Sequence[Any]) -> str:
         tokens = sum(s.num_tokens for s in group)
         seconds = sum(s.duration_s for s in group)
         rate = f"{tokens / seconds:,.0f}" if tokens and seconds > 0 else "-"
-        cells = [f"{percentile(durations, q):8.2f}" if group else f"{'-':>8}" for q in (50, 90, 99)]
+        durations.sort()
+        cells = [f"{percentile(durations, q):8.2f}" if group else f"{'-':>8}" for q in (0.5, 0.9, 0.99)]
         lines.append(f"{mode:<8} {len(group):>6} {' '.join(cells)} {rate:>10}")
     return "\n".join(lines)
 
@@ -323,12 +317,12 @@ def summary_table(steps: Sequence[Any]) -> str:
 def _requests_line(result: Any) -> str:
     reqs = result.requests
     outputs = sum(r.output_len for r in reqs)
-    ttft = [r.ttft_s * 1e3 for r in reqs]
+    ttft = sorted(r.ttft_s * 1e3 for r in reqs)
     chunked = sum(1 for r in reqs if r.prefill_chunks > 1)
     return (
         f"{len(reqs)} requests in {result.wall_s:.2f} s: {outputs} output tokens "
-        f"({outputs / result.wall_s:,.0f} tok/s), TTFT p50 {percentile(ttft, 50):.1f} ms "
-        f"p90 {percentile(ttft, 90):.1f} ms, {chunked} prompts prefilled in chunks"
+        f"({outputs / result.wall_s:,.0f} tok/s), TTFT p50 {percentile(ttft, 0.5):.1f} ms "
+        f"p90 {percentile(ttft, 0.9):.1f} ms, {chunked} prompts prefilled in chunks"
     )
 
 
