@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from opentelemetry import context as _otel_context
 from opentelemetry import trace as _trace_api
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled as _instrumentation_enabled
 
 from .settings import Settings, read_settings
 from .sinks import nvtx as _nvtx
@@ -250,6 +251,8 @@ def begin(
         sink = otel_sink()
         nvtx = state.nvtx
         if sink is None and not profiling and not nvtx:
+            return None
+        if not _instrumentation_enabled():  # the standard suppress_instrumentation() context
             return None
         try:
             captured = capture(*capture_args)

@@ -87,3 +87,14 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(memory_spans, monkeyp
     assert len(spans) + counters["dropped"] == 100
     assert any("dropped" in record.getMessage() for record in caplog.records)
     assert trace.get_tracer_provider() is memory_spans.provider
+
+
+def test_suppress_instrumentation_silences_step_spans(memory_spans):
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    with suppress_instrumentation():
+        with step_span(StepInfo("decode", 1)):
+            pass
+    with step_span(StepInfo("decode", 2)):
+        pass
+    assert [s.name for s in memory_spans.spans()] == ["step[decode bs=2]"]

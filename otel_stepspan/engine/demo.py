@@ -394,6 +394,13 @@ def run(args: argparse.Namespace) -> int:
         model_seed=args.seed,
     )
     specs = make_workload(workload)
+    # One small untraced run first: torch's first calls of each kernel are slow, and would
+    # otherwise show as a first prefill a hundred times too long.
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    warm_up = WorkloadConfig(requests=2, rate=math.inf, prompt_len=8, output_len=2, length_dist="fixed", seed=args.seed)
+    with suppress_instrumentation():
+        Engine(config).run(make_workload(warm_up))
     tracing = _Tracing(spans_path)
     for problem in tracing.problems:
         print(f"warning: {problem}", file=sys.stderr)
