@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from opentelemetry import context as _otel_context
 from opentelemetry import trace as _trace_api
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
+from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as _SUPPRESS_KEY_PLAIN
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled as _instrumentation_enabled
 
 from .settings import Settings, read_settings
@@ -211,13 +213,22 @@ def flush(timeout_s: float = 10.0) -> bool:
 
 
 def stats() -> dict[str, int]:
-    """Counters of the OTel sinks of this process: spans emitted, dropped, failed."""
+    """Counters of this process's step spans: ``emitted`` (spans created), ``dropped`` (steps not
+    traced because the step queue was full), ``failed`` (spans the sink could not create),
+    ``pending`` (steps queued now); and, for a provider this package built from the environment,
+    ``exported``, ``export_failed`` and ``export_queue_full`` (spans the exporter sent, could not
+    send, or the batch processor had no room for)."""
+    from .sinks.otel_provider import health
+
     sinks = list(_state.sinks_by_provider.values())
     return {
         "emitted": sum(s.emitted_total for s in sinks),
         "dropped": sum(s.dropped_total for s in sinks),
         "failed": sum(s.failed_total for s in sinks),
         "pending": sum(len(s._queue) for s in sinks),
+        "exported": health.exported,
+        "export_failed": health.export_failed,
+        "export_queue_full": health.queue_full,
     }
 
 
@@ -316,6 +327,7 @@ def wrap_method(
     capture: Capture,
     finish: Finish,
     attributes_of: Callable[[Any], Mapping[str, AttributeValue]],
+    label_of: Optional[Callable[[Any], str]] = None,
 ) -> Callable[..., Any]:
     """Wrap ``method(self, batch, *args, **kwargs)`` with a step span.
 
@@ -327,6 +339,14 @@ def wrap_method(
     """
 
     batch_name = _second_parameter(method)
+    engine_attributes_of = attributes_of
+
+    def attributes_of(self: Any) -> Mapping[str, AttributeValue]:
+        try:
+            return engine_attributes_of(self)
+        except Exception:
+            warn_once("attributes", "otel_stepspan: could not read the runner's engine attributes")
+            return _NO_ATTRIBUTES
 
     def traced(self: Any, batch: Any = _MISSING, *args: Any, **kwargs: Any) -> Any:
         if not _profiler.profiler_enabled() and _trace_api._TRACER_PROVIDER is None and not _state.wanted:
@@ -339,14 +359,131 @@ def wrap_method(
             return run_traced(
                 method, (self, *args), kwargs, capture, finish, attributes_of(self), (self, kwargs.get(batch_name))
             )
+        return on(self, batch, args, kwargs)
+
+    def on(self: Any, batch: Any, args: tuple, kwargs: dict) -> Any:
+        """The forward with a sink on (both wrappers end up here)."""
+        state = _state
+        sink = state.sink if state.decided_for is _trace_api._TRACER_PROVIDER else otel_sink()
+        profiling = _profiler.profiler_enabled()
+        if sink is not None and not profiling and state.gpu_timer is None and not state.nvtx:
+            # OpenTelemetry alone: capture, call, queue. No label, no StepInfo on this thread.
+            try:
+                parent = _get_current()
+                # is_instrumentation_enabled() reads the context twice more (0.3 us): one read here.
+                if parent.get(_SUPPRESS_KEY) or parent.get(_SUPPRESS_KEY_PLAIN):
+                    return method(self, batch, *args, **kwargs)
+                captured = capture(self, batch)
+            except Exception:  # a batch that cannot be read: the general path labels it unknown
+                return run_traced(
+                    method, (self, batch, *args), kwargs, capture, finish, attributes_of(self), (self, batch)
+                )
+            static = attributes_of(self)
+            start_ns = _time_ns()
+            try:
+                result = method(self, batch, *args, **kwargs)
+            except BaseException as exc:
+                sink.submit(finish, captured, static, parent, start_ns, _time_ns(), exc)
+                raise
+            sink.submit(finish, captured, static, parent, start_ns, _time_ns(), None)
+            return result
+        if sink is None and profiling and not state.nvtx:
+            # The profiler alone: the label now, one record_function range around the call.
+            try:
+                suppressed = _get_current()
+                if suppressed.get(_SUPPRESS_KEY) or suppressed.get(_SUPPRESS_KEY_PLAIN):
+                    return method(self, batch, *args, **kwargs)
+                captured = capture(self, batch)
+                if type(captured) is StepInfo:
+                    label = captured.label
+                elif label_of is not None:
+                    label = label_of(captured)
+                else:
+                    label = finish(captured).label
+                scope = _profiler.enter_range(label)
+            except Exception:
+                return run_traced(
+                    method, (self, batch, *args), kwargs, capture, finish, attributes_of(self), (self, batch)
+                )
+            try:
+                return method(self, batch, *args, **kwargs)
+            finally:
+                scope.__exit__(None, None, None)
         return run_traced(
             method, (self, batch, *args), kwargs, capture, finish, attributes_of(self), (self, batch)
         )
 
+    traced = _same_signature(method, traced, on) or traced
     return functools.update_wrapper(traced, method, updated=())
 
 
 _MISSING: Any = object()
+_NO_ATTRIBUTES: Mapping[str, AttributeValue] = {}
+
+
+def _same_signature(
+    method: Callable[..., Any], generic: Callable[..., Any], on: Callable[..., Any]
+) -> Optional[Callable[..., Any]]:
+    """A wrapper declared with ``method``'s own parameters, or None where that cannot be done.
+
+    sglang calls ``forward(forward_batch, pp_proxy_tensors=...)``: with keywords, a
+    ``(self, batch, *args, **kwargs)`` wrapper packs and unpacks a dict and a tuple on every step
+    (about 0.3 us, more than the whole off-path budget). Declared with the method's own
+    parameters, the off path is one positional call whatever the call shape; the traced path
+    goes on through ``on`` (or ``generic`` when the batch was not passed).
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(method, follow_wrapped=False).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    allowed = {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
+    if len(params) < 2 or any(p.kind not in allowed for p in params) or params[1].kind not in allowed - {
+        inspect.Parameter.KEYWORD_ONLY
+    }:
+        return None
+    if any(not p.name.isidentifier() or p.name.startswith("_ss_") for p in params):
+        return None
+    declared: list[str] = []
+    positional: list[str] = []
+    keywords: list[str] = []
+    defaults: list[Any] = []
+    for index, p in enumerate(params):
+        if p.default is not p.empty:
+            default = f"=_ss_d{len(defaults)}"
+            defaults.append(p.default)
+        else:
+            default = "=_ss_missing" if index == 1 else ""  # the batch may come as a keyword
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            if "*" not in declared:
+                declared.append("*")
+            keywords.append(f"{p.name}={p.name}")
+        else:
+            positional.append(p.name)
+        declared.append(p.name + default)
+    self_name, batch_name = positional[0], positional[1]
+    call = ", ".join(positional + keywords)
+    without_batch = ", ".join([self_name] + [f"{n}={n}" for n in positional[2:]] + keywords)
+    d_args = "".join(f", _ss_d{i}" for i in range(len(defaults)))
+    rest = "".join(f"{n}, " for n in positional[2:])
+    kw_dict = ", ".join(f"{k.split('=')[0]!r}: {k.split('=')[0]}" for k in keywords)
+    src = (
+        f"def _ss_make(_ss_method, _ss_generic, _ss_on, _ss_missing{d_args}):\n"
+        f"    def traced({', '.join(declared)}):\n"
+        f"        if {batch_name} is _ss_missing:\n"
+        f"            return _ss_generic({without_batch})\n"
+        f"        if not _profiler.profiler_enabled() and _trace_api._TRACER_PROVIDER is None and not _state.wanted:\n"
+        f"            return _ss_method({call})\n"
+        f"        return _ss_on({self_name}, {batch_name}, ({rest}), {{{kw_dict}}})\n"
+        f"    return traced\n"
+    )
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(src, "<otel_stepspan wrapper>", "exec"), globals(), namespace)
+        return namespace["_ss_make"](method, generic, on, _MISSING, *defaults)
+    except Exception:
+        return None
 
 
 def _second_parameter(method: Callable[..., Any]) -> str:

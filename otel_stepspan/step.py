@@ -112,6 +112,33 @@ class StepInfo:
         return attrs
 
 
+_object_new = object.__new__
+
+
+def make_step(
+    mode: str,
+    batch_size: Optional[int],
+    extend_tokens: Optional[int],
+    decode_seqs: Optional[int],
+    prefill_seqs: Optional[int],
+    num_tokens: Optional[int],
+    pass_id: Optional[int],
+) -> StepInfo:
+    """``StepInfo(...)`` for the adapters' hot path: the frozen dataclass's ``__init__`` sets each
+    field through ``object.__setattr__`` (about 0.8 us); filling ``__dict__`` at once costs half."""
+    info = _object_new(StepInfo)
+    info.__dict__.update(
+        mode=mode,
+        batch_size=batch_size,
+        extend_tokens=extend_tokens,
+        decode_seqs=decode_seqs,
+        prefill_seqs=prefill_seqs,
+        num_tokens=num_tokens,
+        pass_id=pass_id,
+    )
+    return info
+
+
 def unknown_step(pass_id: Optional[int] = None) -> StepInfo:
     """What a step is called when the batch could not be read at all."""
     return StepInfo(

@@ -19,13 +19,14 @@ mirrors and the spec-decoding config are read.
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 import weakref
 from typing import Any, Collection, NamedTuple, Optional
 
 from .. import runtime
-from ..step import AttributeValue, StepInfo, engine_attributes
+from ..step import AttributeValue, StepInfo, engine_attributes, make_step
 from ._instrumentor import BaseInstrumentor, is_patched, patch_when_imported, unpatch
 from ._read import as_count, cpu_int_list
 
@@ -73,7 +74,22 @@ def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional
     )
 
 
+_mode_by_member: dict[int, tuple[Any, str]] = {}
+
+
 def mode_name(forward_mode: Any) -> str:
+    """``_mode_name`` remembered per enum member (members live as long as their class): reading
+    ``Enum.name`` is a Python-level property call, on every step otherwise."""
+    hit = _mode_by_member.get(id(forward_mode))
+    if hit is not None and hit[0] is forward_mode:
+        return hit[1]
+    mode = _mode_name(forward_mode)
+    if isinstance(forward_mode, enum.Enum) and len(_mode_by_member) < 1024:
+        _mode_by_member[id(forward_mode)] = (forward_mode, mode)
+    return mode
+
+
+def _mode_name(forward_mode: Any) -> str:
     """The contract's mode for sglang's ``ForwardMode``, by the member's *name*.
 
     Never ``is_extend()``: sglang answers True there for MIXED, TARGET_VERIFY and DRAFT_EXTEND too.
@@ -110,9 +126,9 @@ def finish(captured: Captured) -> StepInfo:
     pass_id = captured.pass_id
     if mode == "idle":
         # Under DP attention an idle rank runs a padded dummy batch: nothing real is computed.
-        return StepInfo("idle", 0, 0, 0, 0, 0, pass_id)
+        return make_step("idle", 0, 0, 0, 0, 0, pass_id)
     if mode == "decode":
-        return StepInfo("decode", bs, 0, bs, 0, bs, pass_id)
+        return make_step("decode", bs, 0, bs, 0, bs, pass_id)
     lens = cpu_int_list(captured.extend_seq_lens_cpu)
     total = as_count(captured.extend_num_tokens)
     if total is None and lens is not None:
@@ -121,18 +137,18 @@ def finish(captured: Captured) -> StepInfo:
         # sglang appends each running decode to the extend batch as a length-1 extend, so the
         # decodes are the length-1 entries and the prefill part is the rest.
         if lens is None:
-            return StepInfo("mixed", bs, None, None, None, total, pass_id)
+            return make_step("mixed", bs, None, None, None, total, pass_id)
         decodes = sum(1 for n in lens if n == 1)
         all_tokens = sum(lens)
-        return StepInfo("mixed", bs, all_tokens - decodes, decodes, len(lens) - decodes, all_tokens, pass_id)
+        return make_step("mixed", bs, all_tokens - decodes, decodes, len(lens) - decodes, all_tokens, pass_id)
     if mode == "verify":
         per_seq = _tokens_per_request(captured.spec_info)
         toks = bs * per_seq if bs is not None and per_seq is not None else None
-        return StepInfo("verify", bs, 0, bs, 0, toks, pass_id)
+        return make_step("verify", bs, 0, bs, 0, toks, pass_id)
     if mode == "prefill":
-        return StepInfo("prefill", bs, total, 0, bs, total, pass_id)
+        return make_step("prefill", bs, total, 0, bs, total, pass_id)
     # draft, draft_extend and engine modes of their own: report what the batch says.
-    return StepInfo(mode, bs, total if lens is not None else 0, 0, 0, total, pass_id)
+    return make_step(mode, bs, total if lens is not None else 0, 0, 0, total, pass_id)
 
 
 def describe(
@@ -202,8 +218,12 @@ def _runner_facts(runner: Any, engine_name: str = "sglang") -> _RunnerFacts:
             tp = tp if tp is not None else fallback[0]
             dp = dp if dp is not None else fallback[1]
             pp = pp if pp is not None else fallback[2]
+        try:
+            ref: Any = weakref.ref(runner)
+        except TypeError:  # a runner without __weakref__: remember nothing, read it each step
+            ref = lambda: None  # noqa: E731
         facts = _RunnerFacts(
-            weakref.ref(runner),
+            ref,
             getattr(runner, "is_draft_worker", False) is True,
             engine_attributes(engine_name, tp, dp, pp),
         )
@@ -211,11 +231,53 @@ def _runner_facts(runner: Any, engine_name: str = "sglang") -> _RunnerFacts:
     return facts
 
 
-def _capture_forward(runner: Any, forward_batch: Any) -> Captured:
-    counter = getattr(runner, "forward_pass_id", None)
-    # sglang increments forward_pass_id first thing in forward(): this step's id is the next one.
-    pass_id = counter + 1 if isinstance(counter, int) and not isinstance(counter, bool) else None
-    return capture(forward_batch, _runner_facts(runner).is_draft_worker, pass_id)
+_tuple_new = tuple.__new__
+
+
+def _capture_for(engine_name: str) -> Any:
+    """The engine-thread capture of ``ModelRunner.forward`` for runners named ``engine_name``."""
+
+    def capture_forward(runner: Any, forward_batch: Any) -> Captured:
+        counter = getattr(runner, "forward_pass_id", None)
+        facts = _facts_by_runner.get(id(runner))
+        if facts is None or facts.runner() is not runner:
+            facts = _runner_facts(runner, engine_name)
+        # One tuple, no Python-level constructor: this runs on the engine thread every step.
+        # sglang increments forward_pass_id first thing in forward(): this step's id is the next.
+        return _tuple_new(
+            Captured,
+            (
+                getattr(forward_batch, "forward_mode", None),
+                getattr(forward_batch, "batch_size", None),
+                getattr(forward_batch, "extend_seq_lens_cpu", None),
+                getattr(forward_batch, "extend_num_tokens", None),
+                getattr(forward_batch, "spec_info", None),
+                facts.is_draft_worker,
+                counter + 1 if type(counter) is int else None,
+            ),
+        )
+
+    return capture_forward
+
+
+_labels: dict[tuple, str] = {}
+
+
+def label_of(captured: Captured) -> str:
+    """The label alone, for the profiler's range on the engine thread. Steps with no
+    per-sequence list (decode, idle, most verify steps) repeat a handful of shapes: their label
+    is remembered by (mode member, batch size, draft), at most 4096 of them."""
+    forward_mode, bs, lens, _, spec_info, is_draft, _ = captured
+    if lens is None and spec_info is None and type(bs) is int and isinstance(forward_mode, enum.Enum):
+        key = (id(forward_mode), bs, is_draft)
+        label = _labels.get(key)
+        if label is None:
+            label = finish(captured).label
+            if len(_labels) >= 4096:
+                _labels.clear()
+            _labels[key] = label
+        return label
+    return finish(captured).label
 
 
 def traced_forward(forward: Any, *, engine_name: str = "sglang") -> Any:
@@ -225,7 +287,7 @@ def traced_forward(forward: Any, *, engine_name: str = "sglang") -> Any:
     def runner_attributes(runner: Any) -> dict[str, AttributeValue]:
         return _runner_facts(runner, engine_name).attributes
 
-    return runtime.wrap_method(forward, _capture_forward, finish, runner_attributes)
+    return runtime.wrap_method(forward, _capture_for(engine_name), finish, runner_attributes, label_of)
 
 
 class SGLangInstrumentor(BaseInstrumentor):

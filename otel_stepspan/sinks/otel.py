@@ -46,6 +46,25 @@ def _exception_event(exc: BaseException) -> dict[str, str]:
     }
 
 
+# Waiting for room in a batch processor's queue: 2 ms at a time, at most 1 s per span (a
+# processor whose worker is stuck must not hold the step queue for ever).
+_ROOM_SLEEP_S = 0.002
+_ROOM_WAITS = 500
+
+
+def _export_queues(provider: Any) -> list:
+    """(processor, queue, limit) for each SDK BatchSpanProcessor of ``provider``. The SDK has no
+    public way to ask a processor for room, so its bounded deque is read; absent, nothing is."""
+    found = []
+    active = getattr(provider, "_active_span_processor", None)
+    for processor in getattr(active, "_span_processors", ()):
+        batch = getattr(processor, "_batch_processor", None)
+        queue = getattr(batch, "_queue", None)
+        if isinstance(queue, deque) and queue.maxlen and isinstance(getattr(batch, "_shutdown", None), bool):
+            found.append((batch, queue, queue.maxlen - 1))
+    return found
+
+
 class DeferredSpanSink:
     """Turns step records into spans on a background thread."""
 
@@ -90,14 +109,22 @@ class DeferredSpanSink:
         extra: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Queue one finished step. O(1), never blocks, never raises."""
-        if not self._started:
-            self._start()
         queue = self._queue
         if len(queue) >= self.max_pending:
             self.dropped_total += 1
             return
-        event = _exception_event(error) if error is not None else None
+        event = None
+        if error is not None:
+            try:
+                event = _exception_event(error)
+            except Exception:  # an exception whose str() or traceback fails
+                event = {"exception.type": type(error).__qualname__, "exception.message": "?"}
         queue.append((finish, captured, static_attributes, parent, start_ns, end_ns, event, extra))
+        if not self._started:
+            try:
+                self._start()
+            except Exception:  # no thread can be started (interpreter shutting down)
+                self.failed_total += 1
 
     # -- background thread ---------------------------------------------------------------------
 
@@ -131,10 +158,19 @@ class DeferredSpanSink:
 
     def _drain(self) -> None:
         queue = self._queue
+        export_queues = _export_queues(self.provider)
         with self._idle:
             self._busy = True
         try:
             while queue:
+                # Never outrun a batch processor: a span made while its queue is full is dropped
+                # there, unseen by stats(). Waiting keeps the step in our deeper queue, where a
+                # drop is counted, and spends no CPU on a span nobody will export.
+                for batch, export_queue, limit in export_queues:
+                    waits = 0
+                    while len(export_queue) >= limit and not batch._shutdown and waits < _ROOM_WAITS:
+                        time.sleep(_ROOM_SLEEP_S)
+                        waits += 1
                 try:
                     item = queue.popleft()
                 except IndexError:
@@ -158,7 +194,7 @@ class DeferredSpanSink:
                 attributes.update(extra)
             # Right in forked workers too, where a resource built before the fork is not.
             attributes["process.pid"] = self._pid
-            name = info.label if self.name_by == "label" else info.mode_label
+            name = attributes["forward.label"] if self.name_by == "label" else info.mode_label
             span = self.tracer.start_span(
                 name,
                 context=parent,
