@@ -1,0 +1,129 @@
+"""Run the three benchmarks and write their tables to ``docs/performance.md``.
+
+Usage::
+
+    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~4 min)
+    .venv/bin/python benchmarks/write_performance_md.py --quick    # short runs, to try it out
+
+Each benchmark's output is kept verbatim (its tables and goal verdicts); this only arranges it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DOC = os.path.join(os.path.dirname(HERE), "docs", "performance.md")
+
+
+def run(script: str, quick: bool) -> str:
+    args = [sys.executable, os.path.join(HERE, script)] + (["--quick"] if quick else [])
+    print("running", " ".join(args[1:]), flush=True)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    return proc.stdout
+
+
+def between(text: str, start: str, end: str | None = None) -> str:
+    a = text.index(start)
+    b = text.index(end, a) if end else len(text)
+    return text[a:b]
+
+
+def body(text: str) -> str:
+    """The text without its ``###`` headings and the final PASS/FAIL summary line."""
+    keep = [
+        line
+        for line in text.splitlines()
+        if not line.startswith("### ") and not line.startswith(("all goals PASS", "some goals FAIL"))
+    ]
+    return "\n".join(keep).strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    overhead = run("bench_overhead.py", args.quick)
+    throughput = run("bench_throughput.py", args.quick)
+    memory = run("bench_memory.py", args.quick)
+    machine = overhead.splitlines()[0].split(":", 1)[1].split("; otel_stepspan")[0].strip()
+    flag = " --quick" if args.quick else ""
+    out = f"""# Performance
+
+What a traced forward step costs, measured side by side with the baselines it replaces. One run
+of each benchmark ({machine}), printed as is; reproduce with:
+
+```bash
+.venv/bin/python benchmarks/bench_overhead.py{flag}      # ~1 min
+.venv/bin/python benchmarks/bench_throughput.py{flag}    # ~2 min
+.venv/bin/python benchmarks/bench_memory.py{flag}        # ~1 min
+```
+
+(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all three and rewrites
+this page.) A goal is judged on the median, over 30-60 interleaved rounds, of the ratio between
+batches of the two variants run back to back; the tables give the median, minimum and
+10th-90th percentile of the per-batch means. Engine-thread costs are on the thread's CPU clock.
+How and why: [`benchmarks/README.md`](../benchmarks/README.md).
+
+## Per step: off, OpenTelemetry on, profiler on
+
+`bench_overhead.py`. The stand-in `ModelRunner.forward` returns at once, so each number is the
+cost of the step span alone. *pr_pattern*: `record_function(label) if _profiler_enabled() else
+nullcontext()` inline, the label formatted only when profiling; *sglang_0523*: sglang 0.5.23's
+`profile_range(build_step_span_name(batch))`, which formats the label every step;
+*instrumentor*: what `SGLangInstrumentor` installs; *decorator*: `@traced_forward(describe)`;
+*step_span*: `with step_span(describe, batch)`; *sdk_span*: `with
+tracer.start_as_current_span(label, attributes={{...}})`, label and attributes formatted inline,
+through an SDK provider whose BatchSpanProcessor exports into an exporter that drops;
+*record_function*: `with record_function(label)`, label formatted inline.
+
+### Nothing on (no profiler, no OpenTelemetry)
+
+{body(between(overhead, "### Off", "### OTel on, engine thread"))}
+
+### OpenTelemetry on: the engine thread
+
+{body(between(overhead, "### OTel on, engine thread", "### OTel on, whole-process"))}
+
+### OpenTelemetry on: CPU per exported span, all threads
+
+{body(between(overhead, "### OTel on, whole-process", "### Torch profiler"))}
+
+### Torch profiler on
+
+{body(between(overhead, "### Torch profiler", "### Goals"))}
+
+### Goals
+
+{body(between(overhead, "### Goals"))}
+
+## Sustained rate into a real OTLP gRPC receiver
+
+`bench_throughput.py`: an engine process configured only by `OTEL_EXPORTER_OTLP_ENDPOINT` paces
+sglang-shaped steps through the instrumentor at 10,000/s into the project's `OtlpReceiver`
+running in a process of its own; *slow* holds every export 0.25 s; the untraced control shows
+the pacing jitter of the machine itself. *Behind* is how far the steps fell behind their
+schedule; *lost, uncounted* = steps - received - losses reported by `otel_stepspan.stats()`.
+
+{body(between(throughput, "| scenario"))}
+
+## Memory over a million steps
+
+`bench_memory.py`: OpenTelemetry on, every step exported into an exporter that drops it; RSS
+after `otel_stepspan.flush()` at each mark (0 = after a 10,000-step warm-up). Then steps with no
+waiting at all: the step queue stays at its bound and every drop is counted.
+
+{body(between(memory, "### RSS").replace("### Overload", "**Overload**"))}
+"""
+    out = out.replace("**Overload**", "\n**Overload**")
+    with open(DOC, "w") as f:
+        f.write(out)
+    print("wrote", DOC)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
