@@ -161,47 +161,7 @@ def chunked_prefill_with_decodes() -> SchedulerOutput:
 
 # -- GPU tensors that must never be read ---------------------------------------------------------
 
-GPU_READS: list[str] = []
-
-
-class GpuTensor:
-    """Lives on the GPU: reading a value would synchronise the device."""
-
-    def __init__(self, *shape: int) -> None:
-        self.shape = torch.Size(shape)
-        self.device = torch.device("cuda", 0)
-
-    def _touched(self, what: str) -> Any:
-        GPU_READS.append(what)
-        raise AssertionError(f"GPU value read through {what}")
-
-    def __int__(self):
-        return self._touched("int()")
-
-    def __index__(self):
-        return self._touched("__index__")
-
-    def __float__(self):
-        return self._touched("float()")
-
-    def item(self):
-        return self._touched("item()")
-
-    def tolist(self):
-        return self._touched("tolist()")
-
-    def __iter__(self):
-        return self._touched("iteration")
-
-    def __bool__(self):
-        return self._touched("bool()")
-
-    def __len__(self):
-        return self._touched("len()")
-
-    def __getitem__(self, index):
-        return self._touched("indexing")
-
+from gpu_fakes import GPU_READS, GpuTensor  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def no_gpu_reads():
