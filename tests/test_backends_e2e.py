@@ -190,9 +190,18 @@ def test_compose_file_follows_the_compose_specification():
 
 
 def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, engine_run):
+    # the local spans file of the same run holds every step the engine ran
+    local = (engine_run["out_dir"] / "spans.jsonl").read_text().splitlines()
+    expected = sum(
+        len(ss["spans"]) for line in local for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]
+    )
     spans = _wait_for_modes(stack, engine_run, {"decode", "prefill", "mixed", "idle"})
+    deadline = time.monotonic() + 60
+    while len(spans) < expected and time.monotonic() < deadline:  # the collector batches
+        time.sleep(1.0)
+        spans = _spans_of(_search_v3(stack["jaeger"], engine_run["started"])[1])
     steps = [s for s in spans if s["name"].startswith("step[")]
-    assert steps
+    assert len(steps) == expected  # every step, once
     for span in steps:
         attributes = span["attributes"]
         assert CONTRACT_KEYS <= set(attributes), CONTRACT_KEYS - set(attributes)
@@ -200,9 +209,6 @@ def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, en
         assert attributes["engine.name"] == "otel-stepspan-reference"
     decodes = [s for s in steps if s["attributes"]["forward.mode"] == "decode"]
     assert all(s["name"] == f"step[decode bs={s['attributes']['forward.batch_size']}]" for s in decodes)
-    # the local spans file of the same run holds the same steps
-    local = (engine_run["out_dir"] / "spans.jsonl").read_text().splitlines()
-    assert sum(len(ss["spans"]) for line in local for rs in json.loads(line)["resourceSpans"] for ss in rs["scopeSpans"]) == len(steps)
 
 
 def test_jaeger_reports_no_match_as_404(stack, engine_run):
