@@ -46,6 +46,8 @@ class FakeEvent:
     def elapsed_time(self, end: "FakeEvent") -> float:
         if not (self.query() and end.query()):
             raise RuntimeError("cudaErrorNotReady")
+        # The timer must never rely on a negative interval (recorded end before start).
+        assert end.at_ms >= self.at_ms, "elapsed_time asked for a negative interval"
         return end.at_ms - self.at_ms
 
     def synchronize(self) -> None:
@@ -73,7 +75,7 @@ def launch(timer: GpuStepTimer, gpu: FakeGpu, name: str, work_ms: float, stream:
     gpu.enqueue(work_ms, stream)
     cpu_start = gpu.wall_ns()
     events[1].record(stream)
-    timer._pending.append((events[0], events[1], name, cpu_start, cpu_start + 50_000))
+    timer._pending.append((events[0], events[1], events[2], name, cpu_start, cpu_start + 50_000))
     return events
 
 
@@ -90,6 +92,24 @@ def test_spans_get_the_gpu_window_not_the_launch_time():
     assert (p2, s2, e2) == ("step2", BASE_NS + 5_000_000, BASE_NS + 8_000_000)
     assert x1 == {"forward.gpu_time_ms": 5.0, "forward.cpu_time_ms": 0.05}
     assert x2["forward.gpu_time_ms"] == 3.0
+
+
+def test_steps_keep_the_calibration_current_when_they_started():
+    gpu, emitted = FakeGpu(), []
+    timer = make_timer(gpu, emitted)
+    gpu.now_ms = 40.0
+    launch(timer, gpu, "before", 2.0)  # takes the calibration made at t=0
+    timer._calibrated_at -= 3600  # due: the next poll recalibrates, at t=41
+    gpu.now_ms = 41.0
+    timer.poll()
+    assert emitted == []  # "before" is still running (with the new calibration, its start
+    gpu.now_ms = 100.0  # would be 1 ms before it: a negative interval)...
+    launch(timer, gpu, "after", 3.0)  # ...and this one takes the t=41 calibration
+    gpu.now_ms = 200.0
+    assert timer.poll() == 2
+    placed = {payload: (start, end) for payload, start, end, _ in emitted}
+    assert placed["before"] == (BASE_NS + 40_000_000, BASE_NS + 42_000_000)
+    assert placed["after"] == (BASE_NS + 100_000_000, BASE_NS + 103_000_000)
 
 
 def test_out_of_order_completion_emits_each_when_done():

@@ -6,10 +6,12 @@ time. Here the engine thread records a start and an end event on the current str
 forward (microseconds, no waiting) and hands them over; a completer thread polls the end events,
 and once one has completed, places the step on the wall clock and passes it on to the OTel sink.
 
-Placing a GPU interval on the wall clock: every so often the completer records a *calibration*
-event on a side stream of its own (idle, so it runs at once) and notes the wall-clock time; a
-step's start is then ``calibration wall time + elapsed_time(calibration, start event)``. Both
-events live on the same device clock, so launch queues and overlap do not skew it.
+Placing a GPU interval on the wall clock: a *calibration* event is recorded on a side stream of
+our own (idle, so it runs at once) and the wall-clock time noted, when the timer is made and
+again every 30 s by the completer; a step's start is then ``calibration wall time +
+elapsed_time(calibration, start event)``, with the calibration that was current when the step
+started, so the offset is never negative. Both events live on the same device clock, so launch
+queues and overlap do not skew it.
 
 Everything here talks to events through a tiny interface (``record``, ``query``,
 ``elapsed_time``, ``synchronize``), so the logic is tested on the CPU with events that follow
@@ -70,15 +72,15 @@ class GpuStepTimer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._calibration: Optional[tuple[Event, int]] = None
-        self._calibrated_at = 0.0
+        self._calibration: tuple[Event, int] = self._calibrate()
+        self._calibrated_at = time.monotonic()
         self.fallbacks = 0  # steps timed on the CPU because too many were in flight
         self.timed_out = 0  # steps whose events had not completed by a flush deadline
         self.completed = 0
 
     # -- engine thread -------------------------------------------------------------------------
 
-    def start(self) -> Optional[tuple[Event, Event]]:
+    def start(self) -> Optional[tuple[Event, Event, tuple[Event, int]]]:
         """Record the start event on the current stream, or return None (CPU timing) when the
         backlog is full. Never waits."""
         if self._started - self._cancelled - self._finished >= self.max_in_flight:
@@ -89,19 +91,19 @@ class GpuStepTimer:
         end = free.popleft() if free else self._new_event()
         start.record()
         self._started += 1
-        return start, end
+        return start, end, self._calibration
 
-    def stop(self, events: tuple[Event, Event], payload: Any, cpu_start_ns: int, cpu_end_ns: int) -> None:
+    def stop(self, events: tuple, payload: Any, cpu_start_ns: int, cpu_end_ns: int) -> None:
         """Record the end event and queue the step for completion."""
         events[1].record()
-        self._pending.append((events[0], events[1], payload, cpu_start_ns, cpu_end_ns))
+        self._pending.append((events[0], events[1], events[2], payload, cpu_start_ns, cpu_end_ns))
         if self._thread is None:
             self._start_thread()
 
-    def cancel(self, events: tuple[Event, Event]) -> None:
+    def cancel(self, events: tuple) -> None:
         """Give back events whose step will not be timed (the forward failed before its end)."""
         self._cancelled += 1
-        self._free.extend(events)
+        self._free.extend(events[:2])
 
     # -- completer thread ----------------------------------------------------------------------
 
@@ -121,15 +123,19 @@ class GpuStepTimer:
                 logger.exception("otel_stepspan: GPU step timing failed; steps keep CPU timing")
 
     def _calibrate(self) -> tuple[Event, int]:
+        """A calibration event on the idle side stream and the wall-clock time it ran at."""
+        event = self._new_event()
+        wall = self._clock()
+        event.record(self._side_stream)
+        event.synchronize()  # the side stream is idle: this waits microseconds
+        return event, wall
+
+    def _recalibrate_if_due(self) -> None:
+        # Clocks drift apart slowly; steps already started keep the calibration they took.
         now = time.monotonic()
-        if self._calibration is None or now - self._calibrated_at > _RECALIBRATE_S:
-            event = self._new_event()
-            wall = self._clock()
-            event.record(self._side_stream)
-            event.synchronize()  # the side stream is idle: this waits microseconds, off the engine
-            self._calibration = (event, wall)
+        if now - self._calibrated_at > _RECALIBRATE_S:
+            self._calibration = self._calibrate()
             self._calibrated_at = now
-        return self._calibration
 
     def poll(self) -> int:
         """Emit every pending step whose end event has completed, in any order. Returns how many."""
@@ -138,11 +144,10 @@ class GpuStepTimer:
         with self._lock:
             for _ in range(len(pending)):
                 item = pending.popleft()
-                start, end, payload, cpu_start, cpu_end = item
+                start, end, (calibration, calibration_wall), payload, cpu_start, cpu_end = item
                 if not end.query():
                     pending.append(item)
                     continue
-                calibration, calibration_wall = self._calibrate()
                 gpu_ms = start.elapsed_time(end)
                 offset_ms = calibration.elapsed_time(start)
                 start_ns = calibration_wall + int(offset_ms * 1e6)
@@ -153,6 +158,7 @@ class GpuStepTimer:
                 self.completed += 1
                 done += 1
                 self._emit(payload, start_ns, end_ns, extra)
+            self._recalibrate_if_due()
         return done
 
     def drain(self, timeout_s: float) -> bool:
@@ -167,7 +173,7 @@ class GpuStepTimer:
             late = []
             while self._pending:
                 late.append(self._pending.popleft())
-            for _start, _end, payload, cpu_start, cpu_end in late:
+            for _start, _end, _calibration, payload, cpu_start, cpu_end in late:
                 self._finished += 1
                 self.timed_out += 1
                 self._emit(payload, cpu_start, cpu_end, {"forward.cpu_time_ms": (cpu_end - cpu_start) / 1e6})
