@@ -23,7 +23,6 @@ from opentelemetry import context as _otel_context
 from opentelemetry import trace as _trace_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as _SUPPRESS_KEY_PLAIN
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled as _instrumentation_enabled
 
 from .settings import Settings, read_settings
 from .sinks import nvtx as _nvtx
@@ -83,6 +82,12 @@ def warn_once(key: str, message: str, *args: object) -> None:
 def sinks_off() -> bool:
     """True when neither sink can be on: the single test the wrappers make before the forward."""
     return not _profiler.profiler_enabled() and _trace_api._TRACER_PROVIDER is None and not _state.wanted
+
+
+def _suppressed(context: Any) -> bool:
+    """True inside OpenTelemetry's standard ``suppress_instrumentation()`` (either of its keys),
+    read from a context the caller already holds: one context read per step, not three."""
+    return bool(context.get(_SUPPRESS_KEY) or context.get(_SUPPRESS_KEY_PLAIN))
 
 
 def otel_sink() -> Optional[DeferredSpanSink]:
@@ -263,7 +268,8 @@ def begin(
         nvtx = state.nvtx
         if sink is None and not profiling and not nvtx:
             return None
-        if not _instrumentation_enabled():  # the standard suppress_instrumentation() context
+        context = _get_current()
+        if _suppressed(context):
             return None
         try:
             captured = capture(*capture_args)
@@ -278,7 +284,7 @@ def begin(
                 scope = _profiler.enter_range(captured.label)
             if nvtx:
                 _nvtx.push(captured.label)
-        parent = _get_current() if sink is not None else None
+        parent = context if sink is not None else None
         gpu = state.gpu_timer.start() if sink is not None and state.gpu_timer is not None else None
         opened = _Open(sink, scope, nvtx, captured, parent, finish, static_attributes, gpu)
         opened.start_ns = _time_ns()
@@ -370,8 +376,7 @@ def wrap_method(
             # OpenTelemetry alone: capture, call, queue. No label, no StepInfo on this thread.
             try:
                 parent = _get_current()
-                # is_instrumentation_enabled() reads the context twice more (0.3 us): one read here.
-                if parent.get(_SUPPRESS_KEY) or parent.get(_SUPPRESS_KEY_PLAIN):
+                if _suppressed(parent):
                     return method(self, batch, *args, **kwargs)
                 captured = capture(self, batch)
             except Exception:  # a batch that cannot be read: the general path labels it unknown
@@ -390,8 +395,7 @@ def wrap_method(
         if sink is None and profiling and not state.nvtx:
             # The profiler alone: the label now, one record_function range around the call.
             try:
-                suppressed = _get_current()
-                if suppressed.get(_SUPPRESS_KEY) or suppressed.get(_SUPPRESS_KEY_PLAIN):
+                if _suppressed(_get_current()):
                     return method(self, batch, *args, **kwargs)
                 captured = capture(self, batch)
                 if type(captured) is StepInfo:

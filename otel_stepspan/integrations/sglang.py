@@ -61,16 +61,23 @@ class Captured(NamedTuple):
     pass_id: Optional[int]
 
 
+_tuple_new = tuple.__new__
+
+
 def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional[int] = None) -> Captured:
-    """The engine-thread half of describing a batch: attribute reads, nothing computed."""
-    return Captured(
-        getattr(forward_batch, "forward_mode", None),
-        getattr(forward_batch, "batch_size", None),
-        getattr(forward_batch, "extend_seq_lens_cpu", None),
-        getattr(forward_batch, "extend_num_tokens", None),
-        getattr(forward_batch, "spec_info", None),
-        is_draft_worker,
-        pass_id,
+    """The engine-thread half of describing a batch: attribute reads, nothing computed. One
+    tuple made directly, without the NamedTuple's Python-level constructor: this runs every step."""
+    return _tuple_new(
+        Captured,
+        (
+            getattr(forward_batch, "forward_mode", None),
+            getattr(forward_batch, "batch_size", None),
+            getattr(forward_batch, "extend_seq_lens_cpu", None),
+            getattr(forward_batch, "extend_num_tokens", None),
+            getattr(forward_batch, "spec_info", None),
+            is_draft_worker,
+            pass_id,
+        ),
     )
 
 
@@ -231,9 +238,6 @@ def _runner_facts(runner: Any, engine_name: str = "sglang") -> _RunnerFacts:
     return facts
 
 
-_tuple_new = tuple.__new__
-
-
 def _capture_for(engine_name: str) -> Any:
     """The engine-thread capture of ``ModelRunner.forward`` for runners named ``engine_name``."""
 
@@ -242,20 +246,8 @@ def _capture_for(engine_name: str) -> Any:
         facts = _facts_by_runner.get(id(runner))
         if facts is None or facts.runner() is not runner:
             facts = _runner_facts(runner, engine_name)
-        # One tuple, no Python-level constructor: this runs on the engine thread every step.
         # sglang increments forward_pass_id first thing in forward(): this step's id is the next.
-        return _tuple_new(
-            Captured,
-            (
-                getattr(forward_batch, "forward_mode", None),
-                getattr(forward_batch, "batch_size", None),
-                getattr(forward_batch, "extend_seq_lens_cpu", None),
-                getattr(forward_batch, "extend_num_tokens", None),
-                getattr(forward_batch, "spec_info", None),
-                facts.is_draft_worker,
-                counter + 1 if type(counter) is int else None,
-            ),
-        )
+        return capture(forward_batch, facts.is_draft_worker, counter + 1 if type(counter) is int else None)
 
     return capture_forward
 

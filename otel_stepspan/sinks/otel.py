@@ -89,7 +89,7 @@ class DeferredSpanSink:
         self._busy = False
         self._started = False
         self._dropped_reported = 0
-        self._queue_full_reported, self._failed_reported = export_health.snapshot()[2], export_health.snapshot()[1]
+        _, self._failed_reported, self._queue_full_reported = export_health.snapshot()
         self._last_report = time.monotonic()
         self._start_lock = threading.Lock()
         if hasattr(os, "register_at_fork"):

@@ -21,7 +21,6 @@ from ..settings import exporters_requested
 logger = logging.getLogger("otel_stepspan")
 
 _lock = threading.Lock()
-_owned_provider: Optional[object] = None
 
 
 class ExportConfigError(ValueError):
@@ -164,7 +163,6 @@ def build_provider(environ: Optional[Mapping[str, str]] = None):
 
 def resolve_provider(export_requested: bool) -> Optional[trace.TracerProvider]:
     """The provider to use now, building and installing one if the environment asks for it."""
-    global _owned_provider
     provider = current_provider()
     if provider is not None or not export_requested:
         return provider
@@ -177,11 +175,5 @@ def resolve_provider(export_requested: bool) -> Optional[trace.TracerProvider]:
                 logger.error("otel_stepspan: OpenTelemetry export is off: %s", exc)
                 return None
             trace.set_tracer_provider(built)
-            _owned_provider = built
             provider = current_provider()
     return provider
-
-
-def owned_provider() -> Optional[object]:
-    """The provider this package built, if it built one (tests and shutdown use it)."""
-    return _owned_provider
