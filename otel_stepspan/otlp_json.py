@@ -288,6 +288,22 @@ def _documents_in(obj: Any) -> Iterator[Mapping[str, Any]]:
         yield from _documents_in(obj["data"])
 
 
+def _json_lines(lines: Any) -> Iterator[Mapping[str, Any]]:
+    """The documents of JSON lines (the file exporter's output, or a streamed Jaeger response),
+    from any iterable of str or bytes lines; blank lines are skipped."""
+    for number, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            parsed = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number} is not JSON: {exc}") from None
+        yield from _documents_in(parsed)
+
+
 def _parse_text(text: str) -> Iterator[Mapping[str, Any]]:
     text = text.strip()
     if not text:
@@ -295,16 +311,7 @@ def _parse_text(text: str) -> Iterator[Mapping[str, Any]]:
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError:
-        # JSON lines (the file exporter's output, or a streamed Jaeger response).
-        for number, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                parsed_line = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number} is not JSON: {exc}") from None
-            yield from _documents_in(parsed_line)
+        yield from _json_lines(text.splitlines())
         return
     yield from _documents_in(parsed)
 
@@ -325,17 +332,7 @@ def iter_otlp_documents(source: Any) -> Iterator[Mapping[str, Any]]:
         with open(source, encoding="utf-8") as handle:
             yield from iter_otlp_documents(handle)
     elif isinstance(source, io.IOBase) or hasattr(source, "readline"):
-        for number, line in enumerate(source, 1):
-            if isinstance(line, bytes):
-                line = line.decode("utf-8")
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                parsed = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number} is not JSON: {exc}") from None
-            yield from _documents_in(parsed)
+        yield from _json_lines(source)
     else:
         for item in source:
             yield from iter_otlp_documents(item)

@@ -268,19 +268,30 @@ class _DemoMissing(Exception):
     pass
 
 
-def _search(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace, command: str) -> "list | int":
+    """The steps that match the flags, or the exit status when there are none to show: 2 (with
+    the reason) for a source that cannot be read, 0 (saying so) for no match."""
     from ._filters import filter_from_args
     from ._sources import SourceError, load_steps
-    from .report import NO_MATCH, print_steps
+    from .report import NO_MATCH
 
     try:
         steps = load_steps(args, filter_from_args(args), search_depth=args.search_depth)
     except SourceError as exc:
-        print(f"otel-stepspan search: {exc}", file=sys.stderr)
+        print(f"otel-stepspan {command}: {exc}", file=sys.stderr)
         return 2
     if not steps:
         print(NO_MATCH, file=sys.stderr)
         return 0
+    return steps
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .report import print_steps
+
+    steps = _load(args, "search")
+    if isinstance(steps, int):
+        return steps
     if args.limit and args.limit > 0:
         steps = steps[-args.limit :]
     print_steps(steps, sys.stdout, as_json=args.json)
@@ -288,18 +299,11 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ._filters import filter_from_args
-    from ._sources import SourceError, load_steps
-    from .report import NO_MATCH, mode_stats, plot_steps, print_stats
+    from .report import mode_stats, plot_steps, print_stats
 
-    try:
-        steps = load_steps(args, filter_from_args(args), search_depth=args.search_depth)
-    except SourceError as exc:
-        print(f"otel-stepspan stats: {exc}", file=sys.stderr)
-        return 2
-    if not steps:
-        print(NO_MATCH, file=sys.stderr)
-        return 0
+    steps = _load(args, "stats")
+    if isinstance(steps, int):
+        return steps
     print_stats(mode_stats(steps), sys.stdout, as_json=args.json)
     if args.plot:
         try:

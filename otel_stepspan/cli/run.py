@@ -125,13 +125,18 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     try:
         os.execvpe(command[0], command, env)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError) as exc:
+        return _cannot_start(command, exc)
+    return 0  # pragma: no cover - exec does not return
+
+
+def _cannot_start(command: Sequence[str], exc: OSError) -> int:
+    """Say why the command could not start; the shell's status for it (127 missing, 126 denied)."""
+    if isinstance(exc, FileNotFoundError):
         print(f"otel-stepspan run: command not found: {command[0]}", file=sys.stderr)
         return 127
-    except PermissionError:
-        print(f"otel-stepspan run: permission denied: {command[0]}", file=sys.stderr)
-        return 126
-    return 0  # pragma: no cover - exec does not return
+    print(f"otel-stepspan run: permission denied: {command[0]}", file=sys.stderr)
+    return 126
 
 
 def spawn_and_wait(command: Sequence[str], env: MutableMapping[str, str]) -> int:
@@ -143,12 +148,8 @@ def spawn_and_wait(command: Sequence[str], env: MutableMapping[str, str]) -> int
     """
     try:
         child = subprocess.Popen(list(command), env=dict(env))
-    except FileNotFoundError:
-        print(f"otel-stepspan run: command not found: {command[0]}", file=sys.stderr)
-        return 127
-    except PermissionError:
-        print(f"otel-stepspan run: permission denied: {command[0]}", file=sys.stderr)
-        return 126
+    except (FileNotFoundError, PermissionError) as exc:
+        return _cannot_start(command, exc)
 
     def forward(signum: int, _frame: object) -> None:
         try:
