@@ -39,6 +39,21 @@ class ForwardBatch:
         self.spec_info = spec_info
 
 
+def traced_runner() -> Any:
+    """A stand-in sglang ``ModelRunner`` whose ``forward`` returns at once, instrumented exactly as
+    ``SGLangInstrumentor`` does it: what a traced step costs, and nothing else."""
+    from otel_stepspan.integrations import sglang
+
+    class Runner:
+        forward_pass_id = 0
+
+        def forward(self, forward_batch, pp_proxy_tensors=None):
+            return forward_batch
+
+    Runner.forward = sglang.traced_forward(Runner.forward)
+    return Runner()
+
+
 def decode_batch(bs: int) -> ForwardBatch:
     return ForwardBatch(ForwardMode.DECODE, bs)
 

@@ -54,7 +54,6 @@ def main() -> int:
 
     import otel_stepspan
     from otel_stepspan import runtime
-    from otel_stepspan.integrations import sglang
 
     class DroppingExporter(SpanExporter):
         count = 0
@@ -72,14 +71,7 @@ def main() -> int:
     trace.set_tracer_provider(provider)
     runtime.refresh_settings()
 
-    class Runner:
-        forward_pass_id = 0
-
-        def forward(self, forward_batch, pp_proxy_tensors=None):
-            return forward_batch
-
-    Runner.forward = sglang.traced_forward(Runner.forward)
-    runner = Runner()
+    runner = C.traced_runner()
     batches = itertools.cycle(C.batch_cycle())
     stats = otel_stepspan.stats
 

@@ -54,16 +54,8 @@ def engine(rate: float, seconds: float) -> dict:
     records = _Records()
     logging.getLogger().addHandler(records)
     import otel_stepspan
-    from otel_stepspan.integrations import sglang
 
-    class Runner:
-        forward_pass_id = 0
-
-        def forward(self, forward_batch, pp_proxy_tensors=None):
-            return forward_batch
-
-    Runner.forward = sglang.traced_forward(Runner.forward)
-    runner = Runner()
+    runner = C.traced_runner()
     batches = itertools.cycle(C.batch_cycle())
     total = int(rate * seconds)
     per_second: list[int] = []

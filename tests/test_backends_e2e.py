@@ -27,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import backends  # noqa: E402
+from contract import FORWARD_KEYS, PASS_ID_KEY  # noqa: E402
 
 pytestmark = [
     pytest.mark.backends,
@@ -37,19 +38,7 @@ pytestmark = [
 ]
 
 SERVICE = "otel-stepspan-e2e"
-CONTRACT_KEYS = {
-    "forward.mode",
-    "forward.batch_size",
-    "forward.extend_tokens",
-    "forward.decode_seqs",
-    "forward.prefill_seqs",
-    "forward.num_tokens",
-    "forward.label",
-    "forward.pass_id",
-    "engine.name",
-    "engine.tp_rank",
-    "engine.pp_rank",
-}
+CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY, "engine.name", "engine.tp_rank", "engine.pp_rank"}
 
 
 def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:

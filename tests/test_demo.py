@@ -21,23 +21,15 @@ from otel_stepspan.engine import demo
 from otel_stepspan.otlp_json import iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
 
+from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
+
 #: A small run with every mode: seed 2's first request arrives after 125 ms (idle steps first),
 #: several arrive within 2 ms of another (mixed steps), prompts up to 256 tokens get chunked at 48.
 SMALL = [
     "--requests", "16", "--rate", "25", "--prompt-len", "64", "--output-len", "20", "--chunk-size", "48", "--seed", "2"
 ]
 
-CONTRACT_KEYS = {
-    "forward.mode",
-    "forward.batch_size",
-    "forward.extend_tokens",
-    "forward.decode_seqs",
-    "forward.prefill_seqs",
-    "forward.num_tokens",
-    "forward.label",
-    "forward.pass_id",
-}
-ENGINE_KEYS = {"engine.name", "engine.tp_rank", "engine.dp_rank", "engine.pp_rank"}
+CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
 #: Set per span by the OTel sink (right in forked workers, where a resource built before the fork
 #: is not); not in CONTRACT §2's table, but no request content either.
 SINK_KEYS = {"process.pid"}

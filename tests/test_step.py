@@ -9,15 +9,9 @@ import pytest
 from otel_stepspan import UNKNOWN, StepInfo, engine_attributes
 from otel_stepspan.step import normalize_mode, unknown_step
 
-KEYS = {
-    "forward.mode",
-    "forward.batch_size",
-    "forward.extend_tokens",
-    "forward.decode_seqs",
-    "forward.prefill_seqs",
-    "forward.num_tokens",
-    "forward.label",
-}
+from contract import FORWARD_KEYS
+
+KEYS = FORWARD_KEYS
 
 
 @pytest.mark.parametrize(
