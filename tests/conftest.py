@@ -51,13 +51,14 @@ def memory_spans(monkeypatch) -> MemorySpans:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) a skipped real-backend test is a failure."""
+    """In CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) a skipped real-backend or real-engine test is a
+    failure: there, the Collector, Jaeger and the engines' environments are always built."""
     outcome = yield
     report = outcome.get_result()
     if (
         report.skipped
-        and item.get_closest_marker("backends") is not None
+        and any(item.get_closest_marker(name) is not None for name in ("backends", "engines"))
         and os.environ.get("OTEL_STEPSPAN_REQUIRE_BACKENDS") == "1"
     ):
         report.outcome = "failed"
-        report.longrepr = f"real-backend test skipped in CI: {report.longrepr}"
+        report.longrepr = f"real-backend or real-engine test skipped in CI: {report.longrepr}"
