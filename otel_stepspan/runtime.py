@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from opentelemetry import context as _otel_context
 from opentelemetry import trace as _trace_api
@@ -28,14 +28,17 @@ from .settings import Settings, read_settings
 from .sinks import nvtx as _nvtx
 from .sinks import profiler as _profiler
 from .sinks.gpu_timing import GpuStepTimer, cuda_timer
+from .exporter.transport import ConfigError, protocol_of
 from .sinks.otel import DeferredSpanSink
-from .sinks.otel_provider import resolve_provider
+from .sinks.otel_process import ExporterProcessSink
+from .sinks.otel_provider import current_provider, resolve_provider
 from .step import AttributeValue, StepInfo, unknown_step
 
 logger = logging.getLogger("otel_stepspan")
 
 Capture = Callable[..., Any]
 Finish = Callable[[Any], StepInfo]
+Sink = Union[DeferredSpanSink, ExporterProcessSink]
 
 _time_ns = time.time_ns
 _get_current = _otel_context.get_current
@@ -51,7 +54,7 @@ class _State:
         self.wanted = self.settings.otel_wanted or self.settings.nvtx
         self.nvtx = self.settings.nvtx and _nvtx.available()
         self.decided_for: object = _UNDECIDED
-        self.sink: Optional[DeferredSpanSink] = None
+        self.sink: Optional[Sink] = None
         self.gpu_timer: Optional[GpuStepTimer] = None
         self.gpu_timers: list[GpuStepTimer] = []
         self.sinks_by_provider: dict[int, DeferredSpanSink] = {}
@@ -64,6 +67,9 @@ class _State:
 
 _UNDECIDED = object()
 _state = _State()
+#: The process's one exporter-process sink, kept across refresh_settings(): its exporter process
+#: lives as long as this process.
+_process_sink: Optional[ExporterProcessSink] = None
 
 
 def refresh_settings() -> None:
@@ -99,30 +105,47 @@ def otel_sink() -> Optional[DeferredSpanSink]:
         provider_key = _trace_api._TRACER_PROVIDER
         if state.decided_for is provider_key:
             return state.sink
-        sink = None
-        if not state.settings.sdk_disabled:
-            provider = resolve_provider(state.settings.export_requested)
-            provider_key = _trace_api._TRACER_PROVIDER
-            if provider is not None:
-                sink = state.sinks_by_provider.get(id(provider))
-                if sink is None:
-                    sink = DeferredSpanSink(
-                        provider,
-                        name_by=state.settings.span_name,
-                        max_pending=state.settings.max_pending,
-                    )
-                    state.sinks_by_provider[id(provider)] = sink
-                if not state.atexit_registered:
-                    atexit.register(_flush_at_exit)
-                    _flush_on_sigterm()
-                    state.atexit_registered = True
+        sink = _decide_sink(state) if not state.settings.sdk_disabled else None
+        provider_key = _trace_api._TRACER_PROVIDER
+        if sink is not None and not state.atexit_registered:
+            atexit.register(_flush_at_exit)
+            _flush_on_sigterm()
+            state.atexit_registered = True
         state.gpu_timer = _gpu_timer_for(sink) if sink is not None and state.settings.gpu_timing else None
         state.sink = sink
         state.decided_for = provider_key
         return sink
 
 
-def _gpu_timer_for(sink: DeferredSpanSink) -> Optional[GpuStepTimer]:
+def _decide_sink(state: _State) -> Optional[Sink]:
+    """Where step spans go: through the provider the process set (the engine's own, or
+    ``opentelemetry-instrument``'s), so its samplers and processors see them; else, when the
+    variables ask for OTLP export, through an exporter process of our own (everything but the
+    step record happens outside the engine's GIL); else, for other exporters (``console``),
+    through a provider built here from the variables."""
+    global _process_sink
+    provider = current_provider()
+    if provider is None and state.settings.export_requested:
+        if state.settings.otlp_only:
+            try:
+                protocol_of(os.environ)
+            except ConfigError as exc:
+                logger.error("otel_stepspan: OpenTelemetry export is off: %s", exc)
+                return None
+            if _process_sink is None:
+                _process_sink = ExporterProcessSink(max_pending=state.settings.max_pending)
+            return _process_sink
+        provider = resolve_provider(True)
+    if provider is None:
+        return None
+    sink = state.sinks_by_provider.get(id(provider))
+    if sink is None:
+        sink = DeferredSpanSink(provider, name_by=state.settings.span_name, max_pending=state.settings.max_pending)
+        state.sinks_by_provider[id(provider)] = sink
+    return sink
+
+
+def _gpu_timer_for(sink: Sink) -> Optional[GpuStepTimer]:
     """The CUDA-event timer feeding ``sink`` (OTEL_STEPSPAN_GPU_TIMING=1), or None without CUDA."""
 
     def emit(payload: tuple, start_ns: int, end_ns: int, extra: dict) -> None:
@@ -196,8 +219,17 @@ def _flush_on_sigterm() -> None:
 
 
 def _flush_at_exit(timeout_s: float = 10.0) -> None:
+    """At exit and on SIGTERM: spans made in this process are exported within ``timeout_s``;
+    steps bound for the exporter process are only written to its pipe (it outlives us and
+    delivers them), so exiting does not wait for the network."""
     try:
-        flush(timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for timer in list(_state.gpu_timers):
+            timer.drain(max(0.0, deadline - time.monotonic()))
+        if _process_sink is not None:
+            _process_sink.close()
+        for sink in list(_state.sinks_by_provider.values()):
+            sink.flush(max(0.0, deadline - time.monotonic()))
     except Exception:  # interpreter shutdown: say why, never raise
         logger.exception("otel_stepspan: flushing step spans at exit failed")
 
@@ -212,21 +244,28 @@ def flush(timeout_s: float = 10.0) -> bool:
     ok = True
     for timer in list(_state.gpu_timers):
         ok = timer.drain(max(0.0, deadline - time.monotonic())) and ok
+    if _process_sink is not None:
+        ok = _process_sink.flush(max(0.0, deadline - time.monotonic())) and ok
     for sink in list(_state.sinks_by_provider.values()):
         ok = sink.flush(max(0.0, deadline - time.monotonic())) and ok
     return ok
 
 
 def stats() -> dict[str, int]:
-    """Counters of this process's step spans: ``emitted`` (spans created), ``dropped`` (steps not
-    traced because the step queue was full), ``failed`` (spans the sink could not create),
-    ``pending`` (steps queued now); and, for a provider this package built from the environment,
-    ``exported``, ``export_failed`` and ``export_queue_full`` (spans the exporter sent, could not
-    send, or the batch processor had no room for)."""
+    """Counters of this process's step spans: ``emitted`` (spans created, or steps handed to the
+    exporter process), ``dropped`` (steps not traced because the step queue was full),
+    ``failed`` (spans the sink could not create or hand over), ``pending`` (steps queued in this
+    process now); and for the exports this package does itself (the exporter process, or a
+    provider built here from the variables): ``exported``, ``export_failed`` (refused, or given
+    up on), ``export_queue_full`` (no room in the export queue) and ``exporter_pending`` (queued
+    in the exporter process, still to be sent). Asking the exporter process takes a round trip
+    (at most 2 s)."""
     from .sinks.otel_provider import health
 
-    sinks = list(_state.sinks_by_provider.values())
-    return {
+    sinks: list[Any] = list(_state.sinks_by_provider.values())
+    if _process_sink is not None:
+        sinks.append(_process_sink)
+    counters = {
         "emitted": sum(s.emitted_total for s in sinks),
         "dropped": sum(s.dropped_total for s in sinks),
         "failed": sum(s.failed_total for s in sinks),
@@ -234,7 +273,13 @@ def stats() -> dict[str, int]:
         "exported": health.exported,
         "export_failed": health.export_failed,
         "export_queue_full": health.queue_full,
+        "exporter_pending": 0,
     }
+    if _process_sink is not None:
+        for key, value in _process_sink.exporter_stats().items():
+            if key in counters and isinstance(value, int):
+                counters[key] += value
+    return counters
 
 
 class _Open:

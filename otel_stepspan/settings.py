@@ -28,6 +28,8 @@ class Settings:
     max_pending: int
     problems: tuple[str, ...] = ()
 
+    otlp_only: bool = False  # the exporters asked for are OTLP alone
+
     @property
     def otel_wanted(self) -> bool:
         """True when the environment alone asks for OpenTelemetry export."""
@@ -66,6 +68,7 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     return Settings(
         sdk_disabled=_flag(env, "OTEL_SDK_DISABLED"),
         export_requested=bool(exporters),
+        otlp_only=exporters == ["otlp"],
         span_name=span_name,
         nvtx=_flag(env, "OTEL_STEPSPAN_NVTX"),
         gpu_timing=_flag(env, "OTEL_STEPSPAN_GPU_TIMING"),

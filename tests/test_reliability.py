@@ -52,15 +52,14 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 60) -
     raise AssertionError(f"program never printed {text!r}: {process.stderr.read()}")
 
 
-def test_collector_outages_lose_nothing_silently_and_recovery_delivers():
-    """Down at start, up, down mid-run, back: the program never stops stepping, every step is
-    either received or counted as lost, no step is lost while the collector is up, and the
-    losses are reported in one line per interval."""
+def _run_through_outages(extra_env: dict[str, str]) -> tuple[dict, list, list, str]:
+    """The paced program (9 s at 200 steps/s) against a collector that is down at start for
+    1.5 s, up for 2.5 s, down for 1.5 s, then back: (summary, spans, outage windows, stderr)."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     program = subprocess.Popen(
         [sys.executable, str(PROGRAMS / "paced_steps.py"), "9", "200"],
-        env=env_for(endpoint),
+        env=env_for(endpoint, **extra_env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -89,6 +88,31 @@ def test_collector_outages_lose_nothing_silently_and_recovery_delivers():
     assert program.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     spans = [span for receiver in receivers for span in receiver.spans()]
+    return summary, spans, outages, err
+
+
+def test_collector_outages_lose_nothing_and_recovery_delivers_every_step():
+    """Down at start, up, down mid-run, back: the program never stops stepping, and what the
+    exporter queued while the collector was away is delivered once it is back: every step
+    arrives, exactly once."""
+    summary, spans, outages, err = _run_through_outages({})
+    indices = sorted(s.attributes["forward.batch_size"] for s in spans)
+    assert indices == list(range(1, summary["steps"] + 1))  # every step, once
+    assert summary["steps"] >= 1000
+    assert summary["exported"] == summary["steps"]
+    assert summary["dropped"] == summary["export_failed"] == summary["export_queue_full"] == 0
+    assert summary["exporter_pending"] == 0
+    assert "otel_stepspan: lost" not in err
+    print(f"\noutages survived: {len(outages)}, steps run: {summary['steps']}, received: {len(spans)}, lost: 0")
+
+
+def test_outages_longer_than_the_export_queue_lose_only_what_it_refused_and_count_it():
+    """With an export queue of 64 spans, 1.5 s outages at 200 steps/s overflow it: the spans it
+    refused are counted exactly (received + counted lost == steps), none is lost while the
+    collector is up, and the losses are reported in one line per interval, not per span."""
+    summary, spans, outages, err = _run_through_outages(
+        {"OTEL_BSP_MAX_QUEUE_SIZE": "64", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "32"}
+    )
     arrived = {s.attributes["forward.batch_size"]: s.start_ns for s in spans}
     assert len(arrived) == len(spans)  # no duplicates
     lost_and_counted = summary["dropped"] + summary["export_failed"] + summary["export_queue_full"]
@@ -96,6 +120,7 @@ def test_collector_outages_lose_nothing_silently_and_recovery_delivers():
     # ... every one of them counted: what arrived plus what was reported lost is every step.
     assert len(spans) == summary["exported"]
     assert summary["exported"] + lost_and_counted == summary["steps"] >= 1000
+    assert summary["exporter_pending"] == 0
 
     # Outside the outage windows nothing is lost. A window is widened by what is in flight when
     # the collector goes (one export batch, its retries up to the 2 s timeout) and by the
@@ -109,8 +134,8 @@ def test_collector_outages_lose_nothing_silently_and_recovery_delivers():
     lost_outside = [i for i, t in expected_ns.items() if not in_outage(t) and i not in arrived]
     assert lost_outside == []
     assert any(not in_outage(t) for t in arrived.values()), "nothing arrived outside the outages"
-    assert "Queue full" not in err  # no per-span warning from the SDK's batch processor
-    assert err.count("otel_stepspan: lost") <= 3  # one line per interval, not per step
+    assert "Queue full" not in err  # no per-span warning
+    assert 1 <= err.count("otel_stepspan: lost") <= 3  # one line per interval, not per step
     print(
         f"\noutages survived: {len(outages)}, steps run: {summary['steps']}, received: {len(spans)}, "
         f"lost and reported: {lost_and_counted}, lost outside the outage windows: {len(lost_outside)}"
@@ -138,9 +163,13 @@ def test_sigterm_flushes_pending_spans_then_dies_of_the_signal():
     assert indices == list(range(1, len(indices) + 1))  # every step up to the signal, once
 
 
-def test_exit_with_the_collector_gone_is_bounded():
-    env = env_for(f"http://127.0.0.1:{free_port()}")
-    # A hang here would hit the subprocess timeout and fail the test.
+def test_exit_with_the_collector_gone_is_bounded_and_every_span_accounted_for():
+    """The program exits at once; its exporter keeps trying for OTEL_STEPSPAN_EXPORTER_LINGER
+    seconds, then gives up, says how many spans it could not deliver, and exits too."""
+    env = env_for(f"http://127.0.0.1:{free_port()}", OTEL_STEPSPAN_EXPORTER_LINGER="2")
+    started = time.monotonic()
+    # subprocess.run returns once the exporter, which shares the program's stderr, has exited
+    # too; a hang here would hit the timeout and fail the test.
     result = subprocess.run(
         [sys.executable, str(PROGRAMS / "paced_steps.py"), "0.5", "200"],
         env=env,
@@ -148,10 +177,19 @@ def test_exit_with_the_collector_gone_is_bounded():
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 60
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["exported"] == 0
-    assert summary["export_failed"] + summary["dropped"] + summary["export_queue_full"] == summary["steps"]
+    still_queued = summary["exporter_pending"]
+    assert still_queued + summary["export_failed"] + summary["dropped"] + summary["export_queue_full"] == (
+        summary["steps"]
+    )
+    given_up = [line for line in result.stderr.splitlines() if "could not be delivered" in line]
+    assert len(given_up) == 1, result.stderr
+    assert f"{still_queued} step spans could not be delivered" in given_up[0]
+    final = [line for line in result.stderr.splitlines() if "otel_stepspan: lost" in line][-1]
+    assert f"totals {summary['dropped']} / {summary['export_queue_full']} / {still_queued}" in final
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])

@@ -36,14 +36,17 @@ _POLL_S = 0.05
 _DROP_REPORT_INTERVAL_S = 10.0
 
 
-def _exception_event(exc: BaseException) -> dict[str, str]:
+def exception_event(exc: BaseException) -> dict[str, str]:
     """The exception event's attributes, made at once so the traceback's frames (and the tensors
-    they hold) are not kept alive until the background thread gets to the span."""
-    return {
-        "exception.type": type(exc).__qualname__,
-        "exception.message": str(exc),
-        "exception.stacktrace": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    }
+    they hold) are not kept alive until the span is made. Never raises."""
+    try:
+        return {
+            "exception.type": type(exc).__qualname__,
+            "exception.message": str(exc),
+            "exception.stacktrace": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        }
+    except Exception:  # an exception whose str() or traceback fails
+        return {"exception.type": type(exc).__qualname__, "exception.message": "?"}
 
 
 # Waiting for room in a batch processor's queue: 2 ms at a time, at most 1 s per span (a
@@ -113,12 +116,7 @@ class DeferredSpanSink:
         if len(queue) >= self.max_pending:
             self.dropped_total += 1
             return
-        event = None
-        if error is not None:
-            try:
-                event = _exception_event(error)
-            except Exception:  # an exception whose str() or traceback fails
-                event = {"exception.type": type(error).__qualname__, "exception.message": "?"}
+        event = exception_event(error) if error is not None else None
         queue.append((finish, captured, static_attributes, parent, start_ns, end_ns, event, extra))
         if not self._started:
             try:

@@ -3,7 +3,8 @@
     python paced_steps.py SECONDS RATE [--forever]
 
 Prints 'ready' once the first step ran, and at the end one JSON line with the step count and
-every loss counter, so a test can check that received + reported lost == steps.
+every counter of ``otel_stepspan.stats()``, so a test can check that received + reported lost
+(+ still pending in the exporter) == steps.
 """
 
 import json
@@ -11,7 +12,6 @@ import sys
 import time
 
 from otel_stepspan import StepInfo, stats, step_span
-from otel_stepspan.sinks.otel_provider import health
 
 
 def main() -> None:
@@ -34,19 +34,7 @@ def main() -> None:
     import otel_stepspan
 
     otel_stepspan.flush(20)
-    counters = stats()
-    print(
-        json.dumps(
-            {
-                "steps": steps,
-                "dropped": counters["dropped"],
-                "export_failed": health.export_failed,
-                "export_queue_full": health.queue_full,
-                "exported": health.exported,
-            }
-        ),
-        flush=True,
-    )
+    print(json.dumps({"steps": steps, **stats()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""The exporter process: step records in through a pipe, OTLP spans out, outside the engine's GIL.
+
+An engine's scheduler loop is Python, and every microsecond another thread of the engine process
+holds the GIL is a microsecond the loop may wait once the GPU is done. So the engine process only
+appends a record per step and writes them in batches to a pipe; this process, one per engine
+process, turns them into spans, encodes them and exports them.
+
+It is detached from the engine's process tree (see :mod:`otel_stepspan.exporter.__main__`), so an
+engine that SIGKILLs its whole tree at shutdown (sglang's ``kill_process_tree``) does not take
+the exporter with it: what reached the pipe is delivered. It exits once its engine is gone (end
+of the pipe, or the engine's pid no longer running) and everything is delivered, or after
+``OTEL_STEPSPAN_EXPORTER_LINGER`` seconds (default 30) of trying.
+
+Batching honours the batch span processor's variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms),
+``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``, ``OTEL_BSP_MAX_QUEUE_SIZE``. A failed export that may work
+later (Collector down, busy, restarting) is kept and retried with back-off; only when the queue is
+full are new spans refused. An export the Collector refuses (wrong token, bad request) is dropped.
+Every loss is counted and reported in one line per interval on the engine's stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any, Mapping, Optional
+
+from . import encode, wire
+from .spans import SpanBuilder
+from .transport import ConfigError, Sent, sender_from_environment
+
+_REPORT_INTERVAL_S = 10.0
+_MAX_BACKOFF_S = 5.0
+_PID_CHECK_S = 1.0
+
+
+def _int_env(environ: Mapping[str, str], key: str, default: int) -> int:
+    raw = environ.get(key, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        _say(f"{key}={raw!r} is not an integer; using {default}")
+        return default
+    return value if value > 0 else default
+
+
+def _say(message: str) -> None:
+    try:
+        sys.stderr.write(f"otel_stepspan: {message}\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def engine_alive(pid: int) -> bool:
+    """False once ``pid`` has exited (a zombie waiting for its parent counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+
+
+class Exporter:
+    """Reads the step pipe on one thread, exports on another (the main one)."""
+
+    def __init__(self, steps_fd: int, status_fd: int, engine_pid: int, environ: Mapping[str, str]) -> None:
+        self.steps_fd = steps_fd
+        self.status_fd = status_fd
+        self.engine_pid = engine_pid
+        self.sender = sender_from_environment(environ)
+        self.builder = SpanBuilder(environ, engine_pid)
+        self.batch_size = _int_env(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        self.max_queue = max(_int_env(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048), self.batch_size)
+        self.delay_s = _int_env(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000.0
+        self.linger_s = float(_int_env(environ, "OTEL_STEPSPAN_EXPORTER_LINGER", 30))
+        self.queue: deque = deque()
+        self.cond = threading.Condition()
+        self.input_done = False
+        self.flush_requests: list[tuple[int, int]] = []  # (seq, spans received when asked)
+        # Counters. ``received`` counts spans queued; the rest say what became of spans.
+        self.received = 0
+        self.exported = 0
+        self.failed = 0
+        self.queue_full = 0
+        self.engine_dropped = 0
+        self.not_sampled = 0
+        self._reported = (0, 0, 0)
+        self._last_report = time.monotonic()
+        self._refusal_said = False
+
+    # -- the reading thread --------------------------------------------------------------------
+
+    def read_forever(self) -> None:
+        try:
+            self._read()
+        except Exception as exc:  # a corrupt stream: stop reading, deliver what we have
+            _say(f"exporter stopped reading step records: {type(exc).__name__}: {exc}")
+        with self.cond:
+            self.input_done = True
+            self.cond.notify_all()
+
+    def _read(self) -> None:
+        buffer = bytearray()
+        fd = self.steps_fd
+        while True:
+            ready, _, _ = select.select([fd], [], [], _PID_CHECK_S)
+            if not ready:
+                if not engine_alive(self.engine_pid):
+                    os.set_blocking(fd, False)  # take what is left, then stop
+                    try:
+                        chunk = os.read(fd, 1 << 20)
+                    except BlockingIOError:
+                        chunk = b""
+                    buffer += chunk
+                    self._take_frames(buffer)
+                    if not chunk:
+                        return
+                continue
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return
+            buffer += chunk
+            self._take_frames(buffer)
+
+    def _take_frames(self, buffer: bytearray) -> None:
+        offset = 0
+        size = len(buffer)
+        while size - offset >= wire.HEADER_SIZE:
+            length = wire.frame_length(bytes(buffer[offset : offset + wire.HEADER_SIZE]))
+            if length > wire.MAX_FRAME:
+                raise ValueError(f"a frame of {length} bytes: the stream is corrupt")
+            end = offset + wire.HEADER_SIZE + length
+            if end > size:
+                break
+            self._handle(wire.unframe(bytes(buffer[offset + wire.HEADER_SIZE : end])))
+            offset = end
+        del buffer[:offset]
+
+    def _handle(self, messages: list) -> None:
+        built = []
+        builder = self.builder
+        for message in messages:
+            kind = message[0]
+            if kind == wire.STEP:
+                for span in builder.build(message):
+                    built.append(span)
+            elif kind == wire.STATIC:
+                builder.add_static(message[1], message[2])
+            elif kind == wire.DROPPED:
+                self.engine_dropped = max(self.engine_dropped, message[1])
+            elif kind == wire.REQUEST:
+                self._request(message[1], message[2], built)
+        self._enqueue(built)
+
+    def _enqueue(self, spans: list) -> None:
+        if not spans:
+            return
+        with self.cond:
+            room = self.max_queue - len(self.queue)
+            taken = spans if room >= len(spans) else spans[: max(room, 0)]
+            self.queue.extend(taken)
+            self.received += len(taken)
+            self.queue_full += len(spans) - len(taken)
+            if len(self.queue) >= self.batch_size:
+                self.cond.notify_all()
+
+    def _request(self, seq: int, what: str, built_so_far: list) -> None:
+        self._enqueue(built_so_far)
+        built_so_far.clear()
+        if what == "flush":
+            with self.cond:
+                self.flush_requests.append((seq, self.received))
+                self.cond.notify_all()
+        else:
+            self._answer(seq, True)
+
+    def _answer(self, seq: int, flushed: bool) -> None:
+        counters = {
+            "seq": seq,
+            "flushed": flushed,
+            "exported": self.exported,
+            "export_failed": self.failed,
+            "export_queue_full": self.queue_full,
+            "exporter_pending": len(self.queue),
+            "not_sampled": self.builder.not_sampled,
+        }
+        try:
+            os.write(self.status_fd, wire.frame(counters))
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass  # nobody reads, or the engine is gone: an answer is never worth blocking for
+
+    # -- the exporting thread ------------------------------------------------------------------
+
+    def export_until_done(self) -> None:
+        last_export = time.monotonic()
+        attempt = 0
+        linger_until: Optional[float] = None
+        while True:
+            with self.cond:
+                while True:
+                    now = time.monotonic()
+                    due = (
+                        len(self.queue) >= self.batch_size
+                        or (self.queue and now - last_export >= self.delay_s)
+                        or self.flush_requests
+                        or self.input_done
+                    )
+                    if due:
+                        break
+                    self.cond.wait(max(0.01, self.delay_s - (now - last_export)) if self.queue else 1.0)
+                if self.input_done and linger_until is None:
+                    linger_until = time.monotonic() + self.linger_s
+                batch = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
+            self._report_if_due()
+            if not batch:
+                self._answer_flushes(all_done=True)
+                if self.input_done:
+                    return
+                last_export = time.monotonic()
+                continue
+            sent = self.sender.send(encode.export_request(self.builder.resource, self.builder.scope, batch))
+            last_export = time.monotonic()
+            if sent.ok:
+                attempt = 0
+                self.exported += len(batch) - sent.rejected
+                self.failed += sent.rejected
+                if not self.queue:
+                    self._answer_flushes(all_done=True)
+                continue
+            if not sent.retryable:
+                self.failed += len(batch)
+                self._say_refusal(sent)
+                self._answer_flushes(all_done=not self.queue)
+                continue
+            # The Collector may come back: keep the batch at the head and wait a while.
+            with self.cond:
+                self.queue.extendleft(reversed(batch))
+            if linger_until is not None and time.monotonic() >= linger_until:
+                self._give_up(sent)
+                return
+            self._answer_flushes(all_done=False)
+            delay = sent.retry_after_s if sent.retry_after_s is not None else min(
+                _MAX_BACKOFF_S, 0.1 * 2**attempt
+            ) * random.uniform(0.8, 1.2)
+            attempt += 1
+            with self.cond:
+                self.cond.wait(delay)
+
+    def _answer_flushes(self, all_done: bool) -> None:
+        """Answer the flush requests whose spans are all exported (or have failed for good);
+        with ``all_done`` False, answer them as not flushed: the engine's flush() is waiting."""
+        with self.cond:
+            requests, self.flush_requests = self.flush_requests, []
+        for seq, _ in requests:
+            self._answer(seq, all_done)
+
+    def _say_refusal(self, sent: Sent) -> None:
+        if not self._refusal_said:
+            self._refusal_said = True
+            _say(
+                f"the collector at {self.sender.endpoint} refused step spans ({sent.reason}); "
+                "further refusals are counted and reported with the losses"
+            )
+
+    def _give_up(self, sent: Sent) -> None:
+        with self.cond:
+            left = len(self.queue)
+            self.queue.clear()
+        self.failed += left
+        _say(
+            f"the engine has exited and {left} step spans could not be delivered to "
+            f"{self.sender.endpoint} within {self.linger_s:.0f} s ({sent.reason})"
+        )
+
+    def _report_if_due(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_report < _REPORT_INTERVAL_S:
+            return
+        self._last_report = now
+        totals = (self.engine_dropped, self.queue_full, self.failed)
+        dropped, queue_full, failed = (t - r for t, r in zip(totals, self._reported))
+        lost = dropped + queue_full + failed
+        if not lost:
+            return
+        self._reported = totals
+        _say(
+            f"lost {lost} step spans since the last report: {dropped} dropped before export (the engine's "
+            f"step buffer was full), {queue_full} dropped by the full export queue "
+            f"(OTEL_BSP_MAX_QUEUE_SIZE={self.max_queue}), {failed} failed to export (is the collector at "
+            f"{self.sender.endpoint} up?); totals {totals[0]} / {totals[1]} / {totals[2]}"
+        )
+
+    def run(self) -> int:
+        reader = threading.Thread(target=self.read_forever, name="otel_stepspan-exporter-read", daemon=True)
+        reader.start()
+        try:
+            self.export_until_done()
+        finally:
+            self._report_if_due(force=True)
+            try:
+                self.sender.close()
+            except Exception:
+                pass
+        return 0
+
+
+def _stop_on_sigterm(exporter: Exporter) -> None:
+    """SIGTERM (a supervisor stopping everything): stop reading, and deliver what we have within
+    a few seconds. The handler only sets flags: the exporting loop wakes at least once a second."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        exporter.linger_s = min(exporter.linger_s, 5.0)
+        exporter.input_done = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def main(steps_fd: int, status_fd: int, engine_pid: int, environ: Optional[Mapping[str, str]] = None) -> int:
+    env = os.environ if environ is None else environ
+    os.set_blocking(status_fd, False)
+    try:
+        exporter = Exporter(steps_fd, status_fd, engine_pid, env)
+    except ConfigError as exc:
+        _say(f"OpenTelemetry export is off: {exc}")
+        return 2
+    _stop_on_sigterm(exporter)
+    return exporter.run()

@@ -1,0 +1,116 @@
+"""Step records into encoded OTLP spans: names, ids, parent, sampling, attributes.
+
+The attributes are CONTRACT §2's, made from the step's counts by the pure core
+(:class:`otel_stepspan.step.StepInfo`), plus the runner's static ones and ``process.pid`` of the
+engine process (not this one). Sampling follows ``OTEL_TRACES_SAMPLER``/``_ARG`` through the
+SDK's own samplers; with the default (``parentbased_always_on``) no sampler call is needed.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Mapping, Optional
+
+from ..step import make_step
+from ..version import __version__
+from . import encode
+
+_getrandbits = random.getrandbits
+_SAMPLED = 0x01
+_DEFAULT_SAMPLERS = ("", "parentbased_always_on", "always_on")
+
+
+def _resource(engine_pid: int) -> bytes:
+    """The SDK's resource from this process's variables, which are the engine's
+    (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, the SDK's own attributes), with the
+    engine's pid."""
+    from opentelemetry.sdk.resources import Resource
+
+    return encode.resource(dict(Resource.create({"process.pid": engine_pid}).attributes))
+
+
+class SpanBuilder:
+    def __init__(self, environ: Mapping[str, str], engine_pid: int) -> None:
+        self.name_by_mode = environ.get("OTEL_STEPSPAN_SPAN_NAME", "label").strip().lower() == "mode"
+        self.resource = _resource(engine_pid)
+        self.scope = encode.scope("otel_stepspan", __version__)
+        self._pid_attribute = encode.span_attributes({"process.pid": engine_pid})
+        self._statics: dict[int, bytes] = {}
+        self._shapes: dict[tuple, tuple[bytes, bytes]] = {}
+        self.not_sampled = 0
+        sampler_name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+        self._sampler = None if sampler_name in _DEFAULT_SAMPLERS else self._sdk_sampler()
+
+    @staticmethod
+    def _sdk_sampler() -> Any:
+        """The sampler an SDK tracer provider would build from ``OTEL_TRACES_SAMPLER``/``_ARG``."""
+        from opentelemetry.sdk.trace import TracerProvider
+
+        return TracerProvider().sampler
+
+    def add_static(self, static_id: int, attributes: Mapping[str, Any]) -> None:
+        self._statics[static_id] = encode.span_attributes(attributes)
+
+    def _shape(self, mode: str, bs: Any, ext: Any, dec: Any, pre: Any, ntok: Any) -> tuple[str, bytes, bytes]:
+        """(name, encoded name, encoded forward.* attributes but the pass id) for one step shape.
+        Steps repeat a few shapes (decode at each batch size), so each is encoded once."""
+        key = (mode, bs, ext, dec, pre, ntok)
+        hit = self._shapes.get(key)
+        if hit is None:
+            info = make_step(mode, bs, ext, dec, pre, ntok, None)
+            attributes = info.attributes()
+            name = info.mode_label if self.name_by_mode else attributes["forward.label"]
+            hit = (name, encode.name_field(name), encode.span_attributes(attributes))
+            if len(self._shapes) >= 8192:
+                self._shapes.clear()
+            self._shapes[key] = hit
+        return hit
+
+    def build(self, record: tuple) -> Iterator[bytes]:
+        """The encoded spans of one ``wire.STEP`` record (layout in :mod:`.wire`): the step span,
+        or none when the sampler drops it."""
+        (_, start_ns, end_ns, mode, bs, ext, dec, pre, ntok, pass_id, static_id, parent, exception, extra) = record
+        text_name, name, shape_attributes = self._shape(mode, bs, ext, dec, pre, ntok)
+        attributes = shape_attributes
+        if pass_id is not None and pass_id >= 0:
+            attributes += encode.span_attributes({"forward.pass_id": pass_id})
+        static = self._statics.get(static_id)
+        if static:
+            attributes += static
+        if extra:
+            attributes += encode.span_attributes(extra)
+        attributes += self._pid_attribute
+        if parent is not None:
+            trace_id, parent_span_id, trace_flags, is_remote = parent
+            flags = encode.FLAG_HAS_IS_REMOTE | (encode.FLAG_IS_REMOTE if is_remote else 0)
+        else:
+            trace_id, parent_span_id, trace_flags = _getrandbits(128) or 1, None, _SAMPLED
+            flags = encode.FLAG_HAS_IS_REMOTE
+        if self._sampler is not None:
+            trace_flags = self._sample(trace_id, parent, text_name)
+        elif parent is not None:
+            trace_flags &= _SAMPLED  # parent-based: the parent's decision
+        if not trace_flags & _SAMPLED:
+            self.not_sampled += 1
+            return
+        tail = b""
+        if exception is not None:
+            tail = encode.event("exception", end_ns, exception) + encode.error_status(
+                f"{exception.get('exception.type', '')}: {exception.get('exception.message', '')}"
+            )
+        yield encode.span(
+            trace_id, _getrandbits(64) or 1, parent_span_id, name, start_ns, end_ns, attributes,
+            flags | _SAMPLED, tail,
+        )
+
+    def _sample(self, trace_id: int, parent: Optional[tuple], name: str) -> int:
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+        context = None
+        if parent is not None:
+            span_context = SpanContext(parent[0], parent[1], bool(parent[3]), TraceFlags(parent[2]))
+            context = trace.set_span_in_context(NonRecordingSpan(span_context))
+        result = self._sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL)
+        return _SAMPLED if result.decision.is_sampled() else 0
+
