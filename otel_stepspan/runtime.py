@@ -257,9 +257,9 @@ def stats() -> dict[str, int]:
     ``failed`` (spans the sink could not create or hand over), ``pending`` (steps queued in this
     process now); and for the exports this package does itself (the exporter process, or a
     provider built here from the variables): ``exported``, ``export_failed`` (refused, or given
-    up on), ``export_queue_full`` (no room in the export queue) and ``exporter_pending`` (queued
-    in the exporter process, still to be sent). Asking the exporter process takes a round trip
-    (at most 2 s)."""
+    up on), ``export_queue_full`` (no room in the export queue), ``exporter_pending`` (queued
+    in the exporter process, still to be sent) and ``exporter_cpu_ns`` (CPU the exporter process
+    has used). Asking the exporter process takes a round trip (at most 2 s)."""
     from .sinks.otel_provider import health
 
     sinks: list[Any] = list(_state.sinks_by_provider.values())
@@ -274,6 +274,7 @@ def stats() -> dict[str, int]:
         "export_failed": health.export_failed,
         "export_queue_full": health.queue_full,
         "exporter_pending": 0,
+        "exporter_cpu_ns": 0,
     }
     if _process_sink is not None:
         for key, value in _process_sink.exporter_stats().items():

@@ -198,6 +198,7 @@ class Exporter:
             "export_queue_full": self.queue_full,
             "exporter_pending": len(self.queue),
             "not_sampled": self.builder.not_sampled,
+            "exporter_cpu_ns": time.process_time_ns(),
         }
         try:
             os.write(self.status_fd, wire.frame(counters))

@@ -1,7 +1,9 @@
 """Steps at a steady pace, each labelled by its index (bs=i), for outage and signal tests.
 
-    python paced_steps.py SECONDS RATE [--forever]
+    python paced_steps.py SECONDS RATE [--forever] [--stop-after N] [--report-every K]
 
+``--stop-after N`` runs N steps, prints ``done N``, then idles until killed; ``--report-every K``
+prints ``steps I`` after every K-th step (a test that kills the program knows what ran when).
 Prints 'ready' once the first step ran, and at the end one JSON line with the step count and
 every counter of ``otel_stepspan.stats()``, so a test can check that received + reported lost
 (+ still pending in the exporter) == steps.
@@ -14,9 +16,14 @@ import time
 from otel_stepspan import StepInfo, stats, step_span
 
 
+def _option(name: str) -> int:
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else 0
+
+
 def main() -> None:
     seconds, rate = float(sys.argv[1]), float(sys.argv[2])
     forever = "--forever" in sys.argv
+    stop_after, report_every = _option("--stop-after"), _option("--report-every")
     interval = 1.0 / rate
     started = time.monotonic()
     steps = 0
@@ -27,6 +34,12 @@ def main() -> None:
             pass
         if steps == 1:
             print("ready", flush=True)
+        if report_every and steps % report_every == 0:
+            print(f"steps {steps}", flush=True)
+        if steps == stop_after:
+            print(f"done {steps}", flush=True)
+            while True:
+                time.sleep(3600)
         next_at += interval
         delay = next_at - time.monotonic()
         if delay > 0:

@@ -1,0 +1,392 @@
+"""Does exporting step spans stall the engine's own Python? Export on vs off, in the engine's shape.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_engine_stall.py            # full run (~6 min on 2 cores)
+    .venv/bin/python benchmarks/bench_engine_stall.py --quick    # a short run (~1.5 min)
+
+An LLM engine's scheduler loop is Python: per step it does some scheduling work holding the GIL,
+then calls ``ModelRunner.forward``, which waits for the GPU with the GIL released, and must take
+the GIL back the moment the GPU is done. Whoever holds the GIL then delays the next step. Here
+each step does ``--work-ms`` of GIL-holding Python, then the sglang-instrumented stand-in
+``forward`` waits (``time.sleep``, GIL released) for the rest of its slot; the loop is paced at
+several step rates. Measured per step, in the engine process:
+
+* **wake delay**: from the end of the GPU wait to the engine thread running Python again (GIL
+  taken back) -- p50 / p99 / p99.9 / max;
+* **work**: wall time of the GIL-holding scheduler work (others holding the GIL stretch it);
+* **late**: how far each step started behind its schedule.
+
+Variants, each in processes of its own, blocks interleaved (off, on, off, on, ...):
+
+* ``off``: no export configured (the wrapper's off path);
+* ``on``: export configured only by ``OTEL_EXPORTER_OTLP_ENDPOINT`` (gRPC) into a real OTLP
+  receiver in another process: the exporter process path;
+* ``in-process`` (at 200 steps/s only, for reference): an SDK provider set by the "engine" with a
+  BatchSpanProcessor and the OTLP exporter, so step spans are made and exported inside the engine
+  process, as when an engine sets its own provider.
+
+Then the CPU per exported span, all processes included (engine + exporter process; the receiver
+is not counted), steps back to back: the project's exporter path against a plain SDK span
+(``start_as_current_span`` with the label and attributes, BatchSpanProcessor, OTLP gRPC exporter),
+each over the same loop with export off. Every exported span is counted at the receiver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+#: (steps/s, GIL-holding work ms, GPU wait ms): the wait fills most of the slot, as a decode does.
+RATES = ((50, 0.55, 12.0), (200, 0.55, 3.0), (1000, 0.2, 0.6), (2000, 0.1, 0.3))
+
+
+# -- the engine process ------------------------------------------------------------------------
+
+
+def _busy(seconds: float) -> None:
+    """Scheduler work: pure Python, holding the GIL, for ``seconds``."""
+    deadline = time.perf_counter() + seconds
+    x = 0
+    while time.perf_counter() < deadline:
+        x += 1
+
+
+def worker_paced(args: argparse.Namespace) -> dict:
+    import _common as C
+
+    from otel_stepspan.integrations import sglang
+
+    wait_s, work_s = args.wait_ms / 1e3, args.work_ms / 1e3
+    wakes: list[float] = []
+    perf = time.perf_counter
+
+    class Runner:
+        forward_pass_id = 0
+
+        def forward(self, forward_batch, pp_proxy_tensors=None):
+            started = perf()
+            time.sleep(wait_s)  # the GPU: GIL released
+            wakes.append(perf() - started - wait_s)
+            return forward_batch
+
+    if args.variant != "off":
+        Runner.forward = sglang.traced_forward(Runner.forward)
+    if args.variant == "in-process":
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=args.endpoint, insecure=True)))
+        trace.set_tracer_provider(provider)
+    runner = Runner()
+    batches = C.batch_cycle()
+    period = 1.0 / args.rate
+    for batch in batches * 5:  # warm up: the first step starts the exporter, caches fill
+        _busy(work_s)
+        runner.forward(batch)
+    wakes.clear()
+    C.freeze_heap()
+    works, lates = [], []
+    steps = int(args.seconds * args.rate)
+    next_at = perf()
+    for i in range(steps):
+        now = perf()
+        if next_at > now:
+            time.sleep(next_at - now)
+        started = perf()
+        lates.append(started - next_at)
+        _busy(work_s)
+        works.append(perf() - started)
+        runner.forward(batches[i % len(batches)])
+        next_at += period
+    from otel_stepspan import flush, stats
+
+    flush(30)
+    counters = stats()
+    return {"wake": wakes, "work": works, "late": lates, "steps": steps, "stats": counters}
+
+
+def worker_cpu(args: argparse.Namespace) -> dict:
+    """Steps back to back; CPU of this process and of its exporter process over the steps and
+    the flush that exports them."""
+    import _common as C
+
+    from otel_stepspan.integrations import sglang
+
+    batches = C.batch_cycle()
+
+    class Runner:
+        forward_pass_id = 0
+
+        def forward(self, forward_batch, pp_proxy_tensors=None):
+            return forward_batch
+
+    if args.variant == "on":
+        Runner.forward = sglang.traced_forward(Runner.forward)
+        runner = Runner()
+
+        def step(batch: Any, i: int) -> None:
+            runner.forward(batch)
+
+    elif args.variant == "sdk":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=args.endpoint, insecure=True)))
+        tracer = provider.get_tracer("baseline")
+        runner = Runner()
+
+        def step(batch: Any, i: int) -> None:
+            name, attributes = C.inline_span_args(batch, i)
+            with tracer.start_as_current_span(name, attributes=attributes):
+                runner.forward(batch)
+
+    else:
+        runner = Runner()
+
+        def step(batch: Any, i: int) -> None:
+            runner.forward(batch)
+
+    def flush() -> None:
+        if args.variant == "on":
+            from otel_stepspan import flush as stepspan_flush
+
+            assert stepspan_flush(60), "the exporter did not export everything"
+        elif args.variant == "sdk":
+            provider.force_flush(60_000)
+
+    def exporter_cpu() -> int:
+        if args.variant != "on":
+            return 0
+        from otel_stepspan import stats
+
+        return stats()["exporter_cpu_ns"]
+
+    n = len(batches)
+    for i in range(2000):  # warm up; the exporter process starts here
+        step(batches[i % n], i)
+    flush()
+    C.freeze_heap()
+    # Pace the whole run in slices so the background threads' batches are part of it.
+    exporter_before, before = exporter_cpu(), time.process_time_ns()
+    thread_ns = 0
+    for start in range(0, args.steps, 512):
+        thread_before = time.thread_time_ns()
+        for i in range(start, min(start + 512, args.steps)):
+            step(batches[i % n], i)
+        thread_ns += time.thread_time_ns() - thread_before
+        time.sleep(0.001)
+    flush()
+    engine_ns = time.process_time_ns() - before
+    exporter_ns = exporter_cpu() - exporter_before
+    return {"engine_ns": engine_ns, "exporter_ns": exporter_ns, "thread_ns": thread_ns, "steps": args.steps}
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+def _env(kind: str, variant: str, endpoint: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if variant == "on":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    if kind == "cpu":
+        # Steps back to back outrun any exporter for a while: queues deep enough to keep every
+        # span, for both the project's exporter process and the SDK's batch processor.
+        env["OTEL_BSP_MAX_QUEUE_SIZE"] = "200000"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_worker(kind: str, variant: str, endpoint: str, **params: Any) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--variant", variant, "--endpoint", endpoint]
+    for key, value in params.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    result = subprocess.run(argv, env=_env(kind, variant, endpoint), capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"worker {kind}/{variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class Receiver:
+    """The project's OTLP receiver in a process of its own (benchmarks/receiver_proc.py)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "receiver_proc.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        )
+        self.endpoint = json.loads(self.proc.stdout.readline())["endpoint"]
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.ask("count")
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def paced(receiver: Receiver, quick: bool) -> tuple[list[list[str]], list[str], bool]:
+    seconds = 4.0 if quick else 10.0
+    blocks = 2 if quick else 3
+    rows, checks, ok = [], [], True
+    for rate, work_ms, wait_ms in RATES:
+        variants = ["off", "on"] + (["in-process"] if rate == 200 else [])
+        pooled: dict[str, dict[str, list[float]]] = {v: {"wake": [], "work": [], "late": []} for v in variants}
+        steps = {v: 0 for v in variants}
+        for block in range(blocks):
+            for variant in variants if block % 2 == 0 else reversed(variants):
+                before = receiver.ask("count")["spans"]
+                out = run_worker(
+                    "paced", variant, receiver.endpoint, rate=rate, seconds=seconds / blocks * 2,
+                    work_ms=work_ms, wait_ms=wait_ms,
+                )
+                for key in ("wake", "work", "late"):
+                    pooled[variant][key] += out[key]
+                steps[variant] += out["steps"]
+                if variant != "off":  # every step, warm-up included, must arrive
+                    got = receiver.ask(f"wait {before + out['stats']['emitted']} 30")["spans"] - before
+                    if got != out["stats"]["emitted"] or out["stats"]["dropped"]:
+                        ok = False
+                        checks.append(f"FAIL {rate}/s {variant}: received {got}, emitted {out['stats']['emitted']}")
+        base = pooled["off"]
+        for variant in variants:
+            data = pooled[variant]
+            wake = [w * 1e6 for w in data["wake"]]
+            row = [
+                f"{rate}", variant, f"{steps[variant]}",
+                f"{pct(wake, 0.5):.0f}", f"{pct(wake, 0.99):.0f}", f"{pct(wake, 0.999):.0f}", f"{max(wake):.0f}",
+                f"{statistics.mean(data['work']) * 1e3:.3f}",
+                f"{pct(data['late'], 0.99) * 1e3:.2f}",
+            ]
+            rows.append(row)
+            if variant == "on":
+                off_wake = [w * 1e6 for w in base["wake"]]
+                ratios = {
+                    "p99": pct(wake, 0.99) / pct(off_wake, 0.99),
+                    "p99.9": pct(wake, 0.999) / pct(off_wake, 0.999),
+                    "max": max(wake) / max(off_wake),
+                    "work": statistics.mean(data["work"]) / statistics.mean(base["work"]),
+                }
+                for name, target in (("p99", 1.1), ("p99.9", 1.1), ("max", 2.0), ("work", 1.02)):
+                    verdict = "PASS" if ratios[name] <= target else "FAIL"
+                    checks.append(f"{verdict} {rate}/s wake {name} on/off = {ratios[name]:.2f} (goal <= {target})"
+                                  if name != "work" else
+                                  f"{verdict} {rate}/s scheduler work mean on/off = {ratios[name]:.3f} (goal <= {target})")
+    return rows, checks, ok
+
+
+def cpu_per_span(receiver: Receiver, quick: bool) -> tuple[list[list[str]], list[str]]:
+    steps = 20000 if quick else 60000
+    rounds = 2 if quick else 4
+    per: dict[str, list[float]] = {"off": [], "on": [], "sdk": []}
+    thread: dict[str, list[float]] = {"off": [], "on": [], "sdk": []}
+    exporter_share: list[float] = []
+    for r in range(rounds):
+        order = ["off", "on", "sdk"] if r % 2 == 0 else ["sdk", "on", "off"]
+        for variant in order:
+            before = receiver.ask("count")["spans"]
+            out = run_worker("cpu", variant, receiver.endpoint, steps=steps)
+            if variant != "off":
+                got = receiver.ask(f"wait {before + steps + 2000} 60")["spans"] - before
+                assert got == steps + 2000, f"{variant}: received {got} of {steps + 2000}"
+            total = out["engine_ns"] + out["exporter_ns"]
+            per[variant].append(total / steps)
+            thread[variant].append(out["thread_ns"] / steps)
+            if variant == "on":
+                exporter_share.append(out["exporter_ns"] / steps)
+    off = statistics.median(per["off"])
+    on, sdk = statistics.median(per["on"]) - off, statistics.median(per["sdk"]) - off
+    thread_off = statistics.median(thread["off"])
+    thread_on = statistics.median(thread["on"]) - thread_off
+    thread_sdk = statistics.median(thread["sdk"]) - thread_off
+    rows = [
+        ["plain SDK span + BatchSpanProcessor + OTLP gRPC exporter", f"{sdk / 1e3:.1f}", "1.00",
+         f"{thread_sdk / 1e3:.2f}", "1.00"],
+        ["otel_stepspan, engine + exporter process", f"{on / 1e3:.1f}", f"{on / sdk:.2f}",
+         f"{thread_on / 1e3:.2f}", f"{thread_on / thread_sdk:.3f}"],
+        ["  of which the exporter process", f"{statistics.median(exporter_share) / 1e3:.1f}", "", "", ""],
+    ]
+    checks = []
+    for name, ratio, target in (
+        ("CPU per exported span, all processes", on / sdk, 0.5),
+        ("engine-thread CPU per step", thread_on / thread_sdk, 0.125),
+    ):
+        checks.append(f"{'PASS' if ratio <= target else 'FAIL'} {name}: {ratio:.3f}x the plain SDK span (goal <= {target})")
+    return rows, checks
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument("--only", choices=["paced", "cpu"], help="run one part only")
+    parser.add_argument("--worker", choices=["paced", "cpu"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="off", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=200, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=5, help=argparse.SUPPRESS)
+    parser.add_argument("--work-ms", type=float, default=0.55, help=argparse.SUPPRESS)
+    parser.add_argument("--wait-ms", type=float, default=3.0, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=20000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        out = worker_paced(args) if args.worker == "paced" else worker_cpu(args)
+        print(json.dumps(out))
+        return 0
+    import otel_stepspan
+
+    print(f"# bench_engine_stall ({'quick' if args.quick else 'full'}): otel_stepspan from "
+          f"{os.path.dirname(otel_stepspan.__file__)}, {os.cpu_count()} CPUs\n", flush=True)
+    receiver = Receiver()
+    try:
+        checks, ok = [], True
+        if args.only != "cpu":
+            rows, checks, ok = paced(receiver, args.quick)
+            print(table(["steps/s", "variant", "steps", "wake p50 us", "p99 us", "p99.9 us", "max us",
+                         "work mean ms", "late p99 ms"], rows))
+            print(flush=True)
+        if args.only != "paced":
+            cpu_rows, cpu_checks = cpu_per_span(receiver, args.quick)
+            print(table(["per exported span (over export off)", "all processes CPU us", "ratio",
+                         "engine thread CPU us", "ratio"], cpu_rows))
+            print()
+            checks += cpu_checks
+    finally:
+        receiver.close()
+    for line in checks:
+        print(line)
+    failed = [c for c in checks if c.startswith("FAIL")]
+    return 1 if failed or not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The exporter process: what it sends is OTLP as the SDK would send it, and what reached its pipe
+is delivered after the engine is gone, however it went (SIGKILL, its whole process tree killed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from otel_stepspan.exporter import encode, wire
+from otel_stepspan.exporter.spans import SpanBuilder
+from otel_stepspan.sinks.otel_process import exporter_environment
+from otel_stepspan.testing.otlp_receiver import OtlpReceiver
+from otel_stepspan.version import __version__
+
+PROGRAMS = Path(__file__).parent / "programs"
+
+
+def _only_span(request: bytes) -> tuple[dict, dict]:
+    parsed = ExportTraceServiceRequest()
+    parsed.ParseFromString(request)
+    document = MessageToDict(parsed)
+    resource_spans = document["resourceSpans"][0]
+    return resource_spans, resource_spans["scopeSpans"][0]["spans"][0]
+
+
+def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "encode-test")
+    builder = SpanBuilder({}, engine_pid=4321)
+    builder.add_static(0, {"engine.name": "sglang", "engine.tp_rank": 1})
+    parent = (0x1234, 0x5678, 1, True)
+    exception = {"exception.type": "ValueError", "exception.message": "bad", "exception.stacktrace": "tb"}
+    record = (
+        wire.STEP, 1_000, 2_500, "mixed", 8, 256, 4, 4, 260, 17, 0, parent, exception,
+        {"forward.gpu_time_ms": 1.5},
+    )
+    [encoded] = list(builder.build(record))
+    ours_resource, ours = _only_span(encode.export_request(builder.resource, builder.scope, [encoded]))
+
+    attributes = {
+        "forward.mode": "mixed", "forward.batch_size": 8, "forward.extend_tokens": 256,
+        "forward.decode_seqs": 4, "forward.prefill_seqs": 4, "forward.num_tokens": 260,
+        "forward.label": "step[mixed bs=8 ext=256 dec=4]", "forward.pass_id": 17,
+        "engine.name": "sglang", "engine.tp_rank": 1, "forward.gpu_time_ms": 1.5, "process.pid": 4321,
+    }
+    sdk_span = ReadableSpan(
+        name="step[mixed bs=8 ext=256 dec=4]",
+        context=SpanContext(0x1234, 0x9999, False, TraceFlags(1)),
+        parent=SpanContext(0x1234, 0x5678, True, TraceFlags(1)),
+        resource=Resource.create({"process.pid": 4321}),
+        attributes=attributes,
+        events=(Event("exception", exception, timestamp=2_500),),
+        kind=SpanKind.INTERNAL,
+        status=Status(StatusCode.ERROR, "ValueError: bad"),
+        start_time=1_000,
+        end_time=2_500,
+        instrumentation_scope=InstrumentationScope("otel_stepspan", __version__),
+    )
+    sdk_resource, sdk = _only_span(encode_spans([sdk_span]).SerializeToString())
+    assert len(ours.pop("spanId")) == len(sdk.pop("spanId"))  # ours is random
+    # trace.proto: the low 8 bits of Span.flags SHOULD be the W3C trace flags; the SDK sets only
+    # the is-remote bits. Ours carries both.
+    assert ours.pop("flags") == sdk.pop("flags") | 0x01 == 0x301
+    assert ours == sdk
+    assert ours_resource["resource"] == sdk_resource["resource"]
+    assert ours_resource["scopeSpans"][0]["scope"] == sdk_resource["scopeSpans"][0]["scope"]
+    assert {kv["key"]: kv["value"] for kv in ours_resource["resource"]["attributes"]}["service.name"] == {
+        "stringValue": "encode-test"
+    }
+
+
+def test_root_steps_get_a_trace_of_their_own_and_unknown_counts_stay_minus_one():
+    builder = SpanBuilder({"OTEL_STEPSPAN_SPAN_NAME": "mode"}, engine_pid=1)
+    record = (wire.STEP, 10, 20, "prefill", 2, None, 0, 2, None, None, 9, None, None, None)
+    spans = [_only_span(encode.export_request(builder.resource, builder.scope, list(builder.build(record))))[1]
+             for _ in range(2)]
+    assert spans[0]["traceId"] != spans[1]["traceId"]
+    assert "parentSpanId" not in spans[0]
+    assert spans[0]["name"] == "step[prefill]"
+    attributes = {kv["key"]: kv["value"] for kv in spans[0]["attributes"]}
+    assert attributes["forward.extend_tokens"] == {"intValue": "-1"}
+    assert attributes["forward.label"] == {"stringValue": "step[prefill bs=2 toks=?]"}
+    assert "forward.pass_id" not in attributes
+
+
+def test_a_parent_that_is_not_sampled_drops_the_step_under_the_default_sampler():
+    builder = SpanBuilder({}, engine_pid=1)
+    record = (wire.STEP, 10, 20, "decode", 1, 0, 1, 0, 1, None, 0, (5, 6, 0, True), None, None)
+    assert list(builder.build(record)) == []
+    assert builder.not_sampled == 1
+
+
+def test_the_exporter_runs_without_any_sitecustomize_but_can_import_us(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    env = exporter_environment({"PYTHONPATH": os.pathsep.join([str(site), str(plain)]), "OTEL_X": "1"})
+    entries = env["PYTHONPATH"].split(os.pathsep)
+    assert str(site) not in entries and str(plain) in entries
+    assert (Path(entries[0]) / "otel_stepspan" / "__init__.py").is_file()
+    assert env["OTEL_X"] == "1"
+
+
+# -- delivery when the engine goes ---------------------------------------------------------------
+
+
+def _env(endpoint: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def _read_until(process: subprocess.Popen, prefix: str, timeout_s: float = 60) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError(f"never printed {prefix!r}")
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid``, read from /proc as psutil (and so sglang's kill_process_tree)
+    finds them: by parent pid, recursively."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _exporters_of(engine_pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"otel_stepspan.exporter" in argv and str(engine_pid).encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}")]
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.parametrize("how", ["sigkill", "kill_process_tree"])
+def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivered(how):
+    with OtlpReceiver("grpc") as receiver:
+        program = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "paced_steps.py"), "0", "200", "--forever", "--stop-after", "600"],
+            # A schedule delay longer than the test: only the engine's death makes it export.
+            env=_env(receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="600000"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _read_until(program, "done 600")
+            time.sleep(1.0)
+            exporters = _exporters_of(program.pid)
+            assert len(exporters) == 1
+            assert exporters[0] not in _children(program.pid)  # detached from the engine's tree
+            if how == "kill_process_tree":  # as sglang's Engine.shutdown() does
+                for pid in _children(program.pid):
+                    os.kill(pid, signal.SIGKILL)
+            program.kill()
+            program.wait(10)
+            spans = receiver.wait_for_spans(600, timeout_s=30)
+        finally:
+            if program.poll() is None:
+                program.kill()
+        assert sorted(s.attributes["forward.batch_size"] for s in spans) == list(range(1, 601))
+        assert _wait_gone(exporters, 15) == []  # delivered, the exporter left by itself
+
+
+def test_a_sigkill_mid_run_loses_at_most_the_last_second():
+    with OtlpReceiver("grpc") as receiver:
+        program = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "paced_steps.py"), "0", "200", "--forever", "--report-every", "20"],
+            env=_env(receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="600000"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        seen: list[tuple[float, int]] = []
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 4.0:
+                line = program.stdout.readline()
+                if line.startswith("steps "):
+                    seen.append((time.monotonic(), int(line.split()[1])))
+            killed_at = time.monotonic()
+            program.kill()
+            program.wait(10)
+        finally:
+            if program.poll() is None:
+                program.kill()
+        ran_a_second_before = max(n for t, n in seen if t <= killed_at - 1.0)
+        deadline = time.monotonic() + 30
+        while receiver.span_count < ran_a_second_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # anything else in flight
+        indices = sorted(s.attributes["forward.batch_size"] for s in receiver.spans())
+    assert indices == list(range(1, len(indices) + 1))  # a prefix of the run, each step once
+    assert len(indices) >= ran_a_second_before
