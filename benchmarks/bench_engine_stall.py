@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 
 #: (steps/s, GIL-holding work ms, GPU wait ms): the wait fills most of the slot, as a decode does.
 RATES = ((50, 0.55, 12.0), (200, 0.55, 3.0), (1000, 0.2, 0.6), (2000, 0.1, 0.3))
+GPU = False
 
 
 # -- the engine process ------------------------------------------------------------------------
@@ -70,12 +71,32 @@ def worker_paced(args: argparse.Namespace) -> dict:
     wakes: list[float] = []
     perf = time.perf_counter
 
+    if args.gpu:
+        import torch
+
+        # A kernel that spins for the wait, then a synchronize that releases the GIL while the
+        # GPU runs it: the engine's real shape. Cycles calibrated once against the wall clock.
+        torch.cuda._sleep(1_000_000)
+        torch.cuda.synchronize()
+        started = perf()
+        torch.cuda._sleep(10_000_000)
+        torch.cuda.synchronize()
+        cycles = int(10_000_000 * wait_s / (perf() - started))
+
+        def gpu_wait() -> None:
+            torch.cuda._sleep(cycles)
+            torch.cuda.synchronize()
+    else:
+
+        def gpu_wait() -> None:
+            time.sleep(wait_s)
+
     class Runner:
         forward_pass_id = 0
 
         def forward(self, forward_batch, pp_proxy_tensors=None):
             started = perf()
-            time.sleep(wait_s)  # the GPU: GIL released
+            gpu_wait()  # the GPU: GIL released
             wakes.append(perf() - started - wait_s)
             return forward_batch
 
@@ -213,6 +234,8 @@ def _env(kind: str, variant: str, endpoint: str) -> dict[str, str]:
 
 def run_worker(kind: str, variant: str, endpoint: str, **params: Any) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--variant", variant, "--endpoint", endpoint]
+    if GPU and kind == "paced":
+        argv.append("--gpu")
     for key, value in params.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     result = subprocess.run(argv, env=_env(kind, variant, endpoint), capture_output=True, text=True, timeout=900)
@@ -349,6 +372,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run")
     parser.add_argument("--only", choices=["paced", "cpu"], help="run one part only")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU wait is a CUDA kernel and torch.cuda.synchronize() (needs a GPU)")
     parser.add_argument("--worker", choices=["paced", "cpu"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="off", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
@@ -362,9 +387,11 @@ def main() -> int:
         out = worker_paced(args) if args.worker == "paced" else worker_cpu(args)
         print(json.dumps(out))
         return 0
+    global GPU
+    GPU = args.gpu
     import otel_stepspan
 
-    print(f"# bench_engine_stall ({'quick' if args.quick else 'full'}): otel_stepspan from "
+    print(f"# bench_engine_stall ({'quick' if args.quick else 'full'}{', GPU wait' if args.gpu else ''}): otel_stepspan from "
           f"{os.path.dirname(otel_stepspan.__file__)}, {os.cpu_count()} CPUs\n", flush=True)
     receiver = Receiver()
     try:

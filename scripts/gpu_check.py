@@ -110,49 +110,83 @@ def main() -> int:
             "summary": proc.stdout.strip().splitlines()[-8:],
         }
 
-    def per_step_ns(fn: Callable[[], Any], steps: int) -> float:
-        for _ in range(200):
-            fn()
+    @check("CUDA event primitives, ns per call")
+    def _primitives():
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * args.steps)]
+        figures = {}
+        started = time.perf_counter_ns()
+        for _ in range(args.steps):
+            torch.cuda.Event(enable_timing=True)
+        figures["create"] = (time.perf_counter_ns() - started) / args.steps
+        started = time.perf_counter_ns()
+        for event in events:
+            event.record()
+        figures["record"] = (time.perf_counter_ns() - started) / len(events)
         torch.cuda.synchronize()
-        best = []
-        for _ in range(5):
-            started = time.perf_counter_ns()
-            for _ in range(steps):
-                fn()
-            best.append((time.perf_counter_ns() - started) / steps)
-            torch.cuda.synchronize()
-        return statistics.median(best)
-
-    @check("engine-thread cost per step: CPU timing vs GPU timing vs NVTX (OTel on)")
-    def _cost():
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
-
-        from otel_stepspan import StepInfo, flush, runtime, traced_forward
-
-        x = torch.ones(256, device="cuda")
-        info = StepInfo("decode", 8, 0, 8, 0, 8)
-
-        @traced_forward(lambda batch: info)
-        def forward(self, batch):
-            return x.add_(1)
-
-        def bare():
-            return x.add_(1)
-
-        trace.set_tracer_provider(TracerProvider())  # spans made and dropped: the engine side is measured
-        figures = {"bare_kernel_launch_ns": per_step_ns(bare, args.steps)}
-        for name, env in (("cpu_timing", {}), ("gpu_timing", {"OTEL_STEPSPAN_GPU_TIMING": "1"}),
-                          ("nvtx", {"OTEL_STEPSPAN_NVTX": "1"})):
-            for key in ("OTEL_STEPSPAN_GPU_TIMING", "OTEL_STEPSPAN_NVTX"):
-                os.environ.pop(key, None)
-            os.environ.update(env)
-            runtime.refresh_settings()
-            figures[name + "_ns"] = per_step_ns(lambda: forward(None, 1), args.steps)
-            flush(30)
-        for key in ("cpu_timing", "gpu_timing", "nvtx"):
-            figures[key + "_over_bare_ns"] = round(figures[key + "_ns"] - figures["bare_kernel_launch_ns"])
+        started = time.perf_counter_ns()
+        for event in events:
+            event.query()
+        figures["query"] = (time.perf_counter_ns() - started) / len(events)
+        started = time.perf_counter_ns()
+        for first, second in zip(events[::2], events[1::2]):
+            first.elapsed_time(second)
+        figures["elapsed_time"] = (time.perf_counter_ns() - started) / args.steps
         return {k: round(v) for k, v in figures.items()}
+
+    @check("engine-thread cost per step, OTLP export to a receiver process: CPU vs GPU timing vs NVTX")
+    def _cost():
+        receiver = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "receiver_proc.py")],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        endpoint = json.loads(receiver.stdout.readline())["endpoint"]
+        code = f"""
+import json, os, statistics, sys, time, torch
+sys.path.insert(0, {str(ROOT)!r})
+from otel_stepspan import StepInfo, flush, stats, traced_forward
+x = torch.ones(256, device="cuda")
+info = StepInfo("decode", 8, 0, 8, 0, 8)
+@traced_forward(lambda batch: info)
+def forward(self, batch):
+    return x.add_(1)
+def bare():
+    return x.add_(1)
+def per_step(fn, steps):
+    for _ in range(200): fn()
+    torch.cuda.synchronize()
+    walls, cpus = [], []
+    for _ in range(5):
+        wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
+        for _ in range(steps): fn()
+        walls.append((time.perf_counter_ns() - wall) / steps); cpus.append((time.thread_time_ns() - cpu) / steps)
+        torch.cuda.synchronize()
+    return statistics.median(walls), statistics.median(cpus)
+out = {{}}
+out["bare_wall_ns"], out["bare_cpu_ns"] = per_step(bare, {args.steps})
+out["traced_wall_ns"], out["traced_cpu_ns"] = per_step(lambda: forward(None, 1), {args.steps})
+flush(60)
+out["stats"] = stats()
+print(json.dumps(out))
+"""
+        figures = {}
+        try:
+            for name, env in (("cpu_timing", {}), ("gpu_timing", {"OTEL_STEPSPAN_GPU_TIMING": "1"}),
+                              ("nvtx", {"OTEL_STEPSPAN_NVTX": "1"})):
+                child_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+                child_env.update(env, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+                proc = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
+                                      text=True, timeout=300)
+                assert proc.returncode == 0, proc.stderr[-2000:]
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                assert result["stats"]["dropped"] == 0 and result["stats"]["exported"] >= 5 * args.steps, result
+                figures[name] = {
+                    "over_bare_wall_ns": round(result["traced_wall_ns"] - result["bare_wall_ns"]),
+                    "over_bare_engine_thread_cpu_ns": round(result["traced_cpu_ns"] - result["bare_cpu_ns"]),
+                    "bare_wall_ns": round(result["bare_wall_ns"]),
+                }
+        finally:
+            receiver.stdin.write("quit\n")
+            receiver.stdin.close()
+            receiver.wait(30)
+        return figures
 
     (out / "gpu_check.json").write_text(json.dumps({"results": results, "failures": failures}, indent=2))
     print("\nFAILED: " + ", ".join(failures) if failures else "\nall GPU checks passed", flush=True)
