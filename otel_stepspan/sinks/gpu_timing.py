@@ -143,8 +143,8 @@ class GpuStepTimer:
 
         Steps complete mostly in launch order, so the scan stops after a few steps still running:
         with a backlog of a thousand steps (a GPU far behind the CPU), asking every event each
-        millisecond would hold the engine's GIL for milliseconds (measured on an H200: 62 us per
-        step on the engine thread). Those passed over stay in place, in order."""
+        millisecond would hold the engine's GIL for a millisecond or more of every one. Those
+        passed over stay in place, in order."""
         done = 0
         pending = self._pending
         running: list = []
