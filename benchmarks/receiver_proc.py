@@ -6,8 +6,9 @@ Usage::
     python benchmarks/receiver_proc.py [--protocol grpc] [--delay 0.25]
 
 It prints one JSON line with its endpoint, then answers commands on stdin, one per line:
-``count`` prints ``{"spans": N, "requests": R, "rejected": J, "cpu_s": S}``; ``wait N T`` waits
-until N spans arrived or T seconds passed, then prints the same; ``quit`` stops it.
+``count`` prints ``{"spans": N, "all_spans": A, "requests": R, "rejected": J, "cpu_s": S}`` (N
+step spans; A all spans, timeline roots included); ``wait N T`` waits until N step spans arrived
+or T seconds passed, then prints the same; ``quit`` stops it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main() -> int:
         with receiver._lock:
             return json.dumps(
                 {
-                    "spans": receiver.span_count,
+                    "spans": receiver.step_count,
+                    "all_spans": receiver.span_count,
                     "requests": receiver.requests_total,
                     "rejected": receiver.rejected,
                     "cpu_s": time.process_time(),
@@ -59,7 +61,7 @@ def main() -> int:
         if words[0] == "count":
             print(counts(), flush=True)
         elif words[0] == "wait":
-            receiver.wait_for_spans(int(words[1]), float(words[2]))
+            receiver.wait_for_steps(int(words[1]), float(words[2]))
             print(counts(), flush=True)
         elif words[0] == "quit":
             break

@@ -140,7 +140,12 @@ def _decide_sink(state: _State) -> Optional[Sink]:
         return None
     sink = state.sinks_by_provider.get(id(provider))
     if sink is None:
-        sink = DeferredSpanSink(provider, name_by=state.settings.span_name, max_pending=state.settings.max_pending)
+        sink = DeferredSpanSink(
+            provider,
+            name_by=state.settings.span_name,
+            max_pending=state.settings.max_pending,
+            timeline=state.settings.timeline,
+        )
         state.sinks_by_provider[id(provider)] = sink
     return sink
 
@@ -229,6 +234,8 @@ def _flush_at_exit(timeout_s: float = 10.0) -> None:
         if _process_sink is not None:
             _process_sink.close()
         for sink in list(_state.sinks_by_provider.values()):
+            sink.drain(max(0.0, deadline - time.monotonic()))
+            sink.close_timeline()
             sink.flush(max(0.0, deadline - time.monotonic()))
     except Exception:  # interpreter shutdown: say why, never raise
         logger.exception("otel_stepspan: flushing step spans at exit failed")
@@ -275,6 +282,7 @@ def stats() -> dict[str, int]:
         "export_queue_full": health.queue_full,
         "exporter_pending": 0,
         "exporter_cpu_ns": 0,
+        "timelines_exported": 0,
     }
     if _process_sink is not None:
         for key, value in _process_sink.exporter_stats().items():

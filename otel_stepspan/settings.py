@@ -8,8 +8,10 @@ inherited, which is what makes "configured only through ``OTEL_*`` variables" wo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
+
+from .timeline import TimelineSettings, read_timeline_settings
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -29,6 +31,7 @@ class Settings:
     problems: tuple[str, ...] = ()
 
     otlp_only: bool = False  # the exporters asked for are OTLP alone
+    timeline: TimelineSettings = field(default_factory=TimelineSettings)
 
     @property
     def otel_wanted(self) -> bool:
@@ -65,6 +68,8 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         except ValueError:
             problems.append(f"OTEL_STEPSPAN_MAX_PENDING={raw_pending!r} is not a positive integer; using 65536")
             max_pending = 65536
+    timeline, timeline_problems = read_timeline_settings(env)
+    problems += timeline_problems
     return Settings(
         sdk_disabled=_flag(env, "OTEL_SDK_DISABLED"),
         export_requested=bool(exporters),
@@ -74,4 +79,5 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         gpu_timing=_flag(env, "OTEL_STEPSPAN_GPU_TIMING"),
         max_pending=max_pending,
         problems=tuple(problems),
+        timeline=timeline,
     )

@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import otel_stepspan
 from otel_stepspan import runtime
+from otel_stepspan.timeline import ROOT_NAME
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +34,19 @@ class MemorySpans:
         self.provider = TracerProvider()
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
 
-    def spans(self):
-        """Every step span so far (the OTel sink creates them off-thread: flush first)."""
+    def all_spans(self):
+        """Every span so far, timeline roots included (the OTel sink creates them off-thread:
+        flush first)."""
         assert otel_stepspan.flush(10.0)
         return list(self.exporter.get_finished_spans())
+
+    def spans(self):
+        """Every step span so far: without the timeline roots."""
+        return [span for span in self.all_spans() if "forward.mode" in (span.attributes or {})]
+
+    def timelines(self):
+        """The timeline roots ended so far."""
+        return [span for span in self.all_spans() if span.name == ROOT_NAME]
 
 
 @pytest.fixture

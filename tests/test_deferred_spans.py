@@ -7,7 +7,7 @@ import time
 
 from opentelemetry import trace
 
-from otel_stepspan import StepInfo, stats, step_span
+from otel_stepspan import StepInfo, runtime, stats, step_span
 
 
 def test_deferred_spans_keep_start_end_and_parent(memory_spans):
@@ -28,11 +28,38 @@ def test_deferred_spans_keep_start_end_and_parent(memory_spans):
         assert span.context.trace_id == parent.get_span_context().trace_id
 
 
-def test_steps_without_a_parent_are_roots(memory_spans):
+def test_with_timelines_off_steps_without_a_parent_are_roots(memory_spans, monkeypatch):
+    monkeypatch.setenv("OTEL_STEPSPAN_TIMELINE", "off")
+    runtime.refresh_settings()
     with step_span(StepInfo("idle", 0)):
         pass
     (span,) = memory_spans.spans()
     assert span.parent is None
+
+
+def test_steps_without_a_parent_share_a_timeline_root_made_through_the_provider(memory_spans, monkeypatch):
+    monkeypatch.setenv("OTEL_STEPSPAN_TIMELINE_STEPS", "4")
+    runtime.refresh_settings()
+    for bs in range(1, 7):  # 6 steps: a window of 4 and one of 2
+        with step_span(StepInfo.from_counts(prefill_seqs=0, extend_tokens=0, decode_seqs=bs)):
+            pass
+    with step_span(StepInfo("idle", 0)):
+        pass
+    assert len(memory_spans.timelines()) == 1  # the second window is still open
+    runtime._flush_at_exit()  # the process leaves: open windows close
+    roots, steps = memory_spans.timelines(), memory_spans.spans()
+    assert len(memory_spans.all_spans()) == len(roots) + len(steps)
+    assert len(roots) == 2 and len(steps) == 7
+    for root, members in ((roots[0], steps[:4]), (roots[1], steps[4:])):
+        assert root.parent is None
+        assert {(s.context.trace_id, s.parent.span_id) for s in members} == {
+            (root.context.trace_id, root.context.span_id)
+        }
+        assert root.start_time == members[0].start_time and root.end_time == members[-1].end_time
+    assert roots[0].attributes["timeline.steps"] == roots[0].attributes["timeline.steps.decode"] == 4
+    assert roots[1].attributes["timeline.steps"] == 3
+    assert roots[1].attributes["timeline.steps.idle"] == 1
+    assert roots[0].attributes["timeline.tokens"] == 1 + 2 + 3 + 4
 
 
 def test_steps_from_several_threads_are_well_formed_and_parented(memory_spans):

@@ -3,6 +3,7 @@ is delivered after the engine is gone, however it went (SIGKILL, its whole proce
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -81,8 +82,60 @@ def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
     }
 
 
-def test_root_steps_get_a_trace_of_their_own_and_unknown_counts_stay_minus_one():
-    builder = SpanBuilder({"OTEL_STEPSPAN_SPAN_NAME": "mode"}, engine_pid=1)
+def _decoded(builder: SpanBuilder, spans: list) -> list[dict]:
+    parsed = ExportTraceServiceRequest()
+    parsed.ParseFromString(encode.export_request(builder.resource, builder.scope, spans))
+    return MessageToDict(parsed)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+
+
+def _step(i: int, mode: str = "decode", parent=None) -> tuple:
+    return (wire.STEP, 1_000_000 * i, 1_000_000 * i + 500_000, mode, 4, 0, 4, 0, 4, i, 0, parent, None, None)
+
+
+def test_parentless_steps_share_a_timeline_window_whose_root_counts_them():
+    builder = SpanBuilder({"OTEL_STEPSPAN_TIMELINE_STEPS": "3"}, engine_pid=7)
+    builder.add_static(0, {"engine.name": "sglang", "engine.tp_rank": 0})
+    built = []
+    for i in range(1, 5):  # the 4th step closes the first window (3 steps)
+        built += builder.build(_step(i, "prefill" if i == 1 else "decode"))
+    built += builder.close_all()  # the engine is gone: the second window closes too
+    spans = _decoded(builder, built)
+    roots = [s for s in spans if s["name"] == "timeline"]
+    steps = [s for s in spans if s["name"] != "timeline"]
+    assert len(roots) == 2 and len(steps) == 4
+    first, second = roots
+    assert [s["traceId"] for s in steps] == [first["traceId"]] * 3 + [second["traceId"]]
+    assert [s["parentSpanId"] for s in steps] == [first["spanId"]] * 3 + [second["spanId"]]
+    assert "parentSpanId" not in first
+    assert (int(first["startTimeUnixNano"]), int(first["endTimeUnixNano"])) == (1_000_000, 3_500_000)
+    attributes = {kv["key"]: kv["value"] for kv in first["attributes"]}
+    assert attributes["timeline.steps"] == {"intValue": "3"}
+    assert attributes["timeline.steps.prefill"] == {"intValue": "1"}
+    assert attributes["timeline.steps.decode"] == {"intValue": "2"}
+    assert attributes["timeline.tokens"] == {"intValue": "12"}
+    assert attributes["engine.name"] == {"stringValue": "sglang"}
+    assert attributes["process.pid"] == {"intValue": "7"}
+
+
+def test_a_window_closes_on_time_when_the_engine_goes_idle():
+    builder = SpanBuilder({"OTEL_STEPSPAN_TIMELINE_SECONDS": "2"}, engine_pid=1)
+    builder.build(_step(1))
+    assert builder.close_due(1_000_000 + 1_999_000_000) == []
+    [root] = _decoded(builder, builder.close_due(1_000_000 + 2_000_000_000))
+    assert root["name"] == "timeline"
+    assert builder.close_all() == []  # nothing open any more
+
+
+def test_a_step_with_a_parent_of_its_own_keeps_it_and_stays_out_of_the_timeline():
+    builder = SpanBuilder({}, engine_pid=1)
+    [step] = _decoded(builder, builder.build(_step(1, parent=(0xAB, 0xCD, 1, False))))
+    assert builder.close_all() == []
+    assert base64.b64decode(step["traceId"]) == bytes.fromhex("00" * 15 + "ab")
+    assert base64.b64decode(step["parentSpanId"]) == bytes.fromhex("00" * 7 + "cd")
+
+
+def test_with_timelines_off_every_step_is_a_trace_of_its_own_and_unknown_counts_stay_minus_one():
+    builder = SpanBuilder({"OTEL_STEPSPAN_SPAN_NAME": "mode", "OTEL_STEPSPAN_TIMELINE": "off"}, engine_pid=1)
     record = (wire.STEP, 10, 20, "prefill", 2, None, 0, 2, None, None, 9, None, None, None)
     spans = [_only_span(encode.export_request(builder.resource, builder.scope, list(builder.build(record))))[1]
              for _ in range(2)]
@@ -202,7 +255,7 @@ def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivere
                     os.kill(pid, signal.SIGKILL)
             program.kill()
             program.wait(10)
-            spans = receiver.wait_for_spans(600, timeout_s=30)
+            spans = receiver.wait_for_steps(600, timeout_s=30)
         finally:
             if program.poll() is None:
                 program.kill()
@@ -233,9 +286,9 @@ def test_a_sigkill_mid_run_loses_at_most_the_last_second():
                 program.kill()
         ran_a_second_before = max(n for t, n in seen if t <= killed_at - 1.0)
         deadline = time.monotonic() + 30
-        while receiver.span_count < ran_a_second_before and time.monotonic() < deadline:
+        while receiver.step_count < ran_a_second_before and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0)  # anything else in flight
-        indices = sorted(s.attributes["forward.batch_size"] for s in receiver.spans())
+        indices = sorted(s.attributes["forward.batch_size"] for s in receiver.steps())
     assert indices == list(range(1, len(indices) + 1))  # a prefix of the run, each step once
     assert len(indices) >= ran_a_second_before

@@ -39,9 +39,14 @@ def test_env_alone_exports_step_spans(protocol):
             },
             "3",
         )
-        spans = receiver.wait_for_spans(3, timeout_s=5)
+        spans = receiver.wait_for_steps(3, timeout_s=5)
+        [timeline] = receiver.timelines()
     assert receiver.rejected == 0
     assert [s.name for s in spans] == ["step[decode bs=1]", "step[decode bs=2]", "step[decode bs=3]"]
+    # One engine timeline: the steps are the children of its root, which counts them.
+    assert {(s.trace_id, s.parent_span_id) for s in spans} == {(timeline.trace_id, timeline.span_id)}
+    assert timeline.attributes["timeline.steps"] == timeline.attributes["timeline.steps.decode"] == 3
+    assert timeline.start_ns == spans[0].start_ns and timeline.end_ns == spans[2].end_ns
     span = spans[2]
     assert span.kind == 1  # SPAN_KIND_INTERNAL
     assert span.scope_name == "otel_stepspan" and span.scope_version
@@ -72,13 +77,13 @@ def test_traces_endpoint_variable_is_used_as_is_for_http():
             },
             "2",
         )
-        assert len(receiver.wait_for_spans(2, timeout_s=5)) == 2
+        assert len(receiver.wait_for_steps(2, timeout_s=5)) == 2
 
 
 def test_span_name_mode_is_low_cardinality():
     with OtlpReceiver("grpc") as receiver:
         run_program({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_STEPSPAN_SPAN_NAME": "mode"}, "3")
-        spans = receiver.wait_for_spans(3, timeout_s=5)
+        spans = receiver.wait_for_steps(3, timeout_s=5)
     assert {s.name for s in spans} == {"step[decode]"}
     assert [s.attributes["forward.label"] for s in spans] == [
         "step[decode bs=1]",
@@ -94,7 +99,7 @@ def test_span_name_mode_is_low_cardinality():
 def test_standard_variables_turn_export_off(extra):
     with OtlpReceiver("grpc") as receiver:
         run_program({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **extra}, "3")
-        assert receiver.wait_for_spans(1, timeout_s=1.5) == []
+        assert receiver.wait_for_steps(1, timeout_s=1.5) == []
 
 
 def test_unsupported_protocol_is_a_clear_error_and_the_program_runs_on():
@@ -108,9 +113,9 @@ def test_unsupported_protocol_is_a_clear_error_and_the_program_runs_on():
 def test_engine_provider_is_kept_not_replaced():
     with OtlpReceiver("grpc") as engine_side, OtlpReceiver("grpc") as env_side:
         run_program({"OTEL_EXPORTER_OTLP_ENDPOINT": env_side.endpoint}, "2", "--own-provider", engine_side.endpoint)
-        spans = engine_side.wait_for_spans(2, timeout_s=5)
+        spans = engine_side.wait_for_steps(2, timeout_s=5)
         assert [s.resource["service.name"] for s in spans] == ["engine-own-provider"] * 2
-        assert env_side.wait_for_spans(1, timeout_s=1) == []
+        assert env_side.wait_for_steps(1, timeout_s=1) == []
 
 
 def test_spawned_worker_configures_itself_from_the_inherited_environment():
@@ -118,7 +123,7 @@ def test_spawned_worker_configures_itself_from_the_inherited_environment():
         result = run_program(
             {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "spawner"}, "2", "--spawn-worker"
         )
-        spans = receiver.wait_for_spans(4, timeout_s=5)
+        spans = receiver.wait_for_steps(4, timeout_s=5)
     assert "worker exit 0" in result.stdout
     parent_pid = int(result.stdout.split("pid")[-1])
     by_pid: dict[int, list[str]] = {}

@@ -87,7 +87,7 @@ def _run_through_outages(extra_env: dict[str, str]) -> tuple[dict, list, list, s
             receiver.stop()
     assert program.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    spans = [span for receiver in receivers for span in receiver.spans()]
+    spans = [span for receiver in receivers for span in receiver.steps()]
     return summary, spans, outages, err
 
 
@@ -153,11 +153,11 @@ def test_sigterm_flushes_pending_spans_then_dies_of_the_signal():
         )
         wait_for_line(program, "ready")
         time.sleep(1.0)
-        assert receiver.span_count == 0  # nothing exported yet: all pending in the process
+        assert receiver.step_count == 0  # nothing exported yet: all pending in the process
         program.send_signal(signal.SIGTERM)
         program.wait(timeout=60)
         assert program.returncode == -signal.SIGTERM
-        spans = receiver.wait_for_spans(50, timeout_s=5)
+        spans = receiver.wait_for_steps(50, timeout_s=5)
     indices = sorted(s.attributes["forward.batch_size"] for s in spans)
     assert len(indices) >= 50
     assert indices == list(range(1, len(indices) + 1))  # every step up to the signal, once
@@ -205,7 +205,7 @@ def test_workers_export_their_own_spans_once(method):
         )
         assert result.returncode == 0, result.stderr
         assert "exit codes [0, 0]" in result.stdout
-        spans = receiver.wait_for_spans(steps * (workers + 1), timeout_s=10)
+        spans = receiver.wait_for_steps(steps * (workers + 1), timeout_s=10)
     keys = Counter((s.attributes["process.pid"], s.attributes["forward.batch_size"]) for s in spans)
     assert all(count == 1 for count in keys.values()), "duplicated spans"
     assert len(spans) == steps * (workers + 1)
@@ -249,7 +249,7 @@ def test_tls_with_certificate_and_auth_headers(tmp_path, protocol):
             timeout=120,
         )
         assert result.returncode == 0, result.stderr
-        spans = receiver.wait_for_spans(3, timeout_s=10)
+        spans = receiver.wait_for_steps(3, timeout_s=10)
     assert receiver.endpoint.startswith("https://")
     assert [s.name for s in spans] == ["step[decode bs=1]", "step[decode bs=2]", "step[decode bs=3]"]
     assert receiver.rejected == 0
@@ -266,5 +266,5 @@ def test_wrong_auth_header_is_rejected_and_counted(tmp_path):
         )
     assert result.returncode == 0
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert receiver.span_count == 0 and receiver.rejected >= 1
+    assert receiver.step_count == 0 and receiver.rejected >= 1
     assert summary["export_failed"] == summary["steps"]

@@ -31,7 +31,7 @@ from collections import deque
 from typing import Any, Mapping, Optional
 
 from . import encode, wire
-from .spans import SpanBuilder
+from .spans import RootSpan, SpanBuilder
 from .transport import ConfigError, Sent, sender_from_environment
 
 _REPORT_INTERVAL_S = 10.0
@@ -91,14 +91,14 @@ class Exporter:
         self.queue: deque = deque()
         self.cond = threading.Condition()
         self.input_done = False
-        self.flush_requests: list[tuple[int, int]] = []  # (seq, spans received when asked)
+        self.flush_requests: list[tuple[int, int]] = []  # (seq, spans failed when asked)
         # Counters. ``received`` counts spans queued; the rest say what became of spans.
         self.received = 0
         self.exported = 0
         self.failed = 0
         self.queue_full = 0
         self.engine_dropped = 0
-        self.not_sampled = 0
+        self.timelines_exported = 0
         self._reported = (0, 0, 0)
         self._last_report = time.monotonic()
         self._refusal_said = False
@@ -157,8 +157,7 @@ class Exporter:
         for message in messages:
             kind = message[0]
             if kind == wire.STEP:
-                for span in builder.build(message):
-                    built.append(span)
+                built += builder.build(message)
             elif kind == wire.STATIC:
                 builder.add_static(message[1], message[2])
             elif kind == wire.DROPPED:
@@ -168,14 +167,22 @@ class Exporter:
         self._enqueue(built)
 
     def _enqueue(self, spans: list) -> None:
+        """Queue encoded spans for export. Step spans beyond OTEL_BSP_MAX_QUEUE_SIZE are refused
+        and counted; a timeline root (one per window) is always taken, so that no window's steps
+        are left without it."""
         if not spans:
             return
         with self.cond:
             room = self.max_queue - len(self.queue)
-            taken = spans if room >= len(spans) else spans[: max(room, 0)]
-            self.queue.extend(taken)
-            self.received += len(taken)
-            self.queue_full += len(spans) - len(taken)
+            for span in spans:
+                if type(span) is RootSpan:
+                    self.queue.append(span)
+                elif room > 0:
+                    self.queue.append(span)
+                    self.received += 1
+                    room -= 1
+                else:
+                    self.queue_full += 1
             if len(self.queue) >= self.batch_size:
                 self.cond.notify_all()
 
@@ -184,7 +191,7 @@ class Exporter:
         built_so_far.clear()
         if what == "flush":
             with self.cond:
-                self.flush_requests.append((seq, self.received))
+                self.flush_requests.append((seq, self.failed))
                 self.cond.notify_all()
         else:
             self._answer(seq, True)
@@ -196,8 +203,9 @@ class Exporter:
             "exported": self.exported,
             "export_failed": self.failed,
             "export_queue_full": self.queue_full,
-            "exporter_pending": len(self.queue),
+            "exporter_pending": sum(1 for span in self.queue if type(span) is not RootSpan),
             "not_sampled": self.builder.not_sampled,
+            "timelines_exported": self.timelines_exported,
             "exporter_cpu_ns": time.process_time_ns(),
         }
         try:
@@ -224,29 +232,36 @@ class Exporter:
                     if due:
                         break
                     self.cond.wait(max(0.01, self.delay_s - (now - last_export)) if self.queue else 1.0)
-                if self.input_done and linger_until is None:
+                closing = self.input_done and linger_until is None
+                if closing:
                     linger_until = time.monotonic() + self.linger_s
+            # Timeline windows whose time is up, or every open one once the engine is gone.
+            self._enqueue(self.builder.close_all() if closing else self.builder.close_due(time.time_ns()))
+            with self.cond:
                 batch = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
             self._report_if_due()
             if not batch:
-                self._answer_flushes(all_done=True)
+                self._answer_flushes()
                 if self.input_done:
                     return
                 last_export = time.monotonic()
                 continue
             sent = self.sender.send(encode.export_request(self.builder.resource, self.builder.scope, batch))
             last_export = time.monotonic()
+            roots = sum(1 for span in batch if type(span) is RootSpan)
             if sent.ok:
                 attempt = 0
-                self.exported += len(batch) - sent.rejected
+                self.exported += len(batch) - roots - sent.rejected
+                self.timelines_exported += roots
                 self.failed += sent.rejected
                 if not self.queue:
-                    self._answer_flushes(all_done=True)
+                    self._answer_flushes()
                 continue
             if not sent.retryable:
-                self.failed += len(batch)
+                self.failed += len(batch) - roots
                 self._say_refusal(sent)
-                self._answer_flushes(all_done=not self.queue)
+                if not self.queue:
+                    self._answer_flushes()
                 continue
             # The Collector may come back: keep the batch at the head and wait a while.
             with self.cond:
@@ -254,7 +269,7 @@ class Exporter:
             if linger_until is not None and time.monotonic() >= linger_until:
                 self._give_up(sent)
                 return
-            self._answer_flushes(all_done=False)
+            self._answer_flushes(cannot_now=True)
             delay = sent.retry_after_s if sent.retry_after_s is not None else min(
                 _MAX_BACKOFF_S, 0.1 * 2**attempt
             ) * random.uniform(0.8, 1.2)
@@ -262,13 +277,15 @@ class Exporter:
             with self.cond:
                 self.cond.wait(delay)
 
-    def _answer_flushes(self, all_done: bool) -> None:
-        """Answer the flush requests whose spans are all exported (or have failed for good);
-        with ``all_done`` False, answer them as not flushed: the engine's flush() is waiting."""
+    def _answer_flushes(self, cannot_now: bool = False) -> None:
+        """Answer the flush requests: once every span received before them has been tried (the
+        queue is empty), flushed if none of them failed; or, when the Collector cannot be reached
+        now (``cannot_now``), not flushed: the engine's flush() is waiting, and the spans stay
+        queued here."""
         with self.cond:
             requests, self.flush_requests = self.flush_requests, []
-        for seq, _ in requests:
-            self._answer(seq, all_done)
+        for seq, failed_before in requests:
+            self._answer(seq, not cannot_now and self.failed == failed_before)
 
     def _say_refusal(self, sent: Sent) -> None:
         if not self._refusal_said:
@@ -280,7 +297,7 @@ class Exporter:
 
     def _give_up(self, sent: Sent) -> None:
         with self.cond:
-            left = len(self.queue)
+            left = sum(1 for span in self.queue if type(span) is not RootSpan)
             self.queue.clear()
         self.failed += left
         _say(
@@ -339,5 +356,7 @@ def main(steps_fd: int, status_fd: int, engine_pid: int, environ: Optional[Mappi
     except ConfigError as exc:
         _say(f"OpenTelemetry export is off: {exc}")
         return 2
+    for problem in exporter.builder.problems:
+        _say(problem)
     _stop_on_sigterm(exporter)
     return exporter.run()

@@ -9,13 +9,19 @@ SDK's own samplers; with the default (``parentbased_always_on``) no sampler call
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any, Iterator, Mapping, Optional
 
 from ..step import make_step
+from ..timeline import ROOT_NAME, Timeline, Window, read_timeline_settings
 from ..version import __version__
 from . import encode
 
 _getrandbits = random.getrandbits
+
+
+class RootSpan(bytes):
+    """An encoded timeline root: queued and exported like a step span, but not counted as one."""
 _SAMPLED = 0x01
 _DEFAULT_SAMPLERS = ("", "parentbased_always_on", "always_on")
 
@@ -30,6 +36,9 @@ def _resource(engine_pid: int) -> bytes:
 
 
 class SpanBuilder:
+    """Thread-safe: the reading thread builds step spans while the exporting thread closes the
+    timeline windows that are due."""
+
     def __init__(self, environ: Mapping[str, str], engine_pid: int) -> None:
         self.name_by_mode = environ.get("OTEL_STEPSPAN_SPAN_NAME", "label").strip().lower() == "mode"
         self.resource = _resource(engine_pid)
@@ -40,6 +49,14 @@ class SpanBuilder:
         self.not_sampled = 0
         sampler_name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
         self._sampler = None if sampler_name in _DEFAULT_SAMPLERS else self._sdk_sampler()
+        timeline_settings, self.problems = read_timeline_settings(environ)
+        self._timeline = (
+            Timeline(timeline_settings, sample=lambda trace_id: self._sample(trace_id, None, ROOT_NAME) != 0)
+            if timeline_settings.enabled
+            else None
+        )
+        self._root_name = encode.name_field(ROOT_NAME)
+        self._lock = threading.Lock()
 
     @staticmethod
     def _sdk_sampler() -> Any:
@@ -66,9 +83,32 @@ class SpanBuilder:
             self._shapes[key] = hit
         return hit
 
-    def build(self, record: tuple) -> Iterator[bytes]:
-        """The encoded spans of one ``wire.STEP`` record (layout in :mod:`.wire`): the step span,
-        or none when the sampler drops it."""
+    def build(self, record: tuple) -> list[bytes]:
+        """The encoded spans of one ``wire.STEP`` record (layout in :mod:`.wire`): the step span
+        (none when the sampler drops it), after the root of the timeline window it closed."""
+        with self._lock:
+            return list(self._build(record))
+
+    def close_due(self, now_ns: int) -> list[bytes]:
+        """The root of the timeline window whose time is up, if any."""
+        with self._lock:
+            window = self._timeline.close_due(now_ns) if self._timeline is not None else None
+            return [self._root(window)] if window is not None and window.sampled else []
+
+    def close_all(self) -> list[bytes]:
+        """The root of the open timeline window (the engine is gone)."""
+        with self._lock:
+            window = self._timeline.close() if self._timeline is not None else None
+            return [self._root(window)] if window is not None and window.sampled else []
+
+    def _root(self, window: Window) -> RootSpan:
+        attributes = encode.span_attributes(window.attributes()) + self._statics.get(window.static_id, b"")
+        return RootSpan(encode.span(
+            window.trace_id, window.span_id, None, self._root_name, window.start_ns, window.end_ns,
+            attributes + self._pid_attribute, encode.FLAG_HAS_IS_REMOTE | _SAMPLED,
+        ))
+
+    def _build(self, record: tuple) -> Iterator[bytes]:
         (_, start_ns, end_ns, mode, bs, ext, dec, pre, ntok, pass_id, static_id, parent, exception, extra) = record
         text_name, name, shape_attributes = self._shape(mode, bs, ext, dec, pre, ntok)
         attributes = shape_attributes
@@ -83,13 +123,21 @@ class SpanBuilder:
         if parent is not None:
             trace_id, parent_span_id, trace_flags, is_remote = parent
             flags = encode.FLAG_HAS_IS_REMOTE | (encode.FLAG_IS_REMOTE if is_remote else 0)
-        else:
-            trace_id, parent_span_id, trace_flags = _getrandbits(128) or 1, None, _SAMPLED
+            if self._sampler is not None:
+                trace_flags = self._sample(trace_id, parent, text_name)
+            else:
+                trace_flags &= _SAMPLED  # parent-based: the parent's decision
+        elif self._timeline is not None:
+            window, closed = self._timeline.place(start_ns, end_ns, mode, ntok, static_id)
+            if closed is not None and closed.sampled:
+                yield self._root(closed)
+            trace_id, parent_span_id = window.trace_id, window.span_id
+            trace_flags = _SAMPLED if window.sampled else 0  # the window's root decided
             flags = encode.FLAG_HAS_IS_REMOTE
-        if self._sampler is not None:
-            trace_flags = self._sample(trace_id, parent, text_name)
-        elif parent is not None:
-            trace_flags &= _SAMPLED  # parent-based: the parent's decision
+        else:
+            trace_id, parent_span_id = _getrandbits(128) or 1, None
+            trace_flags = self._sample(trace_id, None, text_name) if self._sampler is not None else _SAMPLED
+            flags = encode.FLAG_HAS_IS_REMOTE
         if not trace_flags & _SAMPLED:
             self.not_sampled += 1
             return
@@ -104,6 +152,8 @@ class SpanBuilder:
         )
 
     def _sample(self, trace_id: int, parent: Optional[tuple], name: str) -> int:
+        if self._sampler is None:
+            return _SAMPLED
         from opentelemetry import trace
         from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 

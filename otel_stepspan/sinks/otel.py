@@ -22,9 +22,11 @@ from collections import deque
 from typing import Any, Callable, Mapping, Optional
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..step import AttributeValue, StepInfo, unknown_step
+from ..timeline import ROOT_NAME, Timeline, TimelineSettings, Window
 from .otel_provider import health as export_health
 from ..version import __version__
 
@@ -77,8 +79,12 @@ class DeferredSpanSink:
         *,
         name_by: str = "label",
         max_pending: int = 65536,
+        timeline: Optional[TimelineSettings] = None,
     ) -> None:
         self.provider = provider
+        self.timeline_settings = timeline if timeline is not None else TimelineSettings()
+        self._timeline: Optional[Timeline] = None
+        self._timeline_lock = threading.Lock()
         self.tracer = provider.get_tracer("otel_stepspan", __version__)
         self.name_by = name_by
         self.max_pending = max_pending
@@ -134,6 +140,42 @@ class DeferredSpanSink:
             thread.start()
             self._started = True
 
+    def _timeline_parent(self, info: StepInfo, start_ns: int, end_ns: int, static: Mapping[str, Any]) -> Any:
+        """The context of the timeline window a parentless step belongs to: the window's root
+        span, started through the provider when the window opens (so its sampler decides for the
+        whole window) and ended when it closes."""
+        with self._timeline_lock:
+            if self._timeline is None:
+                self._timeline = Timeline(self.timeline_settings)
+            window, closed = self._timeline.place(start_ns, end_ns, info.mode, info.num_tokens)
+            if closed is not None:
+                self._end_root(closed)
+            if window.handle is None:
+                attributes = dict(static)
+                attributes["process.pid"] = self._pid
+                window.handle = self.tracer.start_span(
+                    ROOT_NAME, context=Context(), kind=SpanKind.INTERNAL, attributes=attributes, start_time=start_ns
+                )
+            return trace.set_span_in_context(window.handle)
+
+    @staticmethod
+    def _end_root(window: Window) -> None:
+        root = window.handle
+        if root is None:
+            return
+        if root.is_recording():
+            root.set_attributes(window.attributes())
+        root.end(end_time=window.end_ns)
+
+    def close_timeline(self, due_only: bool = False) -> None:
+        """End the open window's root: when its time is up (``due_only``), or now (exit)."""
+        with self._timeline_lock:
+            if self._timeline is None:
+                return
+            window = self._timeline.close_due(time.time_ns()) if due_only else self._timeline.close()
+            if window is not None:
+                self._end_root(window)
+
     def _after_fork_in_child(self) -> None:
         # The parent's thread does not exist in the child and the parent exports its own
         # pending spans: the child starts empty and starts its own thread on its first step.
@@ -152,6 +194,7 @@ class DeferredSpanSink:
             self._wake.wait(_POLL_S)
             self._wake.clear()
             self._drain()
+            self.close_timeline(due_only=True)
             self._report_drops()
 
     def _drain(self) -> None:
@@ -193,6 +236,8 @@ class DeferredSpanSink:
             # Right in forked workers too, where a resource built before the fork is not.
             attributes["process.pid"] = self._pid
             name = attributes["forward.label"] if self.name_by == "label" else info.mode_label
+            if self.timeline_settings.enabled and not trace.get_current_span(parent).get_span_context().is_valid:
+                parent = self._timeline_parent(info, start_ns, end_ns, static_attributes)
             span = self.tracer.start_span(
                 name,
                 context=parent,

@@ -9,7 +9,7 @@ Usage::
     with OtlpReceiver(protocol="grpc") as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
         ...                                    # run the instrumented program
-        spans = receiver.wait_for_spans(10)
+        steps = receiver.wait_for_steps(10)
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from ..timeline import ROOT_NAME
 
 
 def _any_value(value: Any) -> Any:
@@ -106,7 +108,8 @@ class OtlpReceiver:
         self.tls = tls
         self.keep_requests = keep_requests
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self.span_count = 0
+        self.span_count = 0  # every span, timeline roots included
+        self.step_count = 0  # step spans only
         self.rejected = 0
         self._lock = threading.Condition()
         self._requested_port = port
@@ -130,10 +133,12 @@ class OtlpReceiver:
         if self.delay_s:
             time.sleep(self.delay_s)
         count = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        roots = sum(1 for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans if s.name == ROOT_NAME)
         with self._lock:
             if self.keep_requests:
                 self.requests.append(request)
             self.span_count += count
+            self.step_count += count - roots
             self._lock.notify_all()
         return "ok"
 
@@ -147,6 +152,14 @@ class OtlpReceiver:
             requests = list(self.requests)
         return [span for request in requests for span in flatten(request)]
 
+    def steps(self) -> list[ReceivedSpan]:
+        """The step spans (those with ``forward.mode``), without the timeline roots."""
+        return [span for span in self.spans() if "forward.mode" in span.attributes]
+
+    def timelines(self) -> list[ReceivedSpan]:
+        """The timeline roots (see :mod:`otel_stepspan.timeline`)."""
+        return [span for span in self.spans() if span.name == ROOT_NAME and "forward.mode" not in span.attributes]
+
     def wait_for_spans(self, count: int, timeout_s: float = 30.0) -> list[ReceivedSpan]:
         """Wait until at least ``count`` spans arrived (or the timeout passed); return them all."""
         deadline = time.monotonic() + timeout_s
@@ -154,6 +167,15 @@ class OtlpReceiver:
             while self.span_count < count and time.monotonic() < deadline:
                 self._lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         return self.spans()
+
+    def wait_for_steps(self, count: int, timeout_s: float = 30.0) -> list[ReceivedSpan]:
+        """Wait until at least ``count`` step spans arrived (or the timeout passed); return the
+        step spans."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self.step_count < count and time.monotonic() < deadline:
+                self._lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.steps()
 
     # -- servers -------------------------------------------------------------------------------
 
