@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
-from .timeline import TimelineSettings, read_timeline_settings
+from .timeline import DEFAULT_SECONDS, DEFAULT_STEPS, TimelineSettings
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def _flag(environ: Mapping[str, str], key: str) -> bool:
@@ -50,6 +51,36 @@ def exporters_requested(environ: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _positive(
+    environ: Mapping[str, str], key: str, default: float, kind: Callable[[str], float], problems: list[str]
+) -> float:
+    """A positive number from the environment; the default (and a line in ``problems``) when the
+    value is not one."""
+    raw = environ.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+        if value > 0:
+            return value
+    except ValueError:
+        pass
+    problems.append(f"{key}={raw!r} is not a positive {'integer' if kind is int else 'number'}; using {default:g}")
+    return default
+
+
+def read_timeline_settings(environ: Mapping[str, str], problems: list[str]) -> TimelineSettings:
+    """``OTEL_STEPSPAN_TIMELINE`` (on/off), ``_STEPS`` and ``_SECONDS`` (see :mod:`.timeline`)."""
+    raw = environ.get("OTEL_STEPSPAN_TIMELINE", "").strip().lower()
+    if raw and raw not in _TRUE | _FALSE:
+        problems.append(f"OTEL_STEPSPAN_TIMELINE={raw!r} is not 'on' or 'off'; using 'on'")
+    return TimelineSettings(
+        enabled=raw not in _FALSE,
+        max_steps=int(_positive(environ, "OTEL_STEPSPAN_TIMELINE_STEPS", DEFAULT_STEPS, int, problems)),
+        max_seconds=_positive(environ, "OTEL_STEPSPAN_TIMELINE_SECONDS", DEFAULT_SECONDS, float, problems),
+    )
+
+
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     env = os.environ if environ is None else environ
     problems: list[str] = []
@@ -58,18 +89,8 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     if span_name not in ("label", "mode"):
         problems.append(f"OTEL_STEPSPAN_SPAN_NAME={span_name!r} is not 'label' or 'mode'; using 'label'")
         span_name = "label"
-    raw_pending = env.get("OTEL_STEPSPAN_MAX_PENDING", "").strip()
-    max_pending = 65536
-    if raw_pending:
-        try:
-            max_pending = int(raw_pending)
-            if max_pending < 1:
-                raise ValueError
-        except ValueError:
-            problems.append(f"OTEL_STEPSPAN_MAX_PENDING={raw_pending!r} is not a positive integer; using 65536")
-            max_pending = 65536
-    timeline, timeline_problems = read_timeline_settings(env)
-    problems += timeline_problems
+    max_pending = int(_positive(env, "OTEL_STEPSPAN_MAX_PENDING", 65536, int, problems))
+    timeline = read_timeline_settings(env, problems)
     return Settings(
         sdk_disabled=_flag(env, "OTEL_SDK_DISABLED"),
         export_requested=bool(exporters),

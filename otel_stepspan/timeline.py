@@ -12,15 +12,16 @@ Pure: which window a step goes to, and the window's counts. The sinks make the s
 exporter process encodes them itself, the in-process sink makes them through the engine's
 provider.
 
-Variables: ``OTEL_STEPSPAN_TIMELINE`` (``on``, the default; ``off``: one trace per step),
-``OTEL_STEPSPAN_TIMELINE_STEPS`` (500), ``OTEL_STEPSPAN_TIMELINE_SECONDS`` (10).
+Variables (read by :mod:`otel_stepspan.settings`): ``OTEL_STEPSPAN_TIMELINE`` (``on``, the
+default; ``off``: one trace per step), ``OTEL_STEPSPAN_TIMELINE_STEPS`` (500),
+``OTEL_STEPSPAN_TIMELINE_SECONDS`` (10).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 ROOT_NAME = "timeline"
 DEFAULT_STEPS = 500
@@ -57,38 +58,6 @@ class TimelineSettings:
     enabled: bool = True
     max_steps: int = DEFAULT_STEPS
     max_seconds: float = DEFAULT_SECONDS
-
-
-def read_timeline_settings(environ: Mapping[str, str]) -> tuple[TimelineSettings, list[str]]:
-    """The timeline variables, and a line for each one that could not be used."""
-    problems: list[str] = []
-    raw = environ.get("OTEL_STEPSPAN_TIMELINE", "").strip().lower()
-    enabled = raw not in ("off", "0", "false", "no")
-    if raw and raw not in ("on", "1", "true", "yes", "off", "0", "false", "no"):
-        problems.append(f"OTEL_STEPSPAN_TIMELINE={raw!r} is not 'on' or 'off'; using 'on'")
-    max_steps = DEFAULT_STEPS
-    raw_steps = environ.get("OTEL_STEPSPAN_TIMELINE_STEPS", "").strip()
-    if raw_steps:
-        try:
-            max_steps = int(raw_steps)
-            if max_steps < 1:
-                raise ValueError
-        except ValueError:
-            problems.append(f"OTEL_STEPSPAN_TIMELINE_STEPS={raw_steps!r} is not a positive integer; using {DEFAULT_STEPS}")
-            max_steps = DEFAULT_STEPS
-    max_seconds = DEFAULT_SECONDS
-    raw_seconds = environ.get("OTEL_STEPSPAN_TIMELINE_SECONDS", "").strip()
-    if raw_seconds:
-        try:
-            max_seconds = float(raw_seconds)
-            if not max_seconds > 0:
-                raise ValueError
-        except ValueError:
-            problems.append(
-                f"OTEL_STEPSPAN_TIMELINE_SECONDS={raw_seconds!r} is not a positive number; using {DEFAULT_SECONDS:g}"
-            )
-            max_seconds = DEFAULT_SECONDS
-    return TimelineSettings(enabled, max_steps, max_seconds), problems
 
 
 class Timeline:

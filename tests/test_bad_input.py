@@ -99,3 +99,30 @@ def test_forward_result_and_exceptions_pass_through_unchanged(memory_spans, batc
         assert runner.forward(batch) == outcome
     (span,) = memory_spans.spans()
     assert LABEL.match(span.name), span.name
+
+
+@pytest.mark.parametrize(
+    "key, value, field, default",
+    [
+        ("OTEL_STEPSPAN_MAX_PENDING", "-3", "max_pending", 65536),
+        ("OTEL_STEPSPAN_TIMELINE_STEPS", "0", "max_steps", 500),
+        ("OTEL_STEPSPAN_TIMELINE_SECONDS", "soon", "max_seconds", 10.0),
+        ("OTEL_STEPSPAN_TIMELINE", "maybe", "enabled", True),
+    ],
+)
+def test_a_bad_project_variable_is_named_in_a_problem_and_the_default_is_used(key, value, field, default):
+    from otel_stepspan.settings import read_settings
+
+    settings = read_settings({key: value})
+    holder = settings if field == "max_pending" else settings.timeline
+    assert getattr(holder, field) == default
+    assert [p for p in settings.problems if p.startswith(f"{key}={value!r}")], settings.problems
+
+
+def test_timeline_variables_are_read():
+    from otel_stepspan.settings import read_settings
+
+    timeline = read_settings(
+        {"OTEL_STEPSPAN_TIMELINE": "off", "OTEL_STEPSPAN_TIMELINE_STEPS": "7", "OTEL_STEPSPAN_TIMELINE_SECONDS": "2.5"}
+    ).timeline
+    assert (timeline.enabled, timeline.max_steps, timeline.max_seconds) == (False, 7, 2.5)

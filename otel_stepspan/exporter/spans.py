@@ -13,7 +13,8 @@ import threading
 from typing import Any, Iterator, Mapping, Optional
 
 from ..step import make_step
-from ..timeline import ROOT_NAME, Timeline, Window, read_timeline_settings
+from ..settings import read_timeline_settings
+from ..timeline import ROOT_NAME, Timeline, Window
 from ..version import __version__
 from . import encode
 
@@ -49,7 +50,8 @@ class SpanBuilder:
         self.not_sampled = 0
         sampler_name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
         self._sampler = None if sampler_name in _DEFAULT_SAMPLERS else self._sdk_sampler()
-        timeline_settings, self.problems = read_timeline_settings(environ)
+        self.problems: list[str] = []
+        timeline_settings = read_timeline_settings(environ, self.problems)
         self._timeline = (
             Timeline(timeline_settings, sample=lambda trace_id: self._sample(trace_id, None, ROOT_NAME) != 0)
             if timeline_settings.enabled
