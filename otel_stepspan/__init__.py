@@ -8,7 +8,7 @@ cheap for tools such as the CLI that only read spans.
 
 from typing import TYPE_CHECKING, Any
 
-from .step import UNKNOWN, StepInfo, engine_attributes
+from .step import UNKNOWN, RequestLink, StepInfo, engine_attributes
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "RequestLink",
     "StepInfo",
     "UNKNOWN",
     "__version__",

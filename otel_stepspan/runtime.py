@@ -145,6 +145,7 @@ def _decide_sink(state: _State) -> Optional[Sink]:
             name_by=state.settings.span_name,
             max_pending=state.settings.max_pending,
             timeline=state.settings.timeline,
+            link_limit=state.settings.link_limit,
         )
         state.sinks_by_provider[id(provider)] = sink
     return sink

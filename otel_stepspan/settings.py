@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
+from .step import DEFAULT_LINK_LIMIT
 from .timeline import DEFAULT_SECONDS, DEFAULT_STEPS, TimelineSettings
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -33,6 +34,7 @@ class Settings:
 
     otlp_only: bool = False  # the exporters asked for are OTLP alone
     timeline: TimelineSettings = field(default_factory=TimelineSettings)
+    link_limit: int = DEFAULT_LINK_LIMIT
 
     @property
     def otel_wanted(self) -> bool:
@@ -81,6 +83,11 @@ def read_timeline_settings(environ: Mapping[str, str], problems: list[str]) -> T
     )
 
 
+def link_limit(environ: Mapping[str, str], problems: list[str]) -> int:
+    """Request links per step span: ``OTEL_SPAN_LINK_COUNT_LIMIT``, as for the SDK's spans."""
+    return int(_positive(environ, "OTEL_SPAN_LINK_COUNT_LIMIT", DEFAULT_LINK_LIMIT, int, problems))
+
+
 def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     env = os.environ if environ is None else environ
     problems: list[str] = []
@@ -99,6 +106,7 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         nvtx=_flag(env, "OTEL_STEPSPAN_NVTX"),
         gpu_timing=_flag(env, "OTEL_STEPSPAN_GPU_TIMING"),
         max_pending=max_pending,
-        problems=tuple(problems),
         timeline=timeline,
+        link_limit=link_limit(env, problems),
+        problems=tuple(problems),
     )

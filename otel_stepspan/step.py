@@ -8,7 +8,7 @@ Everything here runs off the engine's hot path: sinks build labels only when som
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Sequence, TypeVar, Union
 
 AttributeValue = Union[str, int]
 
@@ -39,6 +39,36 @@ def _attr(value: Optional[int]) -> int:
     return UNKNOWN if value is None or value < 0 else value
 
 
+#: Links a step span carries at most; the rest are counted in ``forward.request_links_dropped``.
+#: ``OTEL_SPAN_LINK_COUNT_LIMIT`` changes it, as it does the SDK's own limit.
+DEFAULT_LINK_LIMIT = 128
+
+
+class RequestLink(NamedTuple):
+    """One request a step computed, as a link from the step span to the request's own trace.
+
+    Identifiers and counts only, never content: the request id, the trace context the engine's
+    request tracing gave the request, what the step did for it (``prefill``: a prompt chunk,
+    ``decode``, ``verify``) and how many tokens of it the step computed.
+    """
+
+    request_id: str
+    trace_id: int
+    span_id: int
+    trace_flags: int
+    work: str
+    tokens: int
+
+    def attributes(self) -> dict[str, AttributeValue]:
+        return link_attributes(self.request_id, self.work, self.tokens)
+
+
+def link_attributes(request_id: str, work: str, tokens: int) -> dict[str, AttributeValue]:
+    """A request link's attributes: ``request.id``, ``forward.request.work`` and
+    ``forward.request.tokens``."""
+    return {"request.id": request_id, "forward.request.work": work, "forward.request.tokens": tokens}
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """One forward step, as the engine counted it.
@@ -55,6 +85,11 @@ class StepInfo:
     prefill_seqs: Optional[int] = 0
     num_tokens: Optional[int] = 0
     pass_id: Optional[int] = None
+    #: The traced requests the step computed (None: the engine does not trace requests).
+    links: Optional[tuple[RequestLink, ...]] = None
+    #: Scheduler context where the engine exposes it cheaply: requests waiting, KV tokens in use.
+    queued_requests: Optional[int] = None
+    kv_tokens: Optional[int] = None
 
     @classmethod
     def from_counts(
@@ -109,7 +144,31 @@ class StepInfo:
         }
         if self.pass_id is not None and self.pass_id >= 0:
             attrs["forward.pass_id"] = self.pass_id
+        if self.queued_requests is not None and self.queued_requests >= 0:
+            attrs["scheduler.queued_requests"] = self.queued_requests
+        if self.kv_tokens is not None and self.kv_tokens >= 0:
+            attrs["scheduler.kv_tokens"] = self.kv_tokens
         return attrs
+
+    def links_within(self, limit: int) -> tuple[tuple[RequestLink, ...], dict[str, AttributeValue]]:
+        """See :func:`links_within`."""
+        return links_within(self.links, limit)
+
+
+LinkT = TypeVar("LinkT")
+
+
+def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[LinkT, ...], dict[str, AttributeValue]]:
+    """The links a span carries under ``limit``, and the attributes that count them:
+    ``forward.request_links`` (carried) and ``forward.request_links_dropped`` (over the limit, only
+    when some are). Nothing when the engine does not trace requests (``links`` is None)."""
+    if links is None:
+        return (), {}
+    kept = tuple(links[: max(limit, 0)])
+    counts: dict[str, AttributeValue] = {"forward.request_links": len(kept)}
+    if len(links) > len(kept):
+        counts["forward.request_links_dropped"] = len(links) - len(kept)
+    return kept, counts
 
 
 _object_new = object.__new__

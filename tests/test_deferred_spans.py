@@ -8,6 +8,7 @@ import time
 from opentelemetry import trace
 
 from otel_stepspan import StepInfo, runtime, stats, step_span
+from otel_stepspan.step import RequestLink
 
 
 def test_deferred_spans_keep_start_end_and_parent(memory_spans):
@@ -125,3 +126,25 @@ def test_suppress_instrumentation_silences_step_spans(memory_spans):
     with step_span(StepInfo("decode", 2)):
         pass
     assert [s.name for s in memory_spans.spans()] == ["step[decode bs=2]"]
+
+
+def test_request_links_and_scheduler_context_reach_the_span_through_the_provider(memory_spans, monkeypatch):
+    monkeypatch.setenv("OTEL_SPAN_LINK_COUNT_LIMIT", "2")
+    runtime.refresh_settings()
+    links = tuple(RequestLink(f"req-{i}", 0x100 + i, 0x200 + i, 1, "decode", 1) for i in range(3))
+    with step_span(StepInfo("decode", 3, 0, 3, 0, 3, links=links, queued_requests=5, kv_tokens=640)):
+        pass
+    (span,) = memory_spans.spans()
+    assert [(link.context.trace_id, link.context.span_id, link.context.is_remote) for link in span.links] == [
+        (0x100, 0x200, True),
+        (0x101, 0x201, True),
+    ]
+    assert dict(span.links[1].attributes) == {
+        "request.id": "req-1",
+        "forward.request.work": "decode",
+        "forward.request.tokens": 1,
+    }
+    assert span.attributes["forward.request_links"] == 2
+    assert span.attributes["forward.request_links_dropped"] == 1
+    assert span.attributes["scheduler.queued_requests"] == 5
+    assert span.attributes["scheduler.kv_tokens"] == 640

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otel_stepspan.exporter import encode, wire
 from otel_stepspan.exporter.spans import SpanBuilder
@@ -43,9 +43,10 @@ def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
     builder.add_static(0, {"engine.name": "sglang", "engine.tp_rank": 1})
     parent = (0x1234, 0x5678, 1, True)
     exception = {"exception.type": "ValueError", "exception.message": "bad", "exception.stacktrace": "tb"}
+    links = [("req-1", 0xA1, 0xB1, 1, "prefill", 256), ("req-2", 0xA2, 0xB2, 1, "decode", 1)]
     record = (
         wire.STEP, 1_000, 2_500, "mixed", 8, 256, 4, 4, 260, 17, 0, parent, exception,
-        {"forward.gpu_time_ms": 1.5},
+        {"forward.gpu_time_ms": 1.5}, links, 3, 4096,
     )
     [encoded] = list(builder.build(record))
     ours_resource, ours = _only_span(encode.export_request(builder.resource, builder.scope, [encoded]))
@@ -54,6 +55,7 @@ def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
         "forward.mode": "mixed", "forward.batch_size": 8, "forward.extend_tokens": 256,
         "forward.decode_seqs": 4, "forward.prefill_seqs": 4, "forward.num_tokens": 260,
         "forward.label": "step[mixed bs=8 ext=256 dec=4]", "forward.pass_id": 17,
+        "forward.request_links": 2, "scheduler.queued_requests": 3, "scheduler.kv_tokens": 4096,
         "engine.name": "sglang", "engine.tp_rank": 1, "forward.gpu_time_ms": 1.5, "process.pid": 4321,
     }
     sdk_span = ReadableSpan(
@@ -63,6 +65,11 @@ def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
         resource=Resource.create({"process.pid": 4321}),
         attributes=attributes,
         events=(Event("exception", exception, timestamp=2_500),),
+        links=tuple(
+            Link(SpanContext(trace_id, span_id, True, TraceFlags(flags)),
+                 {"request.id": rid, "forward.request.work": work, "forward.request.tokens": tokens})
+            for rid, trace_id, span_id, flags, work, tokens in links
+        ),
         kind=SpanKind.INTERNAL,
         status=Status(StatusCode.ERROR, "ValueError: bad"),
         start_time=1_000,
@@ -74,6 +81,12 @@ def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
     # trace.proto: the low 8 bits of Span.flags SHOULD be the W3C trace flags; the SDK sets only
     # the is-remote bits. Ours carries both.
     assert ours.pop("flags") == sdk.pop("flags") | 0x01 == 0x301
+    for ours_link, sdk_link in zip(ours["links"], sdk["links"]):
+        assert ours_link.pop("flags") == sdk_link.pop("flags") | 0x01 == 0x301
+    # Attribute order is not part of the data model: compare them as maps.
+    assert {kv["key"]: kv["value"] for kv in ours.pop("attributes")} == {
+        kv["key"]: kv["value"] for kv in sdk.pop("attributes")
+    }
     assert ours == sdk
     assert ours_resource["resource"] == sdk_resource["resource"]
     assert ours_resource["scopeSpans"][0]["scope"] == sdk_resource["scopeSpans"][0]["scope"]
@@ -88,8 +101,31 @@ def _decoded(builder: SpanBuilder, spans: list) -> list[dict]:
     return MessageToDict(parsed)["resourceSpans"][0]["scopeSpans"][0]["spans"]
 
 
-def _step(i: int, mode: str = "decode", parent=None) -> tuple:
-    return (wire.STEP, 1_000_000 * i, 1_000_000 * i + 500_000, mode, 4, 0, 4, 0, 4, i, 0, parent, None, None)
+def _step(i: int, mode: str = "decode", parent=None, links=None) -> tuple:
+    return (
+        wire.STEP, 1_000_000 * i, 1_000_000 * i + 500_000, mode, 4, 0, 4, 0, 4, i, 0, parent, None, None,
+        links, None, None,
+    )
+
+
+def test_links_beyond_the_limit_are_counted_not_carried():
+    builder = SpanBuilder({"OTEL_SPAN_LINK_COUNT_LIMIT": "2"}, engine_pid=1)
+    links = [(f"req-{i}", 0x100 + i, 0x200 + i, 1, "decode", 1) for i in range(5)]
+    [step] = [s for s in _decoded(builder, builder.build(_step(1, links=links))) if s["name"] != "timeline"]
+    assert [
+        {kv["key"]: kv["value"] for kv in link["attributes"]}["request.id"]["stringValue"] for link in step["links"]
+    ] == ["req-0", "req-1"]
+    assert step["droppedLinksCount"] == 3
+    attributes = {kv["key"]: kv["value"] for kv in step["attributes"]}
+    assert attributes["forward.request_links"] == {"intValue": "2"}
+    assert attributes["forward.request_links_dropped"] == {"intValue": "3"}
+
+
+def test_a_step_without_request_tracing_has_no_link_attributes():
+    builder = SpanBuilder({}, engine_pid=1)
+    [step] = _decoded(builder, builder.build(_step(1)))
+    assert "links" not in step
+    assert not {kv["key"] for kv in step["attributes"]} & {"forward.request_links", "forward.request_links_dropped"}
 
 
 def test_parentless_steps_share_a_timeline_window_whose_root_counts_them():
@@ -136,7 +172,7 @@ def test_a_step_with_a_parent_of_its_own_keeps_it_and_stays_out_of_the_timeline(
 
 def test_with_timelines_off_every_step_is_a_trace_of_its_own_and_unknown_counts_stay_minus_one():
     builder = SpanBuilder({"OTEL_STEPSPAN_SPAN_NAME": "mode", "OTEL_STEPSPAN_TIMELINE": "off"}, engine_pid=1)
-    record = (wire.STEP, 10, 20, "prefill", 2, None, 0, 2, None, None, 9, None, None, None)
+    record = (wire.STEP, 10, 20, "prefill", 2, None, 0, 2, None, None, 9, None, None, None, None, None, None)
     spans = [_only_span(encode.export_request(builder.resource, builder.scope, list(builder.build(record))))[1]
              for _ in range(2)]
     assert spans[0]["traceId"] != spans[1]["traceId"]
@@ -150,7 +186,7 @@ def test_with_timelines_off_every_step_is_a_trace_of_its_own_and_unknown_counts_
 
 def test_a_parent_that_is_not_sampled_drops_the_step_under_the_default_sampler():
     builder = SpanBuilder({}, engine_pid=1)
-    record = (wire.STEP, 10, 20, "decode", 1, 0, 1, 0, 1, None, 0, (5, 6, 0, True), None, None)
+    record = (wire.STEP, 10, 20, "decode", 1, 0, 1, 0, 1, None, 0, (5, 6, 0, True), None, None, None, None, None)
     assert list(builder.build(record)) == []
     assert builder.not_sampled == 1
 

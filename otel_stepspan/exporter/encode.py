@@ -28,6 +28,7 @@ _SPAN_END = b"\x41"  # Span.end_time_unix_nano = 8, fixed64
 _SPAN_ATTRIBUTE = b"\x4a"  # Span.attributes = 9
 _SPAN_EVENT = b"\x5a"  # Span.events = 11
 _SPAN_LINK = b"\x6a"  # Span.links = 13
+_SPAN_DROPPED_LINKS = b"\x70"  # Span.dropped_links_count = 14, varint
 _SPAN_STATUS = b"\x7a"  # Span.status = 15
 _SPAN_FLAGS = b"\x85\x01"  # Span.flags = 16, fixed32
 _EVENT_TIME = b"\x09"  # Event.time_unix_nano = 1, fixed64
@@ -134,6 +135,10 @@ def link(trace_id: int, span_id: int, flags: int, link_attributes: Mapping[str, 
     return _length_delimited(_SPAN_LINK, body)
 
 
+def dropped_links(count: int) -> bytes:
+    return _SPAN_DROPPED_LINKS + varint(count)
+
+
 def span(
     trace_id: int,
     span_id: int,
@@ -146,7 +151,8 @@ def span(
     tail: bytes = b"",
 ) -> bytes:
     """One ``Span`` as the ``ScopeSpans.spans`` field. ``name`` is the encoded name field
-    (:func:`name_field`, cached by the caller); ``tail`` holds encoded events, links and status."""
+    (:func:`name_field`, cached by the caller); ``tail`` holds encoded events, links, the dropped
+    links count and the status, in their field order."""
     body = (
         _SPAN_TRACE_ID + trace_id.to_bytes(16, "big")
         + _SPAN_SPAN_ID + span_id.to_bytes(8, "big")

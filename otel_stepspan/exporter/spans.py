@@ -12,8 +12,8 @@ import random
 import threading
 from typing import Any, Iterator, Mapping, Optional
 
-from ..step import make_step
-from ..settings import read_timeline_settings
+from ..step import link_attributes, links_within, make_step
+from ..settings import link_limit, read_timeline_settings
 from ..timeline import ROOT_NAME, Timeline, Window
 from ..version import __version__
 from . import encode
@@ -58,6 +58,7 @@ class SpanBuilder:
             else None
         )
         self._root_name = encode.name_field(ROOT_NAME)
+        self.link_limit = link_limit(environ, self.problems)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -111,11 +112,21 @@ class SpanBuilder:
         ))
 
     def _build(self, record: tuple) -> Iterator[bytes]:
-        (_, start_ns, end_ns, mode, bs, ext, dec, pre, ntok, pass_id, static_id, parent, exception, extra) = record
+        (
+            _, start_ns, end_ns, mode, bs, ext, dec, pre, ntok, pass_id, static_id, parent, exception, extra,
+            links, queued, kv_tokens,
+        ) = record
         text_name, name, shape_attributes = self._shape(mode, bs, ext, dec, pre, ntok)
         attributes = shape_attributes
+        kept_links, per_step = links_within(links, self.link_limit)
         if pass_id is not None and pass_id >= 0:
-            attributes += encode.span_attributes({"forward.pass_id": pass_id})
+            per_step["forward.pass_id"] = pass_id
+        if queued is not None and queued >= 0:
+            per_step["scheduler.queued_requests"] = queued
+        if kv_tokens is not None and kv_tokens >= 0:
+            per_step["scheduler.kv_tokens"] = kv_tokens
+        if per_step:
+            attributes += encode.span_attributes(per_step)
         static = self._statics.get(static_id)
         if static:
             attributes += static
@@ -145,7 +156,16 @@ class SpanBuilder:
             return
         tail = b""
         if exception is not None:
-            tail = encode.event("exception", end_ns, exception) + encode.error_status(
+            tail += encode.event("exception", end_ns, exception)
+        for request_id, link_trace_id, link_span_id, link_flags, work, tokens in kept_links:
+            tail += encode.link(
+                link_trace_id, link_span_id, (link_flags & 0xFF) | encode.FLAG_HAS_IS_REMOTE | encode.FLAG_IS_REMOTE,
+                link_attributes(request_id, work, tokens),
+            )
+        if links is not None and len(links) > len(kept_links):
+            tail += encode.dropped_links(len(links) - len(kept_links))
+        if exception is not None:
+            tail += encode.error_status(
                 f"{exception.get('exception.type', '')}: {exception.get('exception.message', '')}"
             )
         yield encode.span(

@@ -8,9 +8,11 @@ every message is made of plain ints, strings, ``None``, tuples and dicts only.
 Messages, each a tuple whose first item says what it is:
 
 - ``(STEP, start_ns, end_ns, mode, batch_size, extend_tokens, decode_seqs, prefill_seqs,
-  num_tokens, pass_id, static_id, parent, exception, extra)``: one finished step. Counts are
-  ints or None (unknown); ``parent`` is None or ``(trace_id, span_id, trace_flags, is_remote)``;
-  ``exception`` None or the exception event's attributes; ``extra`` None or more attributes.
+  num_tokens, pass_id, static_id, parent, exception, extra, links, queued_requests,
+  kv_tokens)``: one finished step. Counts are ints or None (unknown); ``parent`` is None or
+  ``(trace_id, span_id, trace_flags, is_remote)``; ``exception`` None or the exception event's
+  attributes; ``extra`` None or more attributes; ``links`` None (requests not traced) or a list
+  of :class:`otel_stepspan.step.RequestLink` fields as plain tuples.
 - ``(STATIC, static_id, attributes)``: attributes shared by many steps (a runner's
   ``engine.*``), sent once, before the first step that names them.
 - ``(DROPPED, total)``: steps the engine dropped because the pipe was full, so far.

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..step import AttributeValue, StepInfo, unknown_step
+from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, unknown_step
 from ..timeline import ROOT_NAME, Timeline, TimelineSettings, Window
 from .otel_provider import health as export_health
 from ..version import __version__
@@ -80,8 +80,10 @@ class DeferredSpanSink:
         name_by: str = "label",
         max_pending: int = 65536,
         timeline: Optional[TimelineSettings] = None,
+        link_limit: int = DEFAULT_LINK_LIMIT,
     ) -> None:
         self.provider = provider
+        self.link_limit = link_limit
         self.timeline_settings = timeline if timeline is not None else TimelineSettings()
         self._timeline: Optional[Timeline] = None
         self._timeline_lock = threading.Lock()
@@ -236,6 +238,13 @@ class DeferredSpanSink:
             # Right in forked workers too, where a resource built before the fork is not.
             attributes["process.pid"] = self._pid
             name = attributes["forward.label"] if self.name_by == "label" else info.mode_label
+            kept, counts = info.links_within(self.link_limit)
+            attributes.update(counts)
+            links = [
+                trace.Link(trace.SpanContext(link.trace_id, link.span_id, True, trace.TraceFlags(link.trace_flags & 0xFF)),
+                           link.attributes())
+                for link in kept
+            ]
             if self.timeline_settings.enabled and not trace.get_current_span(parent).get_span_context().is_valid:
                 parent = self._timeline_parent(info, start_ns, end_ns, static_attributes)
             span = self.tracer.start_span(
@@ -243,6 +252,7 @@ class DeferredSpanSink:
                 context=parent,
                 kind=SpanKind.INTERNAL,
                 attributes=attributes,
+                links=links,
                 start_time=start_ns,
                 record_exception=False,
                 set_status_on_exception=False,
