@@ -73,9 +73,25 @@ _INSTRUMENTORS = (
 )
 
 
-def _instrument():
+def _import_otel_stepspan():
+    """otel_stepspan as this interpreter finds it; else the copy this file belongs to (as when
+    ``instrument()`` was called by a script run from a source checkout): its parent folder goes
+    last on ``sys.path``."""
     try:
         import otel_stepspan  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
+    if root not in sys.path:
+        sys.path.append(root)
+    import otel_stepspan  # noqa: F401
+
+
+def _instrument():
+    try:
+        _import_otel_stepspan()
     except Exception as exc:
         _warn(
             "not instrumenting %s: cannot import otel_stepspan (%s); install it into this "
