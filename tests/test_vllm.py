@@ -15,6 +15,7 @@ import time
 import types
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -967,3 +968,22 @@ def test_uninstrument_leaves_a_pythonpath_changed_since_alone(monkeypatch):
     VLLMInstrumentor().instrument(skip_dep_check=True)
     VLLMInstrumentor().uninstrument()
     assert os.environ["PYTHONPATH"] == "/set/by/someone/else"
+
+
+def test_a_spawned_interpreter_without_otel_stepspan_loads_the_copy_that_instrumented_it(tmp_path):
+    """A script importing otel_stepspan from a checkout (not installed) calls instrument(); the
+    interpreters it spawns find the package by the bootstrap's own location, nothing else."""
+    import venv
+
+    from otel_stepspan.integrations._instrumentor import BOOTSTRAP_DIR
+
+    venv.create(tmp_path / "bare", with_pip=False)
+    probe = "import sys; print(sys.modules['otel_stepspan'].__file__)"
+    started = subprocess.run(
+        [str(tmp_path / "bare" / "bin" / "python"), "-c", probe],
+        env={"PYTHONPATH": BOOTSTRAP_DIR, "PATH": os.environ.get("PATH", "")},
+        capture_output=True, text=True,
+    )
+    package = Path(BOOTSTRAP_DIR).parent.parent
+    assert started.stdout.strip() == str(package / "__init__.py"), started.stderr
+    assert "cannot import otel_stepspan" not in started.stderr

@@ -74,19 +74,28 @@ _INSTRUMENTORS = (
 
 
 def _import_otel_stepspan():
-    """otel_stepspan as this interpreter finds it; else the copy this file belongs to (as when
-    ``instrument()`` was called by a script run from a source checkout): its parent folder goes
-    last on ``sys.path``."""
+    """otel_stepspan as this interpreter finds it; else the copy this file belongs to (as for a
+    script that imports it from a source checkout and calls ``instrument()``): that package alone
+    is loaded from its folder, nothing else of its environment."""
     try:
         import otel_stepspan  # noqa: F401
 
         return
     except ImportError:
         pass
-    root = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
-    if root not in sys.path:
-        sys.path.append(root)
-    import otel_stepspan  # noqa: F401
+    import importlib.util
+
+    package_dir = os.path.dirname(os.path.dirname(_HERE))
+    spec = importlib.util.spec_from_file_location(
+        "otel_stepspan", os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["otel_stepspan"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["otel_stepspan"]
+        raise
 
 
 def _instrument():
