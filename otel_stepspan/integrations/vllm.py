@@ -105,7 +105,8 @@ def _ids_of(new_reqs: Any) -> Optional[tuple]:
 
 
 def capture(scheduler_output: Any, dummy_run: bool = False, runner: Any = None) -> Captured:
-    """The engine-thread half of describing a step: attribute reads, nothing computed."""
+    """The engine-thread half of describing a step: attribute reads and one read per new
+    request, nothing computed."""
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     if isinstance(cached, (list, tuple)):  # vLLM 0.8-0.9: one object per cached request
         req_ids = outputs = computed = None
