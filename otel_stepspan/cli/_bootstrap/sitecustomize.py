@@ -73,9 +73,34 @@ _INSTRUMENTORS = (
 )
 
 
-def _instrument():
+def _import_otel_stepspan():
+    """otel_stepspan as this interpreter finds it; else the copy this file belongs to (as for a
+    script that imports it from a source checkout and calls ``instrument()``): that package alone
+    is loaded from its folder, nothing else of its environment."""
     try:
         import otel_stepspan  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    import importlib.util
+
+    package_dir = os.path.dirname(os.path.dirname(_HERE))
+    spec = importlib.util.spec_from_file_location(
+        "otel_stepspan", os.path.join(package_dir, "__init__.py"), submodule_search_locations=[package_dir]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["otel_stepspan"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["otel_stepspan"]
+        raise
+
+
+def _instrument():
+    try:
+        _import_otel_stepspan()
     except Exception as exc:
         _warn(
             "not instrumenting %s: cannot import otel_stepspan (%s); install it into this "
