@@ -144,6 +144,7 @@ class Run:
     outputs: dict[str, list[list[int]]] = field(default_factory=dict)
     records: dict[int, list[dict]] = field(default_factory=dict)  # pid -> scheduler lines
     spans: list[ReceivedSpan] = field(default_factory=list)
+    timelines: list[ReceivedSpan] = field(default_factory=list)
     trace: Optional[Path] = None
 
     def steps(self) -> list[dict]:
@@ -221,9 +222,10 @@ def _run_all(python: Path, model: Path, base: Path) -> dict[str, Run]:
                 proc.kill()
                 proc.wait()
             log.close()
-        # Every driver has exited: whatever its processes exported has arrived, or never will.
-        time.sleep(1.0)
-        spans = [s for s in receiver.spans() if s.scope_name == "otel_stepspan"]
+        # Every driver has exited; their exporter processes deliver what is left, then go.
+        receiver.wait_until_quiet(quiet_s=3.0, timeout_s=60.0)
+        spans = [s for s in receiver.steps() if s.scope_name == "otel_stepspan"]
+        timelines = [s for s in receiver.timelines() if s.scope_name == "otel_stepspan"]
     for name in scenarios:
         out_dir = base / name
         run = Run(name, procs[name][0].returncode, (out_dir / "log.txt").read_text())
@@ -235,6 +237,9 @@ def _run_all(python: Path, model: Path, base: Path) -> dict[str, Run]:
             pid = int(path.stem.split("-")[1])
             run.records[pid] = [json.loads(line) for line in path.read_text().splitlines()]
         run.spans = sorted((s for s in spans if s.resource.get("service.name") == name), key=lambda s: s.start_ns)
+        run.timelines = sorted(
+            (s for s in timelines if s.resource.get("service.name") == name), key=lambda s: s.start_ns
+        )
         if name == "in_process":
             run.trace = base / "trace.json"
         runs[name] = run
@@ -293,6 +298,32 @@ def test_default_multiprocess_engine_every_step_matches_the_scheduler(runs, name
     chunked = [r for step in steps for r in map(lambda row: Request(*row), step["reqs"])
                if not r.is_new and r.num_tokens == r.prompt_len and r.scheduled > 1]
     assert chunked, "no later chunk of a chunked prefill was scheduled"
+
+
+@pytest.mark.parametrize("name", ["run", "in_process"])
+def test_the_steps_form_engine_timelines_whose_roots_count_them(runs, name):
+    """Each step (none has a parent of its own here) is a child of a timeline root in the same
+    trace; the roots' windows hold every step once, in order, and count them by mode."""
+    run = _ok(runs[name])
+    roots = {root.span_id: root for root in run.timelines}
+    assert roots, f"{name}: no timeline root arrived"
+    by_root: dict[str, list[ReceivedSpan]] = {}
+    for span in run.spans:
+        root = roots.get(span.parent_span_id)
+        assert root is not None and root.trace_id == span.trace_id, f"{span.name} is outside every timeline"
+        by_root.setdefault(root.span_id, []).append(span)
+    for span_id, members in by_root.items():
+        root = roots[span_id]
+        assert root.attributes["timeline.steps"] == len(members)
+        for mode in {m.attributes["forward.mode"] for m in members}:
+            assert root.attributes[f"timeline.steps.{mode}"] == sum(
+                1 for m in members if m.attributes["forward.mode"] == mode
+            )
+        assert root.start_ns <= members[0].start_ns and members[-1].end_ns <= root.end_ns
+    # Windows follow one another: none overlaps the next.
+    ordered = sorted(roots.values(), key=lambda r: r.start_ns)
+    assert all(a.end_ns <= b.start_ns for a, b in zip(ordered, ordered[1:]))
+    assert sum(len(m) for m in by_root.values()) == len(run.spans)
 
 
 def test_in_process_engine_every_step_matches_the_scheduler(runs):

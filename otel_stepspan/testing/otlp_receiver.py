@@ -168,6 +168,18 @@ class OtlpReceiver:
                 self._lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         return self.spans()
 
+    def wait_until_quiet(self, quiet_s: float = 2.0, timeout_s: float = 60.0) -> int:
+        """Wait until no span has arrived for ``quiet_s`` (exporter processes outlive their
+        engines and deliver after them), or ``timeout_s`` passed; returns the span count."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            last, last_change = self.span_count, time.monotonic()
+            while time.monotonic() < deadline and time.monotonic() - last_change < quiet_s:
+                self._lock.wait(0.1)
+                if self.span_count != last:
+                    last, last_change = self.span_count, time.monotonic()
+            return self.span_count
+
     def wait_for_steps(self, count: int, timeout_s: float = 30.0) -> list[ReceivedSpan]:
         """Wait until at least ``count`` step spans arrived (or the timeout passed); return the
         step spans."""
