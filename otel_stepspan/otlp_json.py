@@ -35,8 +35,10 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 __all__ = [
     "OtlpJsonFileExporter",
+    "SpanLink",
     "StepSpan",
     "iter_otlp_documents",
+    "iter_spans",
     "iter_step_spans",
     "normalize_id",
     "otlp_json_to_request",
@@ -168,8 +170,18 @@ class OtlpJsonFileExporter(SpanExporter):
 
 
 @dataclass(frozen=True)
+class SpanLink:
+    """A link of a span to another trace's span (a step's link to a request it computed)."""
+
+    trace_id: str
+    span_id: str
+    attributes: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True)
 class StepSpan:
-    """One step span as read back from OTLP/JSON (a file, the Collector, or Jaeger)."""
+    """One span as read back from OTLP/JSON (a file, the Collector, or Jaeger): a step span
+    (with ``forward.mode``), or any other span where a reader asks for all of them."""
 
     trace_id: str
     span_id: str
@@ -179,6 +191,8 @@ class StepSpan:
     end_ns: int
     duration_ns: int
     attributes: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    parent_span_id: str = ""
+    links: tuple[SpanLink, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -338,8 +352,8 @@ def iter_otlp_documents(source: Any) -> Iterator[Mapping[str, Any]]:
             yield from iter_otlp_documents(item)
 
 
-def iter_step_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
-    """Every step span (a span with a ``forward.mode`` attribute) in OTLP/JSON input.
+def iter_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
+    """Every span in OTLP/JSON input, step spans or not (a request's own spans, timeline roots).
 
     Accepts what :func:`iter_otlp_documents` accepts. Ids come out as lowercase hex whatever
     their spelling in; 64-bit integers may be strings or numbers.
@@ -351,9 +365,6 @@ def iter_step_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
             service = service if isinstance(service, str) else ""
             for scope_spans in resource_spans.get("scopeSpans") or resource_spans.get("instrumentationLibrarySpans") or ():
                 for span in scope_spans.get("spans") or ():
-                    attrs = _attributes(span.get("attributes") or ())
-                    if "forward.mode" not in attrs:
-                        continue
                     start = _int(span.get("startTimeUnixNano"))
                     end = _int(span.get("endTimeUnixNano"))
                     yield StepSpan(
@@ -364,5 +375,23 @@ def iter_step_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
                         start_ns=start,
                         end_ns=end,
                         duration_ns=max(0, end - start),
-                        attributes=attrs,
+                        attributes=_attributes(span.get("attributes") or ()),
+                        parent_span_id=normalize_id(span.get("parentSpanId")),
+                        links=tuple(
+                            SpanLink(
+                                normalize_id(link.get("traceId")),
+                                normalize_id(link.get("spanId")),
+                                _attributes(link.get("attributes") or ()),
+                            )
+                            for link in span.get("links") or ()
+                            if isinstance(link, Mapping)
+                        ),
                     )
+
+
+def iter_step_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
+    """Every step span (a span with a ``forward.mode`` attribute) in OTLP/JSON input; see
+    :func:`iter_spans`."""
+    for span in iter_spans(doc_or_lines):
+        if "forward.mode" in span.attributes:
+            yield span

@@ -23,6 +23,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from otel_stepspan.otlp_json import (
     OtlpJsonFileExporter,
+    SpanLink,
     StepSpan,
     iter_step_spans,
     normalize_id,
@@ -211,6 +212,14 @@ def test_reader_returns_only_steps_with_types_and_services(sdk_spans):
         end_ns=sdk_step.end_time,
         duration_ns=sdk_step.end_time - sdk_step.start_time,
         attributes={**STEP_ATTRS, "x.double": 1.5, "x.bool": True, "x.ints": (1, 2), "x.strs": ("a", "b")},
+        parent_span_id=format(sdk_step.parent.span_id, "016x"),
+        links=(
+            SpanLink(
+                format(sdk_step.links[0].context.trace_id, "032x"),
+                format(sdk_step.links[0].context.span_id, "016x"),
+                {"link.n": 1},
+            ),
+        ),
     )
     assert isinstance(decode.attributes["forward.batch_size"], int)
     assert prefill.service == "engine-b" and prefill.mode == "prefill" and prefill.batch_size == 2

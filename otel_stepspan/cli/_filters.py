@@ -78,6 +78,7 @@ class StepFilter:
     services: tuple[str, ...] = ()
     start_min_ns: Optional[int] = None
     start_max_ns: Optional[int] = None
+    request: Optional[str] = None  # a trace id or request id the step must link to
 
     def matches(self, step: StepSpan) -> bool:
         if self.modes and step.mode not in self.modes:
@@ -100,6 +101,10 @@ class StepFilter:
             return False
         if self.start_max_ns is not None and step.start_ns > self.start_max_ns:
             return False
+        if self.request is not None:
+            from .request import link_to
+
+            return link_to(step, self.request) is not None
         return True
 
     def apply(self, steps: Iterable[StepSpan]) -> list[StepSpan]:
@@ -129,11 +134,12 @@ def filter_from_args(args: argparse.Namespace) -> StepFilter:
         start_min = now_ns - since
         start_max = now_ns
     return StepFilter(
-        modes=split_list(args.mode),
-        min_bs=args.min_bs,
-        max_bs=args.max_bs,
-        min_duration_ns=args.min_duration,
-        max_duration_ns=args.max_duration,
+        modes=split_list(getattr(args, "mode", None)),
+        min_bs=getattr(args, "min_bs", None),
+        max_bs=getattr(args, "max_bs", None),
+        min_duration_ns=getattr(args, "min_duration", None),
+        max_duration_ns=getattr(args, "max_duration", None),
+        request=getattr(args, "request", None),
         services=split_list(args.service, lower=False),
         start_min_ns=start_min,
         start_max_ns=start_max,

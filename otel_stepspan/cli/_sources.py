@@ -1,16 +1,20 @@
-"""Where ``search`` and ``stats`` read steps from: a Jaeger query API, or a local OTLP/JSON file."""
+"""Where ``search``, ``stats`` and ``request`` read spans from: a Jaeger query API, or a local
+OTLP/JSON file."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from ..otlp_json import StepSpan, iter_step_spans
+from ..otlp_json import StepSpan, iter_spans, iter_step_spans
 from ._filters import DEFAULT_SINCE_NS, StepFilter, go_duration
 from .jaeger import JaegerClient, JaegerError, is_jaeger_own
+from .request import RequestStep, is_trace_id, request_root, request_steps
+
 
 class SourceError(Exception):
     """The steps could not be read; the message is for the user (exit status 2)."""
@@ -23,10 +27,50 @@ def load_steps(args: argparse.Namespace, step_filter: StepFilter, *, search_dept
     return step_filter.apply(_ask_jaeger(args, step_filter, search_depth))
 
 
-def _read_file(path: Path) -> list[StepSpan]:
+def load_request(
+    args: argparse.Namespace, key: str, step_filter: StepFilter, *, search_depth: int, timeline_s: float
+) -> tuple[list[RequestStep], Optional[StepSpan]]:
+    """The steps of request ``key`` (a trace id or a request id) and, when it can be found, the
+    root span of the request's own trace.
+
+    From Jaeger: with a trace id, the request's trace is fetched first; its root span bounds the
+    time to search (widened by ``timeline_s``, since a step's timeline trace starts before the
+    step). With a request id, or when the engine does not export its request spans to this
+    Jaeger, the ``--since`` window is searched; the steps' links then name the request's trace.
+    Every step trace of the window is read and the steps linking to the request kept.
+    """
+    if args.file:
+        spans = _read_file(Path(args.file), steps_only=False)
+        steps = request_steps(step_filter.apply(s for s in spans if "forward.mode" in s.attributes), key)
+        trace_id = key.lower() if is_trace_id(key) else (steps[0].request_trace_id if steps else "")
+        return steps, request_root(spans, trace_id) if trace_id else None
+    client = JaegerClient(args.jaeger, timeout_s=args.timeout)
+
+    def root_of(trace_id: str) -> Optional[StepSpan]:
+        return request_root(list(iter_spans(client.get_trace(trace_id))), trace_id)
+
+    try:
+        root = root_of(key.lower()) if is_trace_id(key) else None
+        window = step_filter
+        if root is not None:
+            margin = int((timeline_s + 1.0) * 1e9)
+            window = replace(step_filter, start_min_ns=root.start_ns - margin, start_max_ns=root.end_ns + 1_000_000_000)
+            _verbose(args, "found the request's own trace: searching the steps around it")
+        steps = request_steps(window.apply(_ask_jaeger(args, window, search_depth, client=client, modes=False)), key)
+        if root is None and steps:
+            root = root_of(steps[0].request_trace_id)
+    except JaegerError as exc:
+        raise SourceError(str(exc)) from None
+    finally:
+        for url in client.requested:
+            _verbose(args, f"GET {url}")
+    return steps, root
+
+
+def _read_file(path: Path, steps_only: bool = True) -> list[StepSpan]:
     try:
         with open(path, encoding="utf-8") as handle:
-            return list(iter_step_spans(handle))
+            return list(iter_step_spans(handle) if steps_only else iter_spans(handle))
     except FileNotFoundError:
         raise SourceError(f"no such spans file: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -35,8 +79,18 @@ def _read_file(path: Path) -> list[StepSpan]:
         raise SourceError(f"{path} is not OTLP/JSON lines: {exc}") from None
 
 
-def _ask_jaeger(args: argparse.Namespace, step_filter: StepFilter, search_depth: int) -> list[StepSpan]:
-    client = JaegerClient(args.jaeger, timeout_s=args.timeout)
+def _ask_jaeger(
+    args: argparse.Namespace,
+    step_filter: StepFilter,
+    search_depth: int,
+    *,
+    client: Optional[JaegerClient] = None,
+    modes: bool = True,
+) -> list[StepSpan]:
+    """The step spans Jaeger returns for the filter's services and window (one query per mode
+    unless ``modes`` is False), not yet filtered here."""
+    own_client = client is None
+    client = client or JaegerClient(args.jaeger, timeout_s=args.timeout)
     try:
         services = list(step_filter.services)
         if not services:
@@ -47,10 +101,10 @@ def _ask_jaeger(args: argparse.Namespace, step_filter: StepFilter, search_depth:
         start_max = step_filter.start_max_ns if step_filter.start_max_ns is not None else now_ns
         # One query per mode: the attribute filter holds one value per key. Jaeger releases that
         # ignore query.attributes return every mode; the filter sorts them out afterwards.
-        modes: list[Optional[str]] = list(step_filter.modes) or [None]
+        asked_modes: list[Optional[str]] = (list(step_filter.modes) if modes else []) or [None]
         steps: list[StepSpan] = []
         for service in services:
-            for mode in modes:
+            for mode in asked_modes:
                 documents = client.find_traces(
                     service,
                     start_min,
@@ -66,8 +120,9 @@ def _ask_jaeger(args: argparse.Namespace, step_filter: StepFilter, search_depth:
     except ValueError as exc:
         raise SourceError(f"Jaeger at {client.base_url} answered something that is not OTLP/JSON: {exc}") from None
     finally:
-        for url in client.requested:
-            _verbose(args, f"GET {url}")
+        if own_client:
+            for url in client.requested:
+                _verbose(args, f"GET {url}")
     return steps
 
 

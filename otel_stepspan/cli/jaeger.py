@@ -107,6 +107,15 @@ class JaegerClient:
             return [body] if isinstance(body, Mapping) else list(body)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def get_trace(self, trace_id: str) -> list[Mapping[str, Any]]:
+        """The OTLP/JSON documents of one trace; ``[]`` when Jaeger does not have it."""
+        path = f"/api/v3/traces/{urllib.parse.quote(trace_id)}"
+        status, body = self._get(path, {})
+        if status == 404:
+            return []
+        self._raise_for(status, body, path)
+        return [body] if isinstance(body, Mapping) else list(body)
+
     # -- transport -----------------------------------------------------------------------------
 
     def _get(self, path: str, params: Mapping[str, str]) -> tuple[int, Any]:

@@ -1,8 +1,8 @@
 """``otel-stepspan``: find, summarise and produce step spans.
 
 Subcommands: ``demo`` (the reference engine), ``search`` (matching steps, one a line),
-``stats`` (per-mode percentiles and throughput, optionally a plot), ``run`` (any engine command
-with step spans on, no code change). ``otel-stepspan <command> --help`` explains each flag.
+``stats`` (per-mode percentiles and throughput, optionally a plot), ``request`` (the steps one
+request went through), ``run`` (any engine command with step spans on, no code change). ``otel-stepspan <command> --help`` explains each flag.
 
 Exit status: 0 on success (also when nothing matched), 2 for a usage error or an unreachable or
 unreadable source, the command's own status for ``run``.
@@ -25,6 +25,7 @@ examples:
   otel-stepspan search --mode decode --min-bs 8       # recent decode steps of batch size >= 8
   otel-stepspan search --mode prefill --min-duration 50ms --since 15m
   otel-stepspan stats --plot steps.png                # per-mode table and a scatter plot
+  otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736   # the steps of one traced request
   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 \\
     otel-stepspan run -- python -m sglang.launch_server --model-path Qwen/Qwen2.5-0.5B-Instruct
 
@@ -72,6 +73,25 @@ examples:
   otel-stepspan stats --file spans.jsonl --mode decode,prefill --json
 """
 
+_REQUEST_EPILOG = _SOURCE_HELP + """
+how the request is found: every step span links to the trace context of each traced request it
+computed (link attributes request.id, forward.request.work = prefill | decode | verify,
+forward.request.tokens). With a trace id, the request's own trace is read first (when the engine
+exports its request spans to the same place), which bounds the search and gives the request's
+start: the time queued before its first step. With a request id, the --since window is searched.
+
+output: one row per step (AT_MS: since the request started; WORK and TOKENS: what the step did
+for this request; STEP: the step's label and batch size), runs of decode steps folded unless
+--all; then where the wall time went (queued, prefill, decode, verify, between steps), the
+slowest steps, and prompt work after decoding (a preempted request recomputed). --json prints the
+report as one JSON object.
+
+examples:
+  otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736
+  otel-stepspan request req-17 --file spans.jsonl --all
+  otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736 --plot request.png --since 6h
+"""
+
 _RUN_EPILOG = """\
 how it works:
   The command and every Python process it starts (engine workers started with spawn or fork
@@ -97,6 +117,11 @@ examples:
 
 
 def _add_source_and_filters(parser: argparse.ArgumentParser, *, depth: int) -> None:
+    _add_source(parser, depth=depth)
+    _add_filters(parser)
+
+
+def _add_source(parser: argparse.ArgumentParser, *, depth: int) -> None:
     source = parser.add_argument_group("source")
     choice = source.add_mutually_exclusive_group()
     choice.add_argument(
@@ -140,7 +165,10 @@ def _add_source_and_filters(parser: argparse.ArgumentParser, *, depth: int) -> N
         help="Jaeger: seconds to wait for each answer (default: %(default)s)",
     )
     source.add_argument("-v", "--verbose", action="store_true", help="print each Jaeger request on stderr")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
     filters = parser.add_argument_group("filters")
     filters.add_argument(
         "--mode",
@@ -157,7 +185,12 @@ def _add_source_and_filters(parser: argparse.ArgumentParser, *, depth: int) -> N
     filters.add_argument(
         "--max-duration", type=duration_arg, metavar="DURATION", help="steps lasting at most this, e.g. --max-duration 1.5s"
     )
-    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    filters.add_argument(
+        "--request",
+        metavar="ID",
+        help="only the steps that computed this request: its trace id (32 hex digits) or its request id, "
+        "e.g. --request 4bf92f3577b34da6a3ce929d0e0e4736 (needs an engine that traces requests)",
+    )
 
 
 def build_parser(demo_module: Optional[object] = None) -> argparse.ArgumentParser:
@@ -211,6 +244,25 @@ def build_parser(demo_module: Optional[object] = None) -> argparse.ArgumentParse
         help="also draw step durations over time, one colour per mode, to this image "
         "(PNG, SVG or PDF by extension; needs matplotlib: pip install 'otel_stepspan[plot]'), "
         "e.g. --plot steps.png",
+    )
+
+    request = commands.add_parser(
+        "request",
+        help="the steps one request went through, and where its time went",
+        description="The steps that computed one request, in order: time queued before its first\n"
+        "step, each prefill chunk, its decode steps, recomputes after preemption, and where its\n"
+        "wall time went. Needs an engine that traces requests (sglang --enable-trace, vLLM\n"
+        "--otlp-traces-endpoint): each step span then links to the requests it computed.",
+        epilog=_REQUEST_EPILOG,
+        formatter_class=_FORMATTER,
+    )
+    request.add_argument("id", metavar="ID", help="the request's trace id (32 hex digits) or its request id")
+    _add_source(request, depth=1000)
+    request.add_argument("--all", action="store_true", help="one row for every step (long decode runs are folded otherwise)")
+    request.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also draw the request's steps on a time line (PNG, SVG or PDF; needs matplotlib), e.g. --plot req.png",
     )
 
     run = commands.add_parser(
@@ -322,13 +374,54 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _request(args: argparse.Namespace) -> int:
+    from ._filters import filter_from_args
+    from ._sources import SourceError, load_request
+    from .request import plot_report, print_report, summarise
+    from ..settings import read_settings
+
+    try:
+        steps, root = load_request(
+            args,
+            args.id.strip(),
+            filter_from_args(args),
+            search_depth=args.search_depth,
+            timeline_s=read_settings().timeline.max_seconds,
+        )
+    except SourceError as exc:
+        print(f"otel-stepspan request: {exc}", file=sys.stderr)
+        return 2
+    if not steps:
+        print(
+            f"no step linked to request {args.id}: is the engine tracing requests (sglang --enable-trace, "
+            "vLLM --otlp-traces-endpoint), and is the time window (--since) right?",
+            file=sys.stderr,
+        )
+        return 0
+    summary = summarise(args.id.strip(), steps, root)
+    print_report(summary, steps, sys.stdout, as_json=args.json, every_step=args.all)
+    if args.plot:
+        try:
+            plot_report(summary, steps, args.plot)
+        except ImportError:
+            print("otel-stepspan request: --plot needs matplotlib: pip install 'otel_stepspan[plot]'", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as exc:
+            print(f"otel-stepspan request: cannot write {args.plot}: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _range_problem(args: argparse.Namespace) -> Optional[str]:
+    if args.search_depth < 1:
+        return "--search-depth must be at least 1"
+    if args.command == "request":
+        return None if args.id.strip() else "the request ID is empty"
     if args.min_bs is not None and args.max_bs is not None and args.min_bs > args.max_bs:
         return "--min-bs is larger than --max-bs"
     if args.min_duration is not None and args.max_duration is not None and args.min_duration > args.max_duration:
         return "--min-duration is longer than --max-duration"
-    if args.search_depth < 1:
-        return "--search-depth must be at least 1"
     return None
 
 
@@ -361,6 +454,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.command == "search":
         return _search(args)
+    if args.command == "request":
+        return _request(args)
     return _stats(args)
 
 

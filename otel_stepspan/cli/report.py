@@ -25,7 +25,8 @@ def _ms(ns: float) -> float:
     return ns / 1e6
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """Columns padded to their widest cell, right-aligned where ``right`` says so."""
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
@@ -68,7 +69,7 @@ def print_steps(steps: Sequence[StepSpan], out: IO[str], *, as_json: bool) -> No
         [local_time(s.start_ns), s.label, f"{_ms(s.duration_ns):.3f}", s.service or "-", s.trace_id]
         for s in steps
     ]
-    out.write(_table(["TIME", "LABEL", "DURATION_MS", "SERVICE", "TRACE_ID"], rows, [False, False, True, False, False]) + "\n")
+    out.write(table(["TIME", "LABEL", "DURATION_MS", "SERVICE", "TRACE_ID"], rows, [False, False, True, False, False]) + "\n")
 
 
 # -- stats -----------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def print_stats(rows: Sequence[ModeStats], out: IO[str], *, as_json: bool) -> No
     def opt(value: Optional[float], fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    table = [
+    cells = [
         [
             r.mode,
             str(r.steps),
@@ -162,7 +163,7 @@ def print_stats(rows: Sequence[ModeStats], out: IO[str], *, as_json: bool) -> No
         for r in rows
     ]
     headers = ["MODE", "STEPS", "P50_MS", "P90_MS", "P99_MS", "MEAN_BS", "TOKENS/S", "TIME_SHARE"]
-    out.write(_table(headers, table, [False] + [True] * 7) + "\n")
+    out.write(table(headers, cells, [False] + [True] * 7) + "\n")
 
 
 def plot_steps(steps: Sequence[StepSpan], path: str) -> None:
