@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..version import __version__
 from ._filters import duration_arg
@@ -357,20 +357,24 @@ def _stats(args: argparse.Namespace) -> int:
     if isinstance(steps, int):
         return steps
     print_stats(mode_stats(steps), sys.stdout, as_json=args.json)
-    if args.plot:
-        try:
-            plot_steps(steps, args.plot)
-        except ImportError:
-            print(
-                "otel-stepspan stats: --plot needs matplotlib: pip install 'otel_stepspan[plot]' "
-                "(or pip install matplotlib)",
-                file=sys.stderr,
-            )
-            return 2
-        except (OSError, ValueError) as exc:
-            print(f"otel-stepspan stats: cannot write {args.plot}: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.plot}", file=sys.stderr)
+    return _write_plot("stats", lambda: plot_steps(steps, args.plot), args.plot) if args.plot else 0
+
+
+def _write_plot(command: str, draw: Callable[[], None], path: str) -> int:
+    """Draw a picture to ``path``; the exit status, with the reason when it cannot be done."""
+    try:
+        draw()
+    except ImportError:
+        print(
+            f"otel-stepspan {command}: --plot needs matplotlib: pip install 'otel_stepspan[plot]' "
+            "(or pip install matplotlib)",
+            file=sys.stderr,
+        )
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"otel-stepspan {command}: cannot write {path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -400,17 +404,7 @@ def _request(args: argparse.Namespace) -> int:
         return 0
     summary = summarise(args.id.strip(), steps, root)
     print_report(summary, steps, sys.stdout, as_json=args.json, every_step=args.all)
-    if args.plot:
-        try:
-            plot_report(summary, steps, args.plot)
-        except ImportError:
-            print("otel-stepspan request: --plot needs matplotlib: pip install 'otel_stepspan[plot]'", file=sys.stderr)
-            return 2
-        except (OSError, ValueError) as exc:
-            print(f"otel-stepspan request: cannot write {args.plot}: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
+    return _write_plot("request", lambda: plot_report(summary, steps, args.plot), args.plot) if args.plot else 0
 
 
 def _range_problem(args: argparse.Namespace) -> Optional[str]:
