@@ -372,7 +372,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_child(script: str, args: list[str], env: dict[str, str], timeout: float = 600) -> dict:
-    """Run ``script`` in a fresh interpreter and return the JSON object it prints last."""
+    """Run ``script`` in a fresh interpreter and return the JSON object it prints last, with
+    ``stderr_lost_lines``: the loss reports on its stderr (an exporter process writes them there,
+    and the run returns once it too has exited)."""
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, script), *args],
         env=env,
@@ -384,7 +386,10 @@ def run_child(script: str, args: list[str], env: dict[str, str], timeout: float 
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"{script} {' '.join(args)} failed (exit {proc.returncode})")
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    if isinstance(result, dict):
+        result["stderr_lost_lines"] = [line for line in proc.stderr.splitlines() if "otel_stepspan: lost" in line]
+    return result
 
 
 def rss_bytes() -> int:

@@ -168,6 +168,8 @@ def run_scenario(name: str, rate: float, seconds: float, delay: Optional[float],
         if receiver is not None:
             receiver.close()
     result.update(name=name, target_rate=rate, delay_s=delay)
+    # Reports made in the engine process, and those its exporter process wrote on its stderr.
+    result["log_count"] += len(result.pop("stderr_lost_lines"))
     return result
 
 
