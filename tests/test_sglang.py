@@ -105,7 +105,7 @@ def test_missing_cpu_mirrors_degrade_the_label():
     assert describe(batch).label == "step[prefill bs=2 toks=?]"
     mixed = fakes.mixed_batch([5], 2)
     mixed.extend_seq_lens_cpu = None
-    assert describe(mixed).label == "step[mixed bs=3 ext=? dec=?]"
+    assert describe(mixed).label == "step[mixed bs=3 ext=? dec=2]"
 
 
 def test_gpu_tensors_where_ints_belong_are_never_read():
