@@ -264,6 +264,8 @@ def test_an_extend_batch_of_decodes_is_a_decode_step():
     batch = fakes.extend_batch([1, 1, 1, 1])
     sglang.mark_decode_rows(batch, 4)
     assert describe(batch) == StepInfo("decode", 4, 0, 4, 0, 4)
+    batch.extend_seq_lens_cpu = None  # the lengths only on the GPU: every row is still a decode
+    assert describe(batch) == StepInfo("decode", 4, 0, 4, 0, 4)
 
 
 def test_init_new_copies_the_schedulers_decoding_reqs_and_unpatches_cleanly(monkeypatch):

@@ -92,7 +92,7 @@ class Captured(NamedTuple):
     """What the engine thread keeps of a ``ForwardBatch``: plain values (the per-row lengths are
     the batch's own CPU list, kept by reference)."""
 
-    forward_mode: Any
+    mode: str
     batch_size: Any
     extend_seq_lens_cpu: Any
     extend_num_tokens: Any
@@ -135,7 +135,7 @@ def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional
     return _tuple_new(
         Captured,
         (
-            getattr(forward_batch, "forward_mode", None),
+            "draft" if is_draft_worker else mode_name(getattr(forward_batch, "forward_mode", None)),
             getattr(forward_batch, "batch_size", None),
             getattr(forward_batch, "extend_seq_lens_cpu", None),
             getattr(forward_batch, "extend_num_tokens", None),
@@ -194,6 +194,8 @@ def _extend_step(mode: str, bs: Optional[int], lens: Optional[list[int]], total:
         return make_step("prefill", bs, total, 0, bs, total, pass_id)
     if decodes == 0:
         return make_step("prefill", bs, total, 0, bs, total, pass_id)
+    if decodes == bs:
+        return make_step("decode", bs, 0, decodes, 0, decodes, pass_id)
     if lens is None or decodes > len(lens):
         return make_step("mixed", bs, None, decodes, None, total, pass_id)
     prompt = lens[: len(lens) - decodes]
@@ -205,7 +207,7 @@ def _extend_step(mode: str, bs: Optional[int], lens: Optional[list[int]], total:
 
 def finish(captured: Captured) -> StepInfo:
     """The off-thread half: counts from the captured CPU values (CONTRACT §1)."""
-    mode = "draft" if captured.is_draft_worker else mode_name(captured.forward_mode)
+    mode = captured.mode
     bs = as_count(captured.batch_size)
     pass_id = captured.pass_id
     if mode == "idle":
@@ -339,11 +341,10 @@ _labels: dict[tuple, str] = {}
 def label_of(captured: Captured) -> str:
     """The label alone, for the profiler's range on the engine thread. Steps with no
     per-sequence list (decode, idle, most draft steps) repeat a handful of shapes: their label
-    is remembered by (mode member, batch size, draft), at most 4096 of them."""
-    forward_mode, bs, lens, _, _, _, verify_total, verify_width, is_draft, _ = captured
-    if lens is None and verify_total is None and verify_width is None and type(bs) is int \
-            and isinstance(forward_mode, enum.Enum):
-        key = (id(forward_mode), bs, is_draft)
+    is remembered by (mode, batch size), at most 4096 of them."""
+    mode, bs, lens, _, _, _, verify_total, verify_width, _, _ = captured
+    if lens is None and verify_total is None and verify_width is None and type(bs) is int:
+        key = (mode, bs)
         label = _labels.get(key)
         if label is None:
             label = finish(captured).label
