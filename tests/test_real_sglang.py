@@ -306,6 +306,8 @@ REAL_CLASS_CASES = {
     "dp_converted_decode": ("step[decode bs=4]", "decode", 4, 0, 4, 0, 4),
     # EAGLE v2's draft CUDA graph, replayed without ModelRunner.forward.
     "draft_graph_replay": ("step[draft bs=3]", "draft", 3, 0, 0, 0, -1),
+    # Multi-layer EAGLE's draft-extend replays (rows of 2, 1 and 3 tokens), also outside forward.
+    "multi_layer_draft_replay": ("step[draft bs=3]", "draft", 3, 5, 1, 2, 6),
 }
 
 
@@ -332,6 +334,7 @@ def test_real_forward_shows_one_step_range_and_sglangs_annotations_inside(real_c
     decode, extend = ranges["decode"], ranges["extend"]
     assert [n for n in decode if n.startswith("step[")] == ["step[decode bs=2]"]
     assert [n for n in extend if n.startswith("step[")] == ["step[prefill bs=2 toks=12]"]
+    assert ranges["multi_layer"] == ["step[draft bs=3]"]
     last = real_classes["pass_id_after"]
     assert decode[1] == f"sglang[DECODE bs=2 g_sq=2 g_sqsq=2 g_sqsk=32 g_sk=32 forward_id={last - 1}]"
     assert extend[1].startswith("sglang[EXTEND bs=2 toks=12 c_sq=12 ") and extend[1].endswith(f"forward_id={last}]")

@@ -27,7 +27,7 @@ Besides ``ModelRunner.forward`` the instrumentor patches, each for one reason:
   exactly one ``step[...]`` range, ours, named like the span. sglang's detailed annotations, when
   the user turns them on in ``start_profile``, become a range of their own inside it.
 * the CUDA-graph replays of draft models that never pass through ``ModelRunner.forward``
-  (EAGLE v2, frozen-KV MTP): each replay is a ``draft`` step.
+  (EAGLE v2, frozen-KV MTP, multi-layer EAGLE's draft extend): each replay is a ``draft`` step.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ GRAPH_REPLAYS = (
     ("sglang.srt.speculative.eagle_draft_extend_cuda_graph_runner", "EAGLEDraftExtendCudaGraphRunner.execute"),
     ("sglang.srt.speculative.frozen_kv_mtp_cuda_graph_runner", "FrozenKVMTPCudaGraphRunner.execute"),
 )
-#: Where sglang names a range of its own around draft replays (multi-layer EAGLE): our label there.
+#: Where sglang wraps draft replays in a range of its own (multi-layer EAGLE): a draft step there.
 NAMED_REPLAYS = ("sglang.srt.speculative.multi_layer_eagle_worker_v2",)
 _instruments = ("sglang >= 0.5.0, < 0.6",)
 
@@ -459,14 +459,58 @@ def range_unless_unnamed(profile_range: Any) -> Any:
     return profile_range_if_named
 
 
+class _DraftStepName(str):
+    """Our label for a draft replay, still carrying the batch it names: what
+    :func:`draft_step_name` hands to :func:`draft_step_range` within one expression."""
+
+    forward_batch: Any = None
+
+
 def draft_step_name(build_step_span_name: Any) -> Any:
-    """``build_step_span_name`` where sglang names a draft replay's range itself: our label."""
+    """``build_step_span_name`` where sglang names a range itself around draft replays that
+    bypass ``ModelRunner.forward`` (multi-layer EAGLE's draft-extend CUDA graph)."""
 
     def name_as_draft_step(forward_batch: Any, *args: Any, **kwargs: Any) -> str:
-        return describe(forward_batch, is_draft_worker=True).label
+        name = _DraftStepName(describe(forward_batch, is_draft_worker=True).label)
+        name.forward_batch = forward_batch
+        return name
 
     name_as_draft_step.__wrapped__ = build_step_span_name
     return name_as_draft_step
+
+
+class _DraftStep:
+    """The draft step around a replay sglang wraps in ``profile_range(build_step_span_name(b))``:
+    the span and the range, through the same runtime as every other step."""
+
+    __slots__ = ("forward_batch", "opened")
+
+    def __init__(self, forward_batch: Any) -> None:
+        self.forward_batch = forward_batch
+        self.opened: Any = None
+
+    def __enter__(self) -> "_DraftStep":
+        static = _replay_attributes(None)
+        self.opened = runtime.begin(_capture_replay, finish, static, (None, self.forward_batch))
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        if self.opened is not None:
+            runtime.end(self.opened, error)
+        return False
+
+
+def draft_step_range(profile_range: Any) -> Any:
+    """``profile_range`` in the same module: a draft step for a name :func:`draft_step_name`
+    made, sglang's own range for anything else."""
+
+    def profile_range_or_draft_step(debug_name: Any, *args: Any, **kwargs: Any) -> Any:
+        if type(debug_name) is _DraftStepName:
+            return _DraftStep(debug_name.forward_batch)
+        return profile_range(debug_name, *args, **kwargs)
+
+    profile_range_or_draft_step.__wrapped__ = profile_range
+    return profile_range_or_draft_step
 
 
 # -- draft steps replayed from a CUDA graph --------------------------------------------------
@@ -479,7 +523,7 @@ def _capture_replay(graph_runner: Any, forward_batch: Any) -> Captured:
 def _replay_attributes(graph_runner: Any) -> dict[str, AttributeValue]:
     runner = getattr(graph_runner, "model_runner", None)
     if runner is None:
-        return engine_attributes("sglang")
+        return engine_attributes("sglang", *_process_ranks())
     return _runner_facts(runner).attributes
 
 
@@ -514,7 +558,8 @@ def _patches() -> list[tuple[str, str, Callable[[Any], Any]]]:
         (BATCH_MODULE, INIT_NEW, counted_init_new),
     ]
     patches += [(module, dotted, traced_replay) for module, dotted in GRAPH_REPLAYS]
-    patches += [(module, STEP_NAME, draft_step_name) for module in NAMED_REPLAYS]
+    for module in NAMED_REPLAYS:
+        patches += [(module, STEP_NAME, draft_step_name), (module, STEP_RANGE, draft_step_range)]
     return patches
 
 

@@ -4,7 +4,7 @@ Speculative decoding (EAGLE verify, DSpark/DFlash ragged verify, draft runners, 
 replays), DP attention's decode-to-extend conversion, SPLIT_PREFILL and DLLM_EXTEND need GPUs,
 several ranks or models this machine does not have. Here the instrumentor is installed as a user
 would, and sglang's real ``ModelRunner.forward``, ``ScheduleBatch.convert_decode_to_extend`` and
-``EAGLEDraftCudaGraphRunner.execute`` run on real ``ForwardBatch``/``ForwardMode``/spec inputs,
+``EAGLEDraftCudaGraphRunner.execute`` (and multi-layer EAGLE's range around its draft replays) run on real ``ForwardBatch``/``ForwardMode``/spec inputs,
 with the least state those methods touch before the model itself would run. The model never
 runs: ``_forward_raw`` (and the graph's device copies) stop with a marker exception, which the
 span must record and pass through unchanged.
@@ -41,6 +41,7 @@ from sglang.srt.model_executor.model_runner import ModelRunner  # noqa: E402
 from sglang.srt.speculative.dflash_info import DFlashVerifyInput  # noqa: E402
 from sglang.srt.speculative.eagle_draft_cuda_graph_runner import EAGLEDraftCudaGraphRunner  # noqa: E402
 from sglang.srt.speculative.eagle_info import EagleVerifyInput  # noqa: E402
+from sglang.srt.speculative import multi_layer_eagle_worker_v2 as multi_layer_eagle  # noqa: E402
 from sglang.srt.speculative.ragged_verify import RaggedVerifyLayout  # noqa: E402
 
 
@@ -203,7 +204,21 @@ def main():
     owned.model_runner.decode_cuda_graph_runner = owned
     results.append(spans_of("graph_replay_inside_forward", lambda: replay(owned)))
 
+    def multi_layer_replay():
+        """What multi-layer EAGLE's draft extend does around its graph replays (no
+        ModelRunner.forward): ``with profile_range(build_step_span_name(forward_batch)):``."""
+        batch = forward_batch(ForwardMode.DRAFT_EXTEND_V2, 3, [2, 1, 3])
+        try:
+            with multi_layer_eagle.profile_range(multi_layer_eagle.build_step_span_name(batch)):
+                raise ModelWouldRunHere()
+        except ModelWouldRunHere:
+            return "passed through"
+        return "no exception"
+
+    results.append(spans_of("multi_layer_draft_replay", multi_layer_replay))
+
     ranges = {
+        "multi_layer": profiled(multi_layer_replay),
         "decode": profiled(lambda: run_forward(target, forward_batch(ForwardMode.DECODE, 2))),
         "extend": profiled(lambda: run_forward(target, forward_batch(ForwardMode.EXTEND, 2, [5, 7]))),
     }
