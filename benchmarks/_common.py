@@ -68,7 +68,13 @@ def mixed_batch(bs: int) -> ForwardBatch:
     length-1 extends, so ``extend_seq_lens_cpu`` has ``bs`` entries."""
     prefills = max(1, bs // 8)
     lens = [256] * prefills + [1] * (bs - prefills)
-    return ForwardBatch(ForwardMode.MIXED, bs, lens, sum(lens))
+    batch = ForwardBatch(ForwardMode.MIXED, bs, lens, sum(lens))
+    # What sglang's scheduler knows (ScheduleBatch.decoding_reqs) and the instrumentor carries
+    # onto the batch in ForwardBatch.init_new.
+    from otel_stepspan.integrations.sglang import mark_decode_rows
+
+    mark_decode_rows(batch, bs - prefills)
+    return batch
 
 
 def batch_cycle() -> list[ForwardBatch]:

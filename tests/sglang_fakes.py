@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from otel_stepspan.integrations.sglang import mark_decode_rows
+
 
 class ForwardMode(enum.IntEnum):
     """sglang 0.5.23's members (values are auto() there and shift between releases; only names
@@ -76,6 +78,7 @@ class ForwardBatch:
     positions: Any = None
     spec_info: Any = None
     global_num_tokens_cpu: Optional[list[int]] = None
+    split_index: int = 0
     num_token_non_padded: Any = field(default_factory=lambda: GpuTensor())
 
 
@@ -110,6 +113,8 @@ def mixed_batch(prefill_lens: list[int], running_bs: int) -> ForwardBatch:
     lens = list(prefill_lens) + [1] * running_bs
     batch = extend_batch(lens)
     batch.forward_mode = ForwardMode.MIXED
+    # what the instrumentor copies from the scheduler's ScheduleBatch.decoding_reqs
+    mark_decode_rows(batch, running_bs)
     return batch
 
 

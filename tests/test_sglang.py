@@ -105,7 +105,7 @@ def test_missing_cpu_mirrors_degrade_the_label():
     assert describe(batch).label == "step[prefill bs=2 toks=?]"
     mixed = fakes.mixed_batch([5], 2)
     mixed.extend_seq_lens_cpu = None
-    assert describe(mixed).label == "step[mixed bs=3 ext=? dec=?]"
+    assert describe(mixed).label == "step[mixed bs=3 ext=? dec=2]"
 
 
 def test_gpu_tensors_where_ints_belong_are_never_read():
@@ -237,3 +237,61 @@ def test_entry_point_is_registered_for_opentelemetry_instrument():
     found = {ep.name: ep.value for ep in entry_points(group="opentelemetry_instrumentor")}
     assert found.get("sglang") == "otel_stepspan.integrations.sglang:SGLangInstrumentor"
     assert SGLangInstrumentor().instrumentation_dependencies() == ("sglang >= 0.5.0, < 0.6",)
+
+
+# -- counting decodes from what the scheduler knows ------------------------------------------
+
+
+def test_a_fully_cached_prompt_in_a_mixed_step_is_prompt_work():
+    """sglang's log: #new-seq: 2, #new-token: 21, #running-req: 1. The cached prompt extends by
+    one token, like the decode after it; only the scheduler's count tells them apart."""
+    batch = fakes.mixed_batch([20, 1], running_bs=1)
+    info = describe(batch)
+    assert info == StepInfo("mixed", 3, 21, 1, 2, 22)
+    assert info.label == "step[mixed bs=3 ext=21 dec=1]"
+
+
+def test_mixed_without_the_schedulers_count_says_so():
+    batch = fakes.mixed_batch([20, 1], running_bs=1)
+    delattr(batch, sglang.DECODE_ROWS)
+    info = describe(batch)
+    assert info.label == "step[mixed bs=3 ext=? dec=?]"
+    assert info.num_tokens == 22
+
+
+def test_an_extend_batch_of_decodes_is_a_decode_step():
+    """DP attention's convert_decode_to_extend: EXTEND, one token per row, every row a decode."""
+    batch = fakes.extend_batch([1, 1, 1, 1])
+    sglang.mark_decode_rows(batch, 4)
+    assert describe(batch) == StepInfo("decode", 4, 0, 4, 0, 4)
+    batch.extend_seq_lens_cpu = None  # the lengths only on the GPU: every row is still a decode
+    assert describe(batch) == StepInfo("decode", 4, 0, 4, 0, 4)
+
+
+def test_init_new_copies_the_schedulers_decoding_reqs_and_unpatches_cleanly(monkeypatch):
+    import types
+
+    class ForwardBatch:
+        @classmethod
+        def init_new(cls, batch, model_runner):
+            made = cls()
+            made.built_from = (batch, model_runner)
+            return made
+
+    module = types.ModuleType(sglang.BATCH_MODULE)
+    module.ForwardBatch = ForwardBatch
+    original = ForwardBatch.__dict__["init_new"]
+    monkeypatch.setitem(sys.modules, sglang.BATCH_MODULE, module)
+    SGLangInstrumentor().instrument(skip_dep_check=True)
+    try:
+        schedule_batch = type("ScheduleBatch", (), {"decoding_reqs": ["a", "b"]})()
+        made = ForwardBatch.init_new(schedule_batch, "runner")
+        assert isinstance(made, ForwardBatch) and made.built_from == (schedule_batch, "runner")
+        assert getattr(made, sglang.DECODE_ROWS) == 2
+        schedule_batch.decoding_reqs = None
+        assert getattr(ForwardBatch.init_new(schedule_batch, "runner"), sglang.DECODE_ROWS) == 0
+        older = type("ModelWorkerBatch", (), {})()  # a release whose batch has no such field
+        assert not hasattr(ForwardBatch.init_new(older, "runner"), sglang.DECODE_ROWS)
+    finally:
+        SGLangInstrumentor().uninstrument()
+    assert ForwardBatch.__dict__["init_new"] is original

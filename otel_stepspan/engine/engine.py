@@ -20,6 +20,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from ..integrations.sglang import mark_decode_rows
 from .batch import ForwardBatch, ForwardMode, idle_batch
 from .model import ModelConfig
 from .runner import ModelRunner
@@ -220,6 +221,9 @@ class Engine:
             batch.extend_seq_lens = on_device(extend_lens)
             batch.extend_prefix_lens = on_device(prefix_lens)
             batch.extend_start_loc = on_device(starts)
+            # What sglang's scheduler knows and its ForwardBatch does not carry: how many of
+            # the trailing length-1 rows are running decodes (a fully cached prompt is one too).
+            mark_decode_rows(batch, len(plan.decodes))
         return batch
 
     def _release(self, req: Req) -> None:

@@ -172,8 +172,9 @@ _hook_pending: set[tuple[str, str]] = set()
 
 
 def _owner(module: Any, class_name: str) -> Any:
+    """The class named ``class_name`` in ``module`` (the module itself for a module-level name)."""
     owner = module
-    for part in class_name.split("."):
+    for part in filter(None, class_name.split(".")):
         owner = getattr(owner, part)
     return owner
 
@@ -182,23 +183,36 @@ def _apply(module: Any, key: tuple[str, str]) -> None:
     make = _wanted.get(key)
     if make is None:
         return
-    class_name, method_name = key[1].rsplit(".", 1)
-    try:
-        owner = _owner(module, class_name)
-        original = getattr(owner, method_name)
-    except AttributeError:
-        return  # a release without this class or method: nothing to patch, the import goes on
+    class_name, _, method_name = key[1].rpartition(".")
+    owner = _owner_or_none(module, class_name)
+    original = getattr(owner, method_name, None) if owner is not None else None
+    if original is None:
+        return  # a release without this class or name: nothing to patch, the import goes on
     current = owner.__dict__.get(method_name)
     if current is not None and current is _installed.get(key):
         return
-    wrapper = make(original)
+    try:
+        wrapper = make(original)
+    except Exception:  # never break the engine's own import
+        logger.warning("otel_stepspan: could not patch %s", key[1], exc_info=True)
+        return
+    if wrapper is original:
+        return  # the wrapper maker declined (a shape it was not written for)
     setattr(owner, method_name, wrapper)
     _installed[key] = wrapper
 
 
+def _owner_or_none(module: Any, class_name: str) -> Any:
+    try:
+        return _owner(module, class_name)
+    except AttributeError:
+        return None
+
+
 def patch_when_imported(module_name: str, dotted: str, make_wrapper: MakeWrapper) -> None:
-    """Replace ``module_name.Class.method`` by ``make_wrapper(original)`` now, or as soon as the
-    module is imported."""
+    """Replace ``module_name.Class.method`` (or a module-level ``module_name.name``) by
+    ``make_wrapper(original)`` now, or as soon as the module is imported. A release that lacks
+    the name is left alone."""
     key = (module_name, dotted)
     _wanted[key] = make_wrapper
     module = sys.modules.get(module_name)
@@ -224,9 +238,9 @@ def unpatch(module_name: str, dotted: str) -> None:
     module = sys.modules.get(module_name)
     if module is None or wrapper is None:
         return
-    class_name, method_name = dotted.rsplit(".", 1)
-    owner = _owner(module, class_name)
-    if owner.__dict__.get(method_name) is wrapper:
+    class_name, _, method_name = dotted.rpartition(".")
+    owner = _owner_or_none(module, class_name)
+    if owner is not None and owner.__dict__.get(method_name) is wrapper:
         setattr(owner, method_name, wrapper.__wrapped__)
 
 
@@ -236,5 +250,6 @@ def is_patched(module_name: str, dotted: str) -> bool:
     wrapper = _installed.get((module_name, dotted))
     if module is None or wrapper is None:
         return False
-    class_name, method_name = dotted.rsplit(".", 1)
-    return _owner(module, class_name).__dict__.get(method_name) is wrapper
+    class_name, _, method_name = dotted.rpartition(".")
+    owner = _owner_or_none(module, class_name)
+    return owner is not None and owner.__dict__.get(method_name) is wrapper

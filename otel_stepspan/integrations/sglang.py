@@ -6,15 +6,28 @@ Usage::
     SGLangInstrumentor().instrument()
     # or, with no code change: opentelemetry-instrument python -m sglang.launch_server ...
 
-sglang is never imported by this module: ``ForwardBatch`` is read by duck typing, and the patch
-is applied when sglang itself imports ``model_runner`` (a post-import hook), so processes that
+sglang is never imported by this module: ``ForwardBatch`` is read by duck typing, and every patch
+is applied when sglang itself imports the patched module (a post-import hook), so processes that
 never load a model pay nothing.
 
 Reading a batch happens in two halves. :func:`capture` runs on the engine thread at entry to
 ``forward`` (before sglang pads or rewrites the batch): a few attribute reads and no arithmetic,
-O(1) whatever the batch size. :func:`finish` turns that capture into a :class:`StepInfo` later,
-on the sink's thread. Neither ever touches a value on the GPU: only Python ints, the ``*_cpu``
-mirrors and the spec-decoding config are read.
+O(1) whatever the batch size, and only plain Python values kept. :func:`finish` turns that
+capture into a :class:`StepInfo` later. Neither ever touches a value on the GPU: only Python
+ints, the ``*_cpu`` mirrors and the spec-decoding config are read.
+
+Besides ``ModelRunner.forward`` the instrumentor patches, each for one reason:
+
+* ``ForwardBatch.init_new``: the scheduler knows which rows of an extend-shaped batch are running
+  decodes (``ScheduleBatch.decoding_reqs``: the tail a MIXED step appended, or every row of a
+  decode batch that DP attention turned into EXTEND); ``ForwardBatch`` does not carry it. The
+  count is written on the ``ForwardBatch`` itself, on the thread that builds it and right before
+  the same thread calls ``forward``: no GPU read, no shared state.
+* sglang's own step range inside ``forward`` (0.5.11+, ``build_step_span_name``): a step shows
+  exactly one ``step[...]`` range, ours, named like the span. sglang's detailed annotations, when
+  the user turns them on in ``start_profile``, become a range of their own inside it.
+* the CUDA-graph replays of draft models that never pass through ``ModelRunner.forward``
+  (EAGLE v2, frozen-KV MTP, multi-layer EAGLE's draft extend): each replay is a ``draft`` step.
 """
 
 from __future__ import annotations
@@ -23,18 +36,33 @@ import enum
 import logging
 import sys
 import weakref
-from typing import Any, Collection, NamedTuple, Optional
+from typing import Any, Callable, Collection, NamedTuple, Optional
 
 from .. import runtime
-from ..step import AttributeValue, StepInfo, engine_attributes, make_step
-from ._instrumentor import BaseInstrumentor, is_patched, patch_when_imported, unpatch
+from ..step import AttributeValue, StepInfo, engine_attributes, make_step, normalize_mode
+from ._instrumentor import EngineInstrumentor, is_patched, patch_when_imported, unpatch
 from ._read import as_count, cpu_int_list
 
 logger = logging.getLogger("otel_stepspan")
 
 MODULE = "sglang.srt.model_executor.model_runner"
 METHOD = "ModelRunner.forward"
+BATCH_MODULE = "sglang.srt.model_executor.forward_batch_info"
+INIT_NEW = "ForwardBatch.init_new"
+#: The module globals sglang's own step range inside ``ModelRunner.forward`` is made of (0.5.11+).
+STEP_NAME, STEP_RANGE = "build_step_span_name", "profile_range"
+#: Draft-model CUDA-graph replays that bypass ``ModelRunner.forward``: each call is one draft step.
+GRAPH_REPLAYS = (
+    ("sglang.srt.speculative.eagle_draft_cuda_graph_runner", "EAGLEDraftCudaGraphRunner.execute"),
+    ("sglang.srt.speculative.eagle_draft_extend_cuda_graph_runner", "EAGLEDraftExtendCudaGraphRunner.execute"),
+    ("sglang.srt.speculative.frozen_kv_mtp_cuda_graph_runner", "FrozenKVMTPCudaGraphRunner.execute"),
+)
+#: Where sglang wraps draft replays in a range of its own (multi-layer EAGLE): a draft step there.
+NAMED_REPLAYS = ("sglang.srt.speculative.multi_layer_eagle_worker_v2",)
 _instruments = ("sglang >= 0.5.0, < 0.6",)
+
+#: The attribute :func:`mark_decode_rows` writes on a ``ForwardBatch``.
+DECODE_ROWS = "_otel_stepspan_decode_rows"
 
 # sglang mode names with a name of their own in the contract. Everything else keeps its own name,
 # lower-cased (SPLIT_PREFILL -> split_prefill, DLLM_EXTEND -> dllm_extend, ...).
@@ -49,14 +77,29 @@ _MODE_NAMES = {
 }
 
 
-class Captured(NamedTuple):
-    """What the engine thread keeps of a ``ForwardBatch``: references and Python ints only."""
+def mark_decode_rows(forward_batch: Any, decode_rows: int) -> None:
+    """Record on ``forward_batch`` that its last ``decode_rows`` rows are running decodes.
 
-    forward_mode: Any
+    sglang's scheduler knows it when it builds the batch (``ScheduleBatch.decoding_reqs``) and
+    the instrumentor copies it from there; an engine built on sglang's batch shape (the reference
+    engine) calls this itself. Without it an extend-shaped batch is read as all prompt work, and
+    a MIXED one says ``ext=? dec=?``: its length-1 rows may be decodes or fully cached prompts.
+    """
+    setattr(forward_batch, DECODE_ROWS, decode_rows)
+
+
+class Captured(NamedTuple):
+    """What the engine thread keeps of a ``ForwardBatch``: plain values (the per-row lengths are
+    the batch's own CPU list, kept by reference)."""
+
+    mode: str
     batch_size: Any
     extend_seq_lens_cpu: Any
     extend_num_tokens: Any
-    spec_info: Any
+    decode_rows: Any
+    split_index: Any
+    verify_total: Optional[int]
+    verify_width: Optional[int]
     is_draft_worker: bool
     pass_id: Optional[int]
 
@@ -64,17 +107,42 @@ class Captured(NamedTuple):
 _tuple_new = tuple.__new__
 
 
+def _tokens_per_request(spec_info: Any) -> Optional[int]:
+    """Query width of a verify step: EAGLE's ``draft_token_num`` (a Python int), or
+    ``num_tokens_per_req`` where a release fills that instead (-1 there means "not set")."""
+    for name in ("draft_token_num", "num_tokens_per_req"):
+        width = as_count(getattr(spec_info, name, None))
+        if width:
+            return width
+    return None
+
+
+def _ragged_total(spec_info: Any) -> Optional[int]:
+    """The tokens a ragged verify computes (DSpark: each request verifies its own number of
+    draft tokens); ``RaggedVerifyLayout.total_verify_tokens`` is a host int, None when unset."""
+    layout = getattr(spec_info, "ragged_verify_layout", None)
+    return as_count(getattr(layout, "total_verify_tokens", None)) if layout is not None else None
+
+
 def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional[int] = None) -> Captured:
     """The engine-thread half of describing a batch: attribute reads, nothing computed. One
     tuple made directly, without the NamedTuple's Python-level constructor: this runs every step."""
+    spec_info = getattr(forward_batch, "spec_info", None)
+    verify_total = verify_width = None
+    if spec_info is not None:
+        verify_total = _ragged_total(spec_info)
+        verify_width = _tokens_per_request(spec_info)
     return _tuple_new(
         Captured,
         (
-            getattr(forward_batch, "forward_mode", None),
+            "draft" if is_draft_worker else mode_name(getattr(forward_batch, "forward_mode", None)),
             getattr(forward_batch, "batch_size", None),
             getattr(forward_batch, "extend_seq_lens_cpu", None),
             getattr(forward_batch, "extend_num_tokens", None),
-            getattr(forward_batch, "spec_info", None),
+            getattr(forward_batch, DECODE_ROWS, None),
+            getattr(forward_batch, "split_index", None),
+            verify_total,
+            verify_width,
             is_draft_worker,
             pass_id,
         ),
@@ -109,26 +177,37 @@ def _mode_name(forward_mode: Any) -> str:
     key = name.upper()
     if key in _MODE_NAMES:
         return _MODE_NAMES[key]
-    from ..step import normalize_mode
-
     return normalize_mode(name)
 
 
-def _tokens_per_request(spec_info: Any) -> Optional[int]:
-    """Query width of a verify step: EAGLE's ``draft_token_num`` (a Python int), or
-    ``num_tokens_per_req`` where a release fills that instead (-1 there means "not set")."""
-    if spec_info is None:
-        return None
-    for name in ("draft_token_num", "num_tokens_per_req"):
-        width = as_count(getattr(spec_info, name, None))
-        if width:
-            return width
-    return None
+def _extend_step(mode: str, bs: Optional[int], lens: Optional[list[int]], total: Optional[int],
+                 decode_rows: Any, pass_id: Optional[int]) -> StepInfo:
+    """An EXTEND or MIXED batch: prompt rows first, then the running decodes the scheduler
+    appended (``mix_with_running``), or only decodes (DP attention's ``convert_decode_to_extend``).
+    Named by what it computes: prefill, mixed or decode."""
+    decodes = as_count(decode_rows)
+    if decodes is None:
+        if mode == "mixed":
+            # No exact count of the appended decodes: say so rather than guess from the lengths
+            # (a fully cached prompt extends by one token too).
+            return make_step("mixed", bs, None, None, None, total, pass_id)
+        return make_step("prefill", bs, total, 0, bs, total, pass_id)
+    if decodes == 0:
+        return make_step("prefill", bs, total, 0, bs, total, pass_id)
+    if decodes == bs:
+        return make_step("decode", bs, 0, decodes, 0, decodes, pass_id)
+    if lens is None or decodes > len(lens):
+        return make_step("mixed", bs, None, decodes, None, total, pass_id)
+    prompt = lens[: len(lens) - decodes]
+    if not prompt:
+        return make_step("decode", bs, 0, decodes, 0, decodes, pass_id)
+    extend = sum(prompt)
+    return make_step("mixed", bs, extend, decodes, len(prompt), extend + decodes, pass_id)
 
 
 def finish(captured: Captured) -> StepInfo:
     """The off-thread half: counts from the captured CPU values (CONTRACT §1)."""
-    mode = "draft" if captured.is_draft_worker else mode_name(captured.forward_mode)
+    mode = captured.mode
     bs = as_count(captured.batch_size)
     pass_id = captured.pass_id
     if mode == "idle":
@@ -140,22 +219,26 @@ def finish(captured: Captured) -> StepInfo:
     total = as_count(captured.extend_num_tokens)
     if total is None and lens is not None:
         total = sum(lens)
-    if mode == "mixed":
-        # sglang appends each running decode to the extend batch as a length-1 extend, so the
-        # decodes are the length-1 entries and the prefill part is the rest.
-        if lens is None:
-            return make_step("mixed", bs, None, None, None, total, pass_id)
-        decodes = sum(1 for n in lens if n == 1)
-        all_tokens = sum(lens)
-        return make_step("mixed", bs, all_tokens - decodes, decodes, len(lens) - decodes, all_tokens, pass_id)
+    if mode == "prefill" or mode == "mixed":
+        return _extend_step(mode, bs, lens, total, captured.decode_rows, pass_id)
     if mode == "verify":
-        per_seq = _tokens_per_request(captured.spec_info)
-        toks = bs * per_seq if bs is not None and per_seq is not None else None
+        toks = captured.verify_total
+        if toks is None and bs is not None and captured.verify_width is not None:
+            toks = bs * captured.verify_width
         return make_step("verify", bs, 0, bs, 0, toks, pass_id)
-    if mode == "prefill":
-        return make_step("prefill", bs, total, 0, bs, total, pass_id)
-    # draft, draft_extend and engine modes of their own: report what the batch says.
-    return make_step(mode, bs, total if lens is not None else 0, 0, 0, total, pass_id)
+    if mode == "split_prefill":
+        # sglang runs one SPLIT_PREFILL batch as several forwards, a slice of the layers each;
+        # each forward is a step, and the prompt's tokens count once, on the first slice.
+        if captured.split_index != 0:
+            return make_step(mode, bs, 0, 0, 0, 0, pass_id)
+        return make_step(mode, bs, total, 0, bs, total, pass_id)
+    if lens is None:
+        return make_step(mode, bs, 0, 0, 0, total, pass_id)
+    # draft, draft_extend, dllm_extend, ...: a row computing more than one token is prompt work,
+    # a row computing one is a decode (CONTRACT §1, counting by what the forward computes).
+    prompt = [n for n in lens if n > 1]
+    extend = sum(prompt)
+    return make_step(mode, bs, extend, len(lens) - len(prompt), len(prompt), sum(lens), pass_id)
 
 
 def describe(
@@ -257,11 +340,11 @@ _labels: dict[tuple, str] = {}
 
 def label_of(captured: Captured) -> str:
     """The label alone, for the profiler's range on the engine thread. Steps with no
-    per-sequence list (decode, idle, most verify steps) repeat a handful of shapes: their label
-    is remembered by (mode member, batch size, draft), at most 4096 of them."""
-    forward_mode, bs, lens, _, spec_info, is_draft, _ = captured
-    if lens is None and spec_info is None and type(bs) is int and isinstance(forward_mode, enum.Enum):
-        key = (id(forward_mode), bs, is_draft)
+    per-sequence list (decode, idle, most draft steps) repeat a handful of shapes: their label
+    is remembered by (mode, batch size), at most 4096 of them."""
+    mode, bs, lens, _, _, _, verify_total, verify_width, _, _ = captured
+    if lens is None and verify_total is None and verify_width is None and type(bs) is int:
+        key = (mode, bs)
         label = _labels.get(key)
         if label is None:
             label = finish(captured).label
@@ -282,17 +365,220 @@ def traced_forward(forward: Any, *, engine_name: str = "sglang") -> Any:
     return runtime.wrap_method(forward, _capture_for(engine_name), finish, runner_attributes, label_of)
 
 
-class SGLangInstrumentor(BaseInstrumentor):
-    """Step spans for sglang's ``ModelRunner.forward`` (target and draft runners alike)."""
+# -- the scheduler's count of running decodes, carried to the forward ----------------------------
+
+
+_ABSENT: Any = object()
+
+
+def counted_init_new(init_new: Any) -> Any:
+    """``ForwardBatch.init_new`` (a classmethod, built from sglang's ``ScheduleBatch``) that
+    also copies ``len(decoding_reqs)`` onto the batch it returns (:func:`mark_decode_rows`).
+
+    ``decoding_reqs`` is the scheduler's own list of the requests a batch runs as decodes; sglang
+    reads it back when it processes the results. It is read on the thread that builds the batch,
+    right before that thread calls ``forward``, overlap scheduler included. A release whose batch
+    has no such field leaves the batch unmarked (MIXED steps then say ``ext=? dec=?``).
+    """
+    owner = getattr(init_new, "__self__", None)
+    descriptor = vars(owner).get("init_new") if isinstance(owner, type) else None
+    build = getattr(descriptor, "__func__", None)
+    if not isinstance(descriptor, classmethod) or build is None:
+        return init_new  # not the shape this was written for: leave it alone
+
+    def init_new_counting_decodes(cls: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        forward_batch = build(cls, batch, *args, **kwargs)
+        try:
+            decoding = getattr(batch, "decoding_reqs", _ABSENT)
+            if decoding is not _ABSENT:
+                setattr(forward_batch, DECODE_ROWS, 0 if decoding is None else len(decoding))
+        except Exception:
+            runtime.warn_once("sglang-decodes", "otel_stepspan: could not read sglang's decoding_reqs")
+        return forward_batch
+
+    init_new_counting_decodes.__name__ = build.__name__
+    init_new_counting_decodes.__qualname__ = build.__qualname__
+    init_new_counting_decodes.__doc__ = build.__doc__
+    return _ClassmethodWrapping(init_new_counting_decodes, descriptor)
+
+
+class _ClassmethodWrapping(classmethod):
+    """A classmethod whose ``__wrapped__`` is the classmethod it replaced (what unpatching puts
+    back); a plain classmethod's ``__wrapped__`` is read-only and names its own function."""
+
+    def __init__(self, function: Callable[..., Any], replaced: Any) -> None:
+        super().__init__(function)
+        self._replaced = replaced
+
+    @property
+    def __wrapped__(self) -> Any:  # type: ignore[override]
+        return self._replaced
+
+
+# -- sglang's own step range: one range per step, ours -------------------------------------------
+
+
+_NO_RANGE: Any = None
+
+
+def step_name_without_range(build_step_span_name: Any) -> Any:
+    """Stands in for ``build_step_span_name`` inside ``ModelRunner.forward``: our wrapper
+    already names the step's range, so sglang's is dropped (an empty name, see
+    :func:`range_unless_unnamed`), unless the user turned sglang's detailed annotations on
+    (``start_profile(detailed_annotations=True)``): then sglang's own name, aggregates and
+    ``forward_id`` included, goes on as an ``sglang[...]`` range inside the step's."""
+
+    def annotations_only(forward_batch: Any, detailed_annotations: Any = None, **kwargs: Any) -> str:
+        if detailed_annotations is None:
+            toggles = sys.modules.get("sglang.srt.model_executor.step_span_utils")
+            enabled = getattr(toggles, "detailed_annotations_enabled", None)
+            detailed_annotations = enabled() if enabled is not None else False
+        if not detailed_annotations:
+            return ""
+        name = build_step_span_name(forward_batch, True, **kwargs)
+        return "sglang" + name[len("step"):] if name.startswith("step[") else name
+
+    annotations_only.__wrapped__ = build_step_span_name
+    return annotations_only
+
+
+def range_unless_unnamed(profile_range: Any) -> Any:
+    """Stands in for ``profile_range`` inside ``ModelRunner.forward``: no range for an empty name."""
+    global _NO_RANGE
+    if _NO_RANGE is None:
+        import contextlib
+
+        _NO_RANGE = contextlib.nullcontext()
+
+    def profile_range_if_named(debug_name: str, *args: Any, **kwargs: Any) -> Any:
+        if not debug_name:
+            return _NO_RANGE
+        return profile_range(debug_name, *args, **kwargs)
+
+    profile_range_if_named.__wrapped__ = profile_range
+    return profile_range_if_named
+
+
+class _DraftStepName(str):
+    """Our label for a draft replay, still carrying the batch it names: what
+    :func:`draft_step_name` hands to :func:`draft_step_range` within one expression."""
+
+    forward_batch: Any = None
+
+
+def draft_step_name(build_step_span_name: Any) -> Any:
+    """``build_step_span_name`` where sglang names a range itself around draft replays that
+    bypass ``ModelRunner.forward`` (multi-layer EAGLE's draft-extend CUDA graph)."""
+
+    def name_as_draft_step(forward_batch: Any, *args: Any, **kwargs: Any) -> str:
+        name = _DraftStepName(describe(forward_batch, is_draft_worker=True).label)
+        name.forward_batch = forward_batch
+        return name
+
+    name_as_draft_step.__wrapped__ = build_step_span_name
+    return name_as_draft_step
+
+
+class _DraftStep:
+    """The draft step around a replay sglang wraps in ``profile_range(build_step_span_name(b))``:
+    the span and the range, through the same runtime as every other step."""
+
+    __slots__ = ("forward_batch", "opened")
+
+    def __init__(self, forward_batch: Any) -> None:
+        self.forward_batch = forward_batch
+        self.opened: Any = None
+
+    def __enter__(self) -> "_DraftStep":
+        static = _replay_attributes(None)
+        self.opened = runtime.begin(_capture_replay, finish, static, (None, self.forward_batch))
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        if self.opened is not None:
+            runtime.end(self.opened, error)
+        return False
+
+
+def draft_step_range(profile_range: Any) -> Any:
+    """``profile_range`` in the same module: a draft step for a name :func:`draft_step_name`
+    made, sglang's own range for anything else."""
+
+    def profile_range_or_draft_step(debug_name: Any, *args: Any, **kwargs: Any) -> Any:
+        if type(debug_name) is _DraftStepName:
+            return _DraftStep(debug_name.forward_batch)
+        return profile_range(debug_name, *args, **kwargs)
+
+    profile_range_or_draft_step.__wrapped__ = profile_range
+    return profile_range_or_draft_step
+
+
+# -- draft steps replayed from a CUDA graph --------------------------------------------------
+
+
+def _capture_replay(graph_runner: Any, forward_batch: Any) -> Captured:
+    return capture(forward_batch, True, None)
+
+
+def _replay_attributes(graph_runner: Any) -> dict[str, AttributeValue]:
+    runner = getattr(graph_runner, "model_runner", None)
+    if runner is None:
+        return engine_attributes("sglang", *_process_ranks())
+    return _runner_facts(runner).attributes
+
+
+def traced_replay(execute: Any) -> Any:
+    """A draft CUDA-graph runner's ``execute(forward_batch, ...)`` with a ``draft`` step span.
+
+    EAGLE v2 and frozen-KV MTP replay their draft forwards from these graphs without calling
+    ``ModelRunner.forward``. A graph runner that a ``ModelRunner`` owns (its
+    ``decode_cuda_graph_runner``) is replayed from inside that runner's traced forward: no
+    second step then."""
+    traced = runtime.wrap_method(execute, _capture_replay, finish, _replay_attributes, label_of)
+
+    def execute_as_draft_step(self: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(self, "model_runner", None)
+        if owner is not None and getattr(owner, "decode_cuda_graph_runner", None) is self:
+            return execute(self, forward_batch, *args, **kwargs)
+        return traced(self, forward_batch, *args, **kwargs)
+
+    execute_as_draft_step.__wrapped__ = execute
+    execute_as_draft_step.__name__ = getattr(execute, "__name__", "execute")
+    return execute_as_draft_step
+
+
+# -- the instrumentor ------------------------------------------------------------------------
+
+
+def _patches() -> list[tuple[str, str, Callable[[Any], Any]]]:
+    patches: list[tuple[str, str, Callable[[Any], Any]]] = [
+        (MODULE, METHOD, traced_forward),
+        (MODULE, STEP_NAME, step_name_without_range),
+        (MODULE, STEP_RANGE, range_unless_unnamed),
+        (BATCH_MODULE, INIT_NEW, counted_init_new),
+    ]
+    patches += [(module, dotted, traced_replay) for module, dotted in GRAPH_REPLAYS]
+    for module in NAMED_REPLAYS:
+        patches += [(module, STEP_NAME, draft_step_name), (module, STEP_RANGE, draft_step_range)]
+    return patches
+
+
+class SGLangInstrumentor(EngineInstrumentor):
+    """Step spans for sglang's ``ModelRunner.forward`` (target and draft runners alike); in
+    code, also in the scheduler processes sglang spawns afterwards."""
+
+    engine_module = "sglang"
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
-        patch_when_imported(MODULE, METHOD, traced_forward)
+        for module, dotted, make in _patches():
+            patch_when_imported(module, dotted, make)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        unpatch(MODULE, METHOD)
+        for module, dotted, _ in _patches():
+            unpatch(module, dotted)
 
 
 def is_instrumented() -> bool:

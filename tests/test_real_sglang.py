@@ -1,0 +1,340 @@
+"""The real sglang 0.5.23 engine is the judge: every step span against what its scheduler scheduled.
+
+A tiny random-weight Llama is made locally; sglang's own ``Engine`` runs it on the CPU
+(``tests/real_engines/sglang/drive.py``) in the environment ``scripts/engine_envs.py`` builds, its
+scheduler instrumented the way a user does it (``otel-stepspan run``'s bootstrap on
+``PYTHONPATH``, export configured by ``OTEL_*`` variables only, spans read from a real OTLP
+receiver). A hook of our own in the scheduler process (``truth/sitecustomize.py``) records, per
+forward, the scheduler's ``ScheduleBatch``; every span is compared with it, attribute by
+attribute. Everything is sglang's own code but one kernel binding it imports and never calls
+here (``stand_in/vllm``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
+from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+pytestmark = pytest.mark.engines
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "tests" / "real_engines" / "sglang"
+BOOTSTRAP = ROOT / "otel_stepspan" / "cli" / "_bootstrap"
+COMPARED_KEYS = FORWARD_KEYS | ENGINE_KEYS | {PASS_ID_KEY}
+
+
+def _engine_envs() -> Any:
+    spec = importlib.util.spec_from_file_location("engine_envs", ROOT / "scripts" / "engine_envs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def engine_python() -> Path:
+    envs = _engine_envs()
+    if not envs.is_built("sglang"):
+        pytest.skip("the sglang environment is not built: python3 scripts/engine_envs.py build sglang")
+    return envs.python_of("sglang")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(engine_python, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sglang-model")
+    subprocess.run([str(engine_python), str(HERE / "make_model.py"), str(path)], check=True, capture_output=True)
+    return path
+
+
+@dataclass
+class Run:
+    """One engine session: the scheduler's truth, the spans received, the tokens generated, and
+    sglang's own profiler trace when one was taken."""
+
+    truth: list[dict]
+    spans: list[ReceivedSpan]
+    outputs: dict[str, list[int]]
+    trace: Optional[list[dict]]
+    log: str
+
+
+def _truth(folder: Path) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob("truth-*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def _trace(folder: Path) -> list[dict]:
+    (path,) = folder.glob("*.trace.json.gz")
+    with gzip.open(path) as handle:
+        return json.load(handle)["traceEvents"]
+
+
+def run_engine(
+    python: Path,
+    model: Path,
+    workdir: Path,
+    *,
+    instrumented: bool,
+    overlap: str = "on",
+    profile: bool = False,
+    annotations: bool = False,
+    short: bool = False,
+    prompt_shutdown: bool = False,
+) -> Run:
+    """Run the driver; unless ``prompt_shutdown``, keep the engine up until every recorded forward's
+    span has arrived, so that what is compared is labelling, not delivery at shutdown."""
+    workdir.mkdir(parents=True)
+    (workdir / "truth").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    paths = [str(HERE / "truth"), str(HERE / "stand_in"), str(ROOT)]
+    if instrumented:
+        paths.insert(0, str(BOOTSTRAP))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["SGLANG_TRUTH_DIR"] = str(workdir / "truth")
+    out, ready = workdir / "outputs.json", workdir / "spans-arrived"
+    argv = [str(python), str(HERE / "drive.py"), "--model", str(model), "--out", str(out), "--overlap", overlap]
+    if profile:
+        argv += ["--profile-dir", str(workdir / "profile")]
+    if annotations:
+        argv.append("--annotations")
+    if short:
+        argv.append("--short")
+    if not prompt_shutdown:
+        argv += ["--wait-for", str(ready)]
+    with OtlpReceiver(protocol="grpc") as receiver:
+        if instrumented:
+            env.update(
+                OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+                OTEL_SERVICE_NAME="sglang-real-engine-test",
+                OTEL_BSP_SCHEDULE_DELAY="100",
+            )
+        with open(workdir / "log.txt", "w") as log:
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+            try:
+                if not prompt_shutdown:
+                    deadline = time.monotonic() + 300
+                    while not out.exists() and process.poll() is None and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    if instrumented:
+                        receiver.wait_for_spans(len(_truth(workdir / "truth")), timeout_s=60)
+                    ready.touch()
+                process.wait(timeout=300)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+        if instrumented and prompt_shutdown:
+            receiver.wait_for_spans(len(_truth(workdir / "truth")), timeout_s=20)
+        spans = [s for s in receiver.spans() if s.scope_name == "otel_stepspan"]
+    text = (workdir / "log.txt").read_text()
+    assert process.returncode == 0 and out.exists(), f"the engine run failed:\n{text[-6000:]}"
+    return Run(
+        truth=_truth(workdir / "truth"),
+        spans=spans,
+        outputs=json.loads(out.read_text()),
+        trace=_trace(workdir / "profile") if profile else None,
+        log=text,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(engine_python, tiny_model, tmp_path_factory) -> dict[str, Run]:
+    """The engine sessions, each started once for the module, on first use."""
+    made: dict[str, Run] = {}
+    settings = {
+        "overlap": dict(instrumented=True, overlap="on", profile=True),
+        "no_overlap": dict(instrumented=True, overlap="off", profile=True, annotations=True),
+        "uninstrumented": dict(instrumented=False, overlap="on"),
+    }
+    root = tmp_path_factory.mktemp("sglang-runs")
+
+    class Lazy(dict):
+        def __missing__(self, name: str) -> Run:
+            made[name] = run_engine(engine_python, tiny_model, root / name, **settings[name])
+            self[name] = made[name]
+            return made[name]
+
+    return Lazy()
+
+
+# -- what the scheduler scheduled, written out by hand from the contract ---------------------------
+
+
+def expected_attributes(record: dict) -> dict[str, Any]:
+    """CONTRACT §1/§2 applied to one ``ScheduleBatch`` record of the truth hook."""
+    mode, rows, lens = record["mode"], record["rows"], record["extend_lens"]
+    if mode == "DECODE":
+        counts, label = ("decode", rows, 0, rows, 0, rows), f"step[decode bs={rows}]"
+    elif mode == "EXTEND":
+        ext = sum(lens)
+        counts, label = ("prefill", rows, ext, 0, rows, ext), f"step[prefill bs={rows} toks={ext}]"
+    elif mode == "MIXED":
+        prompts = record["prompt_rows"]
+        assert all(n == 1 for n in lens[prompts:]), record  # the appended decodes come last
+        ext, dec = sum(lens[:prompts]), rows - prompts
+        counts, label = ("mixed", rows, ext, dec, prompts, ext + dec), f"step[mixed bs={rows} ext={ext} dec={dec}]"
+    else:
+        raise AssertionError(f"a mode these workloads do not run: {record}")
+    keys = ("forward.mode", "forward.batch_size", "forward.extend_tokens", "forward.decode_seqs",
+            "forward.prefill_seqs", "forward.num_tokens")
+    expected: dict[str, Any] = dict(zip(keys, counts))
+    expected.update({
+        "forward.label": label,
+        PASS_ID_KEY: record["pass_id"],
+        "engine.name": "sglang",
+        "engine.tp_rank": record["tp_rank"],
+        "engine.dp_rank": record["dp_rank"],
+        "engine.pp_rank": record["pp_rank"],
+    })
+    return expected
+
+
+def mismatches(run: Run) -> list[tuple[dict, dict, str]]:
+    by_pass = {span.attributes.get(PASS_ID_KEY): span for span in run.spans}
+    wrong = []
+    for record in run.truth:
+        expected = expected_attributes(record)
+        span = by_pass.get(record["pass_id"])
+        got = {k: v for k, v in span.attributes.items() if k in COMPARED_KEYS} if span else {}
+        name = span.name if span else None
+        if got != expected or name != expected["forward.label"]:
+            wrong.append((expected, got, name))
+    return wrong
+
+
+@pytest.mark.parametrize("name", ["overlap", "no_overlap"])
+def test_every_step_span_equals_what_the_scheduler_scheduled(runs, name):
+    run = runs[name]
+    truth = run.truth
+    # The hook saw every forward of the runner (its counter has no gaps), and the workloads ran
+    # what this test is about.
+    assert [r["pass_id"] for r in truth] == list(range(1, len(truth) + 1))
+    modes = [r["mode"] for r in truth]
+    assert {"EXTEND", "DECODE", "MIXED"} <= set(modes)
+    assert any(r["mode"] == "EXTEND" and r["prefix_lens"][0] > 0 for r in truth), "no chunked prefill ran"
+    assert any(
+        r["mode"] == "MIXED" and 1 in r["extend_lens"][: r["prompt_rows"]] for r in truth
+    ), "no fully cached prompt joined a running batch"
+    assert len(run.spans) == len(truth), "spans received != forward passes"
+    assert mismatches(run) == []
+
+
+@pytest.mark.parametrize("name", ["overlap", "no_overlap"])
+def test_one_step_range_per_forward_in_sglangs_own_trace_named_like_its_span(runs, name):
+    run = runs[name]
+    steps = sorted((e for e in run.trace if e.get("ph") == "X" and e["name"].startswith("step[")),
+                   key=lambda e: e["ts"])
+    spans = sorted(run.spans, key=lambda s: s.attributes[PASS_ID_KEY])
+    assert len(steps) == len(run.truth)
+    assert [e["name"] for e in steps] == [s.name for s in spans]
+
+
+def test_sglangs_detailed_annotations_stay_inside_the_step(runs):
+    """start_profile(detailed_annotations=True): sglang's per-forward aggregates, its own name
+    and forward_id included, are one ``sglang[...]`` range inside each step range."""
+    run = runs["no_overlap"]
+    events = [e for e in run.trace if e.get("ph") == "X"]
+    steps = sorted((e for e in events if e["name"].startswith("step[")), key=lambda e: e["ts"])
+    notes = sorted((e for e in events if e["name"].startswith("sglang[")), key=lambda e: e["ts"])
+    assert len(notes) == len(steps) == len(run.truth)
+    for pass_id, (step, note) in enumerate(zip(steps, notes), start=1):
+        assert step["ts"] <= note["ts"] and note["ts"] + note["dur"] <= step["ts"] + step["dur"]
+        assert note["name"].endswith(f" forward_id={pass_id}]"), note["name"]
+    mixed = [n["name"] for n in notes if n["name"].startswith("sglang[MIXED")]
+    assert mixed and all(" c_sq=" in n and " g_sq=" in n for n in mixed)
+
+
+def test_generated_tokens_are_the_same_with_and_without_instrumentation(runs):
+    on, off = runs["overlap"].outputs, runs["uninstrumented"].outputs
+    assert set(on) == {"pair_a", "pair_b", "chunked", "running", "joining", "joining_cached"}
+    assert on == off
+
+
+def test_no_step_span_is_lost_when_the_engine_shuts_down_right_after_its_last_request(
+    engine_python, tiny_model, tmp_path
+):
+    """A script that calls ``Engine.shutdown()`` right after its last request: sglang SIGKILLs
+    its scheduler process; every step must still arrive."""
+    run = run_engine(engine_python, tiny_model, tmp_path / "run", instrumented=True, short=True, prompt_shutdown=True)
+    assert run.truth, "no forward ran"
+    assert sorted(s.attributes[PASS_ID_KEY] for s in run.spans) == [r["pass_id"] for r in run.truth]
+    assert mismatches(run) == []
+
+
+# -- sglang's own classes on the paths this machine cannot run end to end --------------------------
+
+
+@pytest.fixture(scope="module")
+def real_classes(engine_python) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "stand_in"), str(ROOT)])
+    done = subprocess.run(
+        [str(engine_python), str(HERE / "real_classes.py")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    return json.loads(done.stdout)
+
+
+#: CONTRACT §1 applied by hand to each case's batch (see real_classes.py):
+#: label, mode, batch_size, extend_tokens, decode_seqs, prefill_seqs, num_tokens (-1: unknown).
+REAL_CLASS_CASES = {
+    # DP attention pads an idle rank's batch: nothing real is computed.
+    "idle": ("step[idle]", "idle", 0, 0, 0, 0, 0),
+    # EAGLE: draft_token_num tokens per request.
+    "verify": ("step[verify bs=3 toks=12]", "verify", 3, 0, 3, 0, 12),
+    # DSpark/DFlash ragged verify: each request its own count (3 + 1 + 5), not bs * draft_token_num.
+    "ragged_verify": ("step[verify bs=3 toks=9]", "verify", 3, 0, 3, 0, 9),
+    "draft_runner": ("step[draft bs=3]", "draft", 3, 0, 0, 0, -1),
+    # SPLIT_PREFILL: one forward per layer slice; the prompt's 5 + 7 tokens count on the first.
+    "split_prefill_0": ("step[split_prefill bs=2]", "split_prefill", 2, 12, 0, 2, 12),
+    "split_prefill_1": ("step[split_prefill bs=2]", "split_prefill", 2, 0, 0, 0, 0),
+    # dLLM: each request denoises a block of 8 tokens.
+    "dllm_extend": ("step[dllm_extend bs=2]", "dllm_extend", 2, 16, 0, 2, 16),
+    # DP attention's convert_decode_to_extend: EXTEND of length-1 rows that are all decodes.
+    "dp_converted_decode": ("step[decode bs=4]", "decode", 4, 0, 4, 0, 4),
+    # EAGLE v2's draft CUDA graph, replayed without ModelRunner.forward.
+    "draft_graph_replay": ("step[draft bs=3]", "draft", 3, 0, 0, 0, -1),
+    # Multi-layer EAGLE's draft-extend replays (rows of 2, 1 and 3 tokens), also outside forward.
+    "multi_layer_draft_replay": ("step[draft bs=3]", "draft", 3, 5, 1, 2, 6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REAL_CLASS_CASES))
+def test_paths_the_cpu_cannot_run_are_labelled_on_sglangs_own_classes(real_classes, case):
+    (result,) = [c for c in real_classes["cases"] if c["case"] == case]
+    assert result["outcome"] == "passed through"  # the forward's own exception, unchanged
+    (span,) = result["spans"]
+    label, *counts = REAL_CLASS_CASES[case]
+    keys = ("forward.mode", "forward.batch_size", "forward.extend_tokens", "forward.decode_seqs",
+            "forward.prefill_seqs", "forward.num_tokens")
+    assert span["name"] == label == span["attributes"]["forward.label"]
+    assert tuple(span["attributes"][k] for k in keys) == tuple(counts)
+    assert span["status"] == "ERROR"
+
+
+def test_a_graph_replayed_inside_a_traced_forward_is_not_a_second_step(real_classes):
+    (result,) = [c for c in real_classes["cases"] if c["case"] == "graph_replay_inside_forward"]
+    assert result["outcome"] == "passed through" and result["spans"] == []
+
+
+def test_real_forward_shows_one_step_range_and_sglangs_annotations_inside(real_classes):
+    ranges = real_classes["ranges"]
+    decode, extend = ranges["decode"], ranges["extend"]
+    assert [n for n in decode if n.startswith("step[")] == ["step[decode bs=2]"]
+    assert [n for n in extend if n.startswith("step[")] == ["step[prefill bs=2 toks=12]"]
+    assert ranges["multi_layer"] == ["step[draft bs=3]"]
+    last = real_classes["pass_id_after"]
+    assert decode[1] == f"sglang[DECODE bs=2 g_sq=2 g_sqsq=2 g_sqsk=32 g_sk=32 forward_id={last - 1}]"
+    assert extend[1].startswith("sglang[EXTEND bs=2 toks=12 c_sq=12 ") and extend[1].endswith(f"forward_id={last}]")
