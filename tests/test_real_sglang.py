@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +26,7 @@ import pytest
 
 from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
+from timelines import assert_steps_form_timelines
 
 pytestmark = pytest.mark.engines
 
@@ -67,6 +68,7 @@ class Run:
     outputs: dict[str, list[int]]
     trace: Optional[list[dict]]
     log: str
+    timelines: list[ReceivedSpan] = field(default_factory=list)
 
 
 def _truth(folder: Path) -> list[dict]:
@@ -129,20 +131,24 @@ def run_engine(
                     while not out.exists() and process.poll() is None and time.monotonic() < deadline:
                         time.sleep(0.1)
                     if instrumented:
-                        receiver.wait_for_spans(len(_truth(workdir / "truth")), timeout_s=60)
+                        receiver.wait_for_steps(len(_truth(workdir / "truth")), timeout_s=60)
                     ready.touch()
                 process.wait(timeout=300)
             finally:
                 if process.poll() is None:
                     process.kill()
         if instrumented and prompt_shutdown:
-            receiver.wait_for_spans(len(_truth(workdir / "truth")), timeout_s=20)
-        spans = [s for s in receiver.spans() if s.scope_name == "otel_stepspan"]
+            receiver.wait_for_steps(len(_truth(workdir / "truth")), timeout_s=20)
+        if instrumented:
+            receiver.wait_until_quiet(quiet_s=2.0, timeout_s=30)  # the exporter processes deliver last
+        spans = [s for s in receiver.steps() if s.scope_name == "otel_stepspan"]
+        timelines = [s for s in receiver.timelines() if s.scope_name == "otel_stepspan"]
     text = (workdir / "log.txt").read_text()
     assert process.returncode == 0 and out.exists(), f"the engine run failed:\n{text[-6000:]}"
     return Run(
         truth=_truth(workdir / "truth"),
         spans=spans,
+        timelines=timelines,
         outputs=json.loads(out.read_text()),
         trace=_trace(workdir / "profile") if profile else None,
         log=text,
@@ -254,6 +260,11 @@ def test_sglangs_detailed_annotations_stay_inside_the_step(runs):
         assert note["name"].endswith(f" forward_id={pass_id}]"), note["name"]
     mixed = [n["name"] for n in notes if n["name"].startswith("sglang[MIXED")]
     assert mixed and all(" c_sq=" in n and " g_sq=" in n for n in mixed)
+
+
+@pytest.mark.parametrize("name", ["overlap", "no_overlap"])
+def test_the_steps_form_engine_timelines_whose_roots_count_them(runs, name):
+    assert_steps_form_timelines(runs[name].spans, runs[name].timelines)
 
 
 def test_generated_tokens_are_the_same_with_and_without_instrumentation(runs):

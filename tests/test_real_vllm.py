@@ -37,6 +37,7 @@ from typing import Any, Optional
 import pytest
 
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
+from timelines import assert_steps_form_timelines
 
 pytestmark = pytest.mark.engines
 
@@ -305,25 +306,7 @@ def test_the_steps_form_engine_timelines_whose_roots_count_them(runs, name):
     """Each step (none has a parent of its own here) is a child of a timeline root in the same
     trace; the roots' windows hold every step once, in order, and count them by mode."""
     run = _ok(runs[name])
-    roots = {root.span_id: root for root in run.timelines}
-    assert roots, f"{name}: no timeline root arrived"
-    by_root: dict[str, list[ReceivedSpan]] = {}
-    for span in run.spans:
-        root = roots.get(span.parent_span_id)
-        assert root is not None and root.trace_id == span.trace_id, f"{span.name} is outside every timeline"
-        by_root.setdefault(root.span_id, []).append(span)
-    for span_id, members in by_root.items():
-        root = roots[span_id]
-        assert root.attributes["timeline.steps"] == len(members)
-        for mode in {m.attributes["forward.mode"] for m in members}:
-            assert root.attributes[f"timeline.steps.{mode}"] == sum(
-                1 for m in members if m.attributes["forward.mode"] == mode
-            )
-        assert root.start_ns <= members[0].start_ns and members[-1].end_ns <= root.end_ns
-    # Windows follow one another: none overlaps the next.
-    ordered = sorted(roots.values(), key=lambda r: r.start_ns)
-    assert all(a.end_ns <= b.start_ns for a, b in zip(ordered, ordered[1:]))
-    assert sum(len(m) for m in by_root.values()) == len(run.spans)
+    assert_steps_form_timelines(run.spans, run.timelines)
 
 
 def test_in_process_engine_every_step_matches_the_scheduler(runs):

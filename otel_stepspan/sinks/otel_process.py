@@ -1,15 +1,16 @@
 """The OpenTelemetry sink when the variables configure export: spans made by an exporter process.
 
 The engine thread does the least it can under the engine's GIL: it describes the step (a
-:class:`~otel_stepspan.step.StepInfo`), appends one tuple of plain values to a deque, and every
-50 ms (or 256 steps) writes the batch to a pipe as one ``marshal`` frame. Building span ids and
+:class:`~otel_stepspan.step.StepInfo`), appends one tuple of plain values to a deque, and writes
+to a pipe as one ``marshal`` frame: each step at once when steps end 2 ms or more apart, in
+batches (every 50 ms or 256 steps) when they come faster. Building span ids and
 attributes, encoding OTLP, gRPC's threads, retries: all of that happens in the exporter process
 (:mod:`otel_stepspan.exporter`), outside the engine's GIL. A small thread here only writes what an
-engine gone idle left in the deque, ten times a second.
+engine gone idle left in the deque, 20 ms after the engine left it there, and sleeps otherwise.
 
 What reached the pipe survives the engine: the exporter is detached from the engine's process
 tree and delivers until the pipe ends, SIGKILL included. What is still in the deque when the
-engine is killed (at most the last 100 ms) is lost. Nothing here ever blocks the engine: a full
+engine is killed (at most the fast steps of its last 20 ms) is lost. Nothing here ever blocks the engine: a full
 pipe keeps frames in memory up to a bound, past which steps are dropped and counted.
 """
 
@@ -38,7 +39,8 @@ Finish = Callable[[Any], StepInfo]
 
 _WRITE_EVERY = 256  # steps
 _WRITE_INTERVAL_NS = 50_000_000  # 50 ms
-_IDLE_FLUSH_S = 0.1
+_SLOW_STEP_NS = 2_000_000  # steps ending this far apart (500 steps/s or fewer) are written one by one
+_IDLE_FLUSH_S = 0.02
 _PIPE_SIZE = 1 << 20  # Linux lets a process raise a pipe to 1 MiB
 _MAX_UNSENT = 32 << 20  # bytes kept while the pipe is full, before steps are dropped
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -92,6 +94,7 @@ class ExporterProcessSink:
         self.failed_total = 0  # steps lost because the exporter could not be started or died
         self._pid = os.getpid()
         self._queue: deque = deque()
+        self._waiting = threading.Event()  # steps are waiting for the next write
         self._static_ids: dict[int, tuple[int, Mapping[str, AttributeValue]]] = {}
         self._lock = threading.Lock()
         self._answers_lock = threading.Lock()
@@ -100,6 +103,7 @@ class ExporterProcessSink:
         self._fd: Optional[int] = None
         self._status_fd: Optional[int] = None
         self._next_write_ns = 0
+        self._last_end_ns = 0
         self._dropped_sent = 0
         self._seq = 0
         self._started = False
@@ -144,8 +148,15 @@ class ExporterProcessSink:
         )
         if not self._started:
             self._start()
-        if len(queue) >= _WRITE_EVERY or end_ns >= self._next_write_ns:
+        # Steps slower than _SLOW_STEP_NS apart go to the pipe at once: a write costs about a
+        # microsecond, nothing next to such a step, and a step in the pipe survives a SIGKILL
+        # that comes right after it. Faster steps are written in batches.
+        sparse = end_ns - self._last_end_ns >= _SLOW_STEP_NS
+        self._last_end_ns = end_ns
+        if sparse or len(queue) >= _WRITE_EVERY or end_ns >= self._next_write_ns:
             self._write()
+        elif len(queue) == 1:
+            self._waiting.set()  # the first step left behind since the last write
 
     def _define(self, attributes: Mapping[str, AttributeValue]) -> int:
         """A number for a runner's static attributes, sent to the exporter once. The mapping is
@@ -212,10 +223,13 @@ class ExporterProcessSink:
     # -- starting the exporter -----------------------------------------------------------------
 
     def _start(self) -> None:
-        """Make the pipes and start the exporter process, on the first step. Only the launch
-        happens here (about a millisecond): the launched interpreter forks the detached exporter
-        and exits, and a thread of ours reaps it, so that even a process that exits right after
-        its first step has its exporter on the way."""
+        """Make the pipes and start the exporter process, on the first step.
+
+        The exporter must leave the engine's process tree at once: an engine that kills its whole
+        tree (sglang's ``kill_process_tree``, right after a short run) must not catch it on the
+        way. So a shell starts it in the background and exits (about a millisecond; the exporter
+        is then reparented, away from the tree) rather than a Python interpreter that would need
+        a second or so before it could fork away. Our thread reaps the shell."""
         with self._lock:
             if self._started:
                 return
@@ -236,6 +250,7 @@ class ExporterProcessSink:
             try:
                 launcher = subprocess.Popen(
                     [
+                        "/bin/sh", "-c", '"$@" &', "otel_stepspan-exporter-launcher",
                         sys.executable, "-m", _EXPORTER_MODULE, "--steps-fd", str(steps_read),
                         "--status-fd", str(status_write), "--engine-pid", str(self._pid),
                     ],
@@ -254,15 +269,18 @@ class ExporterProcessSink:
         thread.start()
 
     def _run(self, launcher: Optional[subprocess.Popen]) -> None:
-        """Reap the launcher, then write what an idle engine left behind, forever."""
+        """Reap the launcher; then, each time the engine leaves steps behind, write them
+        ``_IDLE_FLUSH_S`` later unless the engine has written them itself meanwhile. Asleep while
+        nothing is waiting: no wake-up competes for the engine's GIL."""
         if launcher is not None:
             launcher.wait()
         pid = os.getpid()
         while pid == self._pid and not self._broken:
+            self._waiting.wait()
+            self._waiting.clear()
             time.sleep(_IDLE_FLUSH_S)
             if self._queue or self._unsent or self.dropped_total != self._dropped_sent:
-                if _time_ns() >= self._next_write_ns or self._unsent:
-                    self._write()
+                self._write()
 
     def _after_fork_in_child(self) -> None:
         # The child must not write into its parent's pipe; it starts its own exporter on its
