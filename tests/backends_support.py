@@ -78,7 +78,8 @@ class EngineRun:
         """Wait for the end of the run (a hang fails here) and read its report."""
         out, self.stderr = self.process.communicate(timeout=timeout_s)
         assert self.process.returncode == 0, f"{self.service}: exit {self.process.returncode}\n{self.stderr}"
-        self.summary = json.loads(out.strip().splitlines()[-1])
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.summary = {k: v for line in lines for k, v in line.items()}
         return self
 
     @property

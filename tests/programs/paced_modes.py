@@ -7,10 +7,12 @@ The steps cycle prefill, decode, decode, decode, mixed, idle (pass ids 1, 2, ...
 'ready' once the first step ran, and at the end one JSON line: the steps sent per mode, and
 what tracing cost the engine thread: the time of an empty traced step (the `with
 step_span(...)` block itself) for the first step (which sets up the export), and the longest and
-99th-percentile time of the others, and how late the pacing ran at worst.
+99th-percentile time of the others, and how late the pacing ran at worst. After the library's
+own exit flush, one more JSON line says how long the exit took.
 Loss reports, if any, are the library's own lines on stderr.
 """
 
+import atexit
 import json
 import sys
 import time
@@ -31,6 +33,10 @@ def step(pass_id: int) -> StepInfo:
 
 
 def main() -> None:
+    # Registered before the library registers its exit flush (at the first step), so it runs
+    # after that flush: atexit runs the last registered first.
+    atexit.register(lambda: print(json.dumps({"exit_s": round(time.monotonic() - ended[0], 3)}), flush=True))
+    ended = [0.0]
     seconds, rate = float(sys.argv[1]), float(sys.argv[2])
     interval = 1.0 / rate
     sent: Counter = Counter()
@@ -54,6 +60,7 @@ def main() -> None:
             time.sleep(delay)
         else:
             late_max = max(late_max, -delay)
+    ended[0] = time.monotonic()
     first = costs[0]
     costs = sorted(costs[1:]) or [0.0]
     print(
