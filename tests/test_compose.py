@@ -6,7 +6,7 @@ The user's path: `config`, `up --wait`, the demo exporting through OTEL_EXPORTER
 `otel-stepspan search --mode decode`, span metrics by mode; then what must survive does:
 Jaeger restarted and SIGKILLed (Badger on its volume), spans queued in the collector while
 Jaeger is stopped surviving a collector restart (the queue's volume), and `down` then `up`
-again; `down -v` at the end.
+again; then the secured override, as its comments tell a user to run it; `down -v` at the end.
 
 Needs root on Debian (docker.io) or a running Docker Engine, and Go; in CI
 (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) a skip is a failure.
@@ -44,6 +44,7 @@ PROJECT = "otel_stepspan_test"  # its own volumes, never a user's otel_stepspan 
 JAEGER = "http://127.0.0.1:16686"
 OTLP_GRPC = "http://127.0.0.1:4317"
 SERVICE = "compose-demo"
+SECURED = ("-f", "docker-compose.yml", "-f", "docker-compose.secured.yml")
 
 
 def _compose(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -106,8 +107,7 @@ def _holds_the_demo(demo, timeout_s: float = 90) -> None:
 def test_compose_files_are_valid_for_docker_compose(up):
     plain = _compose("config", "--quiet")
     assert plain.returncode == 0
-    (Path(backends.SECRETS_DIR)).mkdir(exist_ok=True)  # the override mounts it
-    secured = compose.compose("-f", "docker-compose.yml", "-f", "docker-compose.secured.yml", "config", "--format", "json")
+    secured = compose.compose(*SECURED, "config", "--format", "json")
     service = json.loads(secured.stdout)["services"]["otel-collector"]
     assert "--config=/etc/otelcol-contrib/secured.yaml" in service["command"]
     assert {v["target"] for v in service["volumes"]} >= {
@@ -172,3 +172,25 @@ def test_down_then_up_keeps_the_volumes(demo):
     _compose("up", "-d", "--wait", "--wait-timeout", "120")
     _holds_the_demo(demo, timeout_s=30)
     assert stored(JAEGER, SERVICE, demo["started_ns"], 100000).duplicates == 0
+
+
+def test_secured_override_takes_the_token_over_tls_and_refuses_plain_requests(demo):
+    """`python scripts/backends.py secrets`, then up with the override; the engine is configured
+    by OTEL_EXPORTER_OTLP_CERTIFICATE and OTEL_EXPORTER_OTLP_HEADERS only."""
+    secrets = backends.make_secrets()  # collector/secrets/, as the override expects
+    token = secrets["token"].read_text().strip()
+    _compose(*SECURED, "up", "-d", "--wait", "--wait-timeout", "120")
+    tls = {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(secrets["ca.crt"])}
+    right = EngineRun.start("https://127.0.0.1:4317", "compose-secured", 3, 100,
+                            OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer%20{token}", **tls)
+    wrong = EngineRun.start("https://127.0.0.1:4317", "compose-secured-wrong", 3, 100,
+                            OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer%20wrong", **tls)
+    plain = EngineRun.start(OTLP_GRPC, "compose-plain", 3, 100)
+    for run in (right, wrong, plain):
+        run.finish()
+    assert wait_stored(JAEGER, right.service, right.started_ns, right.steps).missing(right.steps) == []
+    assert right.loss_lines == []
+    for refused in (wrong, plain):  # refused, and neither run hung (finish() has a timeout)
+        assert stored(JAEGER, refused.service, refused.started_ns, 1000).unique == 0
+    assert wrong.loss_lines, wrong.stderr  # exact accounting: tests/test_backends_faults.py
+    _holds_the_demo(demo, timeout_s=30)  # the same volumes under the secured collector
