@@ -14,19 +14,24 @@ collector/builder-config.yaml is checked against the collector tag.
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
-    python scripts/backends.py validate   # `otelcol validate` on collector/config.yaml
-    python scripts/backends.py run        # Jaeger (memstore) + collector on 127.0.0.1; Ctrl-C stops
+    python scripts/backends.py validate   # `otelcol validate` on every collector config
+    python scripts/backends.py secrets    # CA, server certificate, token in collector/secrets/
+    python scripts/backends.py run [--secured] [--data-dir DIR]
+                                          # Jaeger (Badger) + collector on 127.0.0.1; Ctrl-C stops;
+                                          # spans and the collector's queue stay in DIR
 
 From Python (e.g. pytest):
     paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path}
+    with LocalBackends(workdir) as stack: ...   # both on free ports, state under workdir;
+                                                # stop, kill (SIGKILL) and start each again
     write_local_collector_config(src, dst, ...) # the project's config, local endpoints only
-    jaeger = start_jaeger(workdir, ports)       # Popen, healthy when it returns
-    collector = start_collector(config, ...)
 
 Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
-  * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.155.0` works; ocb
-    then resolves and builds the components. v0.155.0 is the newest release whose
-    prometheusexporter module the proxy serves.
+  * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.165.0` works; ocb
+    then resolves and builds the components (statically linked). v0.165.0 is the newest
+    release at which the proxy serves every component used (prometheusexporter,
+    filestorage and bearertokenauthextension included; contrib also has v0.165.1, core
+    does not).
   * Jaeger v2 is not a /v2 module: release v2.13.0 is the Go module
     github.com/jaegertracing/jaeger v1.76.0 (v2.N.P <-> v1.(N+63).P; the module's
     CHANGELOG.md line "v1.76.0 / v2.13.0" is checked). `go install
@@ -34,7 +39,8 @@ Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
     module providing named packages contains one or more replace directives" (it replaces
     github.com/Shopify/sarama). Working form: a throw-away module that copies Jaeger's
     replace directives, `go get github.com/jaegertracing/jaeger/cmd/jaeger@v1.76.0`, then
-    `go build ... github.com/jaegertracing/jaeger/cmd/jaeger`. Jaeger's own go.sum must be
+    `go build ... github.com/jaegertracing/jaeger/cmd/jaeger` (CGO_ENABLED=0: static, so it
+    runs alone in an image built FROM scratch). Jaeger's own go.sum must be
     copied into it first: without it, `go get` fails with "verifying module: ... reading
     .../sumdb/sum.golang.org/lookup/...: 404 Not Found" for several collector v0.140
     modules (the checksum database is not reachable for them here); with Jaeger's go.sum
@@ -42,6 +48,8 @@ Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
   * A Jaeger built from the Go module serves a placeholder page instead of the real UI
     (the UI assets are a git submodule built only for release images). The query APIs
     (/api/v3/*, /api/*) are complete.
+  * Docker Compose v2 (scripts/compose.py) is built the same way: its go.mod has an
+    exclude block, which `go install` refuses as it refuses replace directives.
 """
 
 from __future__ import annotations
@@ -804,8 +812,6 @@ def data_dir() -> Path:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(args.data_dir)
-    if args.secured:
-        make_secrets(workdir / "secrets")
     stack = LocalBackends(workdir, secured=args.secured, ports={
         "otlp_grpc": args.otlp_grpc_port, "otlp_http": args.otlp_http_port,
         "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port})
