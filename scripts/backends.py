@@ -612,17 +612,19 @@ def _start(argv: list[str], log_path: Path, health_url: str, timeout: float,
 
 def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
                  data_dir: str | os.PathLike[str] | None = None,
+                 env: Mapping[str, str] | None = None,
                  binary: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
     """Start Jaeger v2 with the project's config (Badger in ``data_dir``, by default
     workdir/jaeger_data) on 127.0.0.1; returns once it is healthy. Starting it again with the
-    same directories finds every span it stored before."""
+    same directories finds every span it stored before. ``env`` adds variables
+    (JAEGER_RETENTION)."""
     workdir = Path(workdir)
     _check_free([ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc, ports.health])
     config = write_jaeger_config(workdir / "jaeger.yaml", ports,
                                  data_dir=data_dir or workdir / "jaeger_data")
     binary = binary or ensure_built(("jaeger",))["jaeger"]
     return _start([str(binary), f"--config={config}"], workdir / "jaeger.log",
-                  f"http://{LOCALHOST}:{ports.health}/status", timeout)
+                  f"http://{LOCALHOST}:{ports.health}/status", timeout, env)
 
 
 def start_collector(config: str | os.PathLike[str], health_port: int, *,
@@ -662,10 +664,12 @@ class LocalBackends:
     """The project's Jaeger and Collector on free ports of 127.0.0.1, with their durable state
     (Badger files, the collector's queue) under one directory, each process stoppable, killable
     and restartable on the same ports and state: what `run` serves, and what the fault tests
-    break. ``collector_env`` adds variables to the collector's environment (memory limits)."""
+    break. ``collector_env`` and ``jaeger_env`` add variables to their environments (memory
+    limits, retention)."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, secured: bool = False,
                  collector_env: Mapping[str, str] | None = None,
+                 jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
                  binaries: "Mapping[str, Path] | None" = None) -> None:
         ports = dict(ports or {})
@@ -681,6 +685,7 @@ class LocalBackends:
         self.internal_metrics = spare[9]
         self.secured = secured
         self.collector_env = dict(collector_env or {})
+        self.jaeger_env = dict(jaeger_env or {})
         self.secrets = make_secrets(self.workdir / "secrets") if secured else {}
         self.config = write_local_collector_config(
             COLLECTOR_CONFIG, self.workdir / "collector.yaml", self.otlp_grpc, self.otlp_http,
@@ -716,7 +721,8 @@ class LocalBackends:
         return f"http://{LOCALHOST}:{self.internal_metrics}/metrics"
 
     def start_jaeger(self) -> None:
-        self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, binary=self.binaries["jaeger"])
+        self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, env=self.jaeger_env,
+                                   binary=self.binaries["jaeger"])
 
     def start_collector(self) -> None:
         self.collector = start_collector(

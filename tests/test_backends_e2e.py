@@ -27,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import backends  # noqa: E402
-from backends_support import requires_go  # noqa: E402
+from backends_support import EngineRun, requires_go, stored, wait_stored  # noqa: E402
 from contract import FORWARD_KEYS, PASS_ID_KEY  # noqa: E402
 
 pytestmark = [pytest.mark.backends, requires_go]
@@ -239,3 +239,14 @@ def test_span_metrics_by_mode_without_per_batch_size_series(stack, engine_run):
     calls = [line for line in ours if line.startswith("traces_span_metrics_calls_total")]
     # one calls series per mode (and status), whatever the number of batch sizes seen
     assert len(calls) <= 2 * len(modes)
+
+
+def test_jaeger_drops_spans_past_the_retention(tmp_path):
+    """JAEGER_RETENTION (docker-compose.yml passes it; 72h by default) is Badger's time to live."""
+    with backends.LocalBackends(tmp_path, jaeger_env={"JAEGER_RETENTION": "4s"}) as running:
+        run = EngineRun.start(running.otlp_grpc_endpoint, "retention", 1, 50).finish()
+        assert wait_stored(running.jaeger_url, run.service, run.started_ns, run.steps).missing(run.steps) == []
+        deadline = time.monotonic() + 30
+        while stored(running.jaeger_url, run.service, run.started_ns, 1000).unique and time.monotonic() < deadline:
+            time.sleep(1)
+        assert stored(running.jaeger_url, run.service, run.started_ns, 1000).unique == 0
