@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -151,12 +152,12 @@ class Image:
                  volume: str | None = None, links: dict[str, str] | None = None,
                  dirs: dict[str, int] | None = None) -> None:
         self.tag, self.files, self.links, self.dirs = tag, files, links or {}, dirs or {}
-        self.changes = [f"ENTRYPOINT {_json(entrypoint)}", f"USER {user}"]
+        self.changes = [f"ENTRYPOINT {json.dumps(entrypoint)}", f"USER {user}"]
         if cmd:
-            self.changes.append(f"CMD {_json(cmd)}")
+            self.changes.append(f"CMD {json.dumps(cmd)}")
         self.changes += [f"ENV {k}={v}" for k, v in (env or {}).items()]
         if volume:
-            self.changes.append(f"VOLUME {_json([volume])}")
+            self.changes.append(f"VOLUME {json.dumps([volume])}")
 
     def digest(self) -> str:
         """What the image is made of: the recipe and every file's content."""
@@ -202,12 +203,6 @@ class Image:
             raise BackendError(f"docker import {self.tag} failed: {proc.stderr.decode()}")
         _log(f"built {self.tag} ({proc.stdout.decode().strip()[:19]})")
         return proc.stdout.decode().strip()
-
-
-def _json(value: list[str]) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def images() -> list[Image]:
