@@ -67,6 +67,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -551,14 +552,24 @@ def free_port(host: str = LOCALHOST) -> int:
     return free_ports(1, host)[0]
 
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_ports(n: int, host: str = LOCALHOST) -> list[int]:
-    """``n`` distinct free ports: all held open at once while they are picked, so the kernel
-    cannot hand out one of them twice."""
-    with contextlib.ExitStack() as held:
-        socks = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for s in socks:
+    """``n`` distinct free ports, none handed out before by this process: each stack started
+    side by side (the fault tests run several at once) gets ports of its own. They are held
+    open together while picked, so the kernel cannot give one of them twice."""
+    with _handed_out_lock, contextlib.ExitStack() as held:
+        picked: list[int] = []
+        while len(picked) < n:
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
+            port = s.getsockname()[1]
+            if port not in _handed_out:
+                picked.append(port)
+        _handed_out.update(picked)
+        return picked
 
 
 def wait_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
