@@ -14,19 +14,24 @@ collector/builder-config.yaml is checked against the collector tag.
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
-    python scripts/backends.py validate   # `otelcol validate` on collector/config.yaml
-    python scripts/backends.py run        # Jaeger (memstore) + collector on 127.0.0.1; Ctrl-C stops
+    python scripts/backends.py validate   # `otelcol validate` on every collector config
+    python scripts/backends.py secrets    # CA, server certificate, token in collector/secrets/
+    python scripts/backends.py run [--secured] [--data-dir DIR]
+                                          # Jaeger (Badger) + collector on 127.0.0.1; Ctrl-C stops;
+                                          # spans and the collector's queue stay in DIR
 
 From Python (e.g. pytest):
     paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path}
+    with LocalBackends(workdir) as stack: ...   # both on free ports, state under workdir;
+                                                # stop, kill (SIGKILL) and start each again
     write_local_collector_config(src, dst, ...) # the project's config, local endpoints only
-    jaeger = start_jaeger(workdir, ports)       # Popen, healthy when it returns
-    collector = start_collector(config, ...)
 
 Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
-  * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.155.0` works; ocb
-    then resolves and builds the components. v0.155.0 is the newest release whose
-    prometheusexporter module the proxy serves.
+  * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.165.0` works; ocb
+    then resolves and builds the components (statically linked). v0.165.0 is the newest
+    release at which the proxy serves every component used (prometheusexporter,
+    filestorage and bearertokenauthextension included; contrib also has v0.165.1, core
+    does not).
   * Jaeger v2 is not a /v2 module: release v2.13.0 is the Go module
     github.com/jaegertracing/jaeger v1.76.0 (v2.N.P <-> v1.(N+63).P; the module's
     CHANGELOG.md line "v1.76.0 / v2.13.0" is checked). `go install
@@ -34,7 +39,8 @@ Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
     module providing named packages contains one or more replace directives" (it replaces
     github.com/Shopify/sarama). Working form: a throw-away module that copies Jaeger's
     replace directives, `go get github.com/jaegertracing/jaeger/cmd/jaeger@v1.76.0`, then
-    `go build ... github.com/jaegertracing/jaeger/cmd/jaeger`. Jaeger's own go.sum must be
+    `go build ... github.com/jaegertracing/jaeger/cmd/jaeger` (CGO_ENABLED=0: static, so it
+    runs alone in an image built FROM scratch). Jaeger's own go.sum must be
     copied into it first: without it, `go get` fails with "verifying module: ... reading
     .../sumdb/sum.golang.org/lookup/...: 404 Not Found" for several collector v0.140
     modules (the checksum database is not reachable for them here); with Jaeger's go.sum
@@ -42,6 +48,8 @@ Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
   * A Jaeger built from the Go module serves a placeholder page instead of the real UI
     (the UI assets are a git submodule built only for release images). The query APIs
     (/api/v3/*, /api/*) are complete.
+  * Docker Compose v2 (scripts/compose.py) is built the same way: its go.mod has an
+    exclude block, which `go install` refuses as it refuses replace directives.
 """
 
 from __future__ import annotations
@@ -52,12 +60,14 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,6 +79,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 COLLECTOR_DIR = REPO_ROOT / "collector"
 COLLECTOR_CONFIG = COLLECTOR_DIR / "config.yaml"
+SECURED_CONFIG = COLLECTOR_DIR / "secured.yaml"
+SECRETS_DIR = COLLECTOR_DIR / "secrets"
+JAEGER_CONFIG = REPO_ROOT / "jaeger" / "config.yaml"
 BUILDER_CONFIG = COLLECTOR_DIR / "builder-config.yaml"
 
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
@@ -168,7 +181,7 @@ def binary_paths(versions: Versions | None = None) -> dict[str, Path]:
     root = backends_dir()
     return {
         "otelcol": (root / f"otelcol-{v.collector}" / out / name).resolve(),
-        "jaeger": root / f"jaeger-{v.jaeger}" / "jaeger",
+        "jaeger": root / f"jaeger-{v.jaeger}-static" / "jaeger",
     }
 
 
@@ -262,53 +275,75 @@ def build_collector(versions: Versions | None = None, *, force: bool = False) ->
     return binary
 
 
+def build_go_program(module: str, version: str, package: str, binary: Path, *,
+                     ldflags: str, what: str, check=None) -> Path:
+    """Build ``package`` of ``module@version`` into ``binary``, statically linked.
+
+    Jaeger and Docker Compose cannot be built with `go install pkg@version`: their go.mod
+    files carry replace (Jaeger) or exclude (Compose) directives, which `go install` refuses.
+    A throw-away main module copies those directives and the program's own go.sum (its
+    verified hashes; the checksum database does not answer for every module here), then
+    `go get` + `go build`. CGO_ENABLED=0 makes the binary static, so it also runs alone in
+    an image built FROM scratch (scripts/images.py). ``check(module_dir)`` may veto the
+    downloaded module (e.g. that a Go module version is the expected release).
+    """
+    workdir = binary.parent
+    go = find_go()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = _go_env(go, {"CGO_ENABLED": "0"})
+    t0 = time.monotonic()
+    _log(f"downloading {module}@{version} ({what})")
+    with tempfile.TemporaryDirectory(prefix="go-dl-") as empty:
+        info = json.loads(_run([go, "mod", "download", "-json", f"{module}@{version}"],
+                               cwd=Path(empty), env=env, what=f"go mod download {module}"))
+    moddir = Path(info["Dir"])
+    if check is not None:
+        check(moddir)
+    upstream = json.loads(_run([go, "mod", "edit", "-json", str(moddir / "go.mod")],
+                               cwd=workdir, env=env, what="go mod edit -json"))
+
+    def spelled(m: dict) -> str:
+        return m["Path"] + (" " + m["Version"] if m.get("Version") else "")
+
+    lines = [f"module local/otel-stepspan-build-{binary.name}", "", f"go {upstream['Go']}", ""]
+    lines += [f"replace {spelled(r['Old'])} => {spelled(r['New'])}" for r in upstream.get("Replace") or []]
+    lines += [f"exclude {spelled(e)}" for e in upstream.get("Exclude") or []]
+    src = workdir / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    (src / "go.mod").write_text("\n".join(lines) + "\n")
+    shutil.copyfile(moddir / "go.sum", src / "go.sum")
+    os.chmod(src / "go.sum", 0o644)
+    _run([go, "get", f"{package}@{version}"], cwd=src, env=env, what=f"go get {package}")
+    _log(f"compiling {what} (a few minutes on 2 cores)")
+    tmp = binary.with_name(binary.name + ".tmp")
+    _run([go, "build", "-trimpath", "-ldflags", f"-s -w {ldflags}", "-o", str(tmp), package],
+         cwd=src, env=env, what=f"go build {package}")
+    tmp.replace(binary)
+    _log(f"{what} built in {time.monotonic() - t0:.0f}s: {binary} "
+         f"({binary.stat().st_size / 2**20:.1f} MiB)")
+    return binary
+
+
 def build_jaeger(versions: Versions | None = None, *, force: bool = False) -> Path:
     """Build Jaeger v2 (cmd/jaeger) from its Go module (if missing)."""
     v = versions or pinned_versions()
     binary = binary_paths(v)["jaeger"]
-    workdir = binary.parent
     modver = v.jaeger_module
-    with _lock(workdir.with_name(workdir.name + ".lock")):
-        if binary.is_file() and not force:
-            return binary
-        go = find_go()
-        workdir.mkdir(parents=True, exist_ok=True)
-        env = _go_env(go)
-        t0 = time.monotonic()
-        _log(f"downloading {JAEGER_MODULE}@{modver} (Jaeger v{v.jaeger})")
-        with tempfile.TemporaryDirectory(prefix="jaeger-dl-") as empty:
-            info = json.loads(_run([go, "mod", "download", "-json", f"{JAEGER_MODULE}@{modver}"],
-                                   cwd=Path(empty), env=env, what="go mod download jaeger"))
-        moddir = Path(info["Dir"])
+
+    def is_the_release(moddir: Path) -> None:
         changelog = (moddir / "CHANGELOG.md").read_text(encoding="utf-8", errors="replace")
         if f"{modver} / v{v.jaeger}" not in changelog:
             raise BackendError(f"{JAEGER_MODULE}@{modver} is not Jaeger v{v.jaeger} "
                                f"(no '{modver} / v{v.jaeger}' in its CHANGELOG.md)")
-        upstream = json.loads(_run([go, "mod", "edit", "-json", str(moddir / "go.mod")],
-                                   cwd=workdir, env=env, what="go mod edit -json"))
-        src = workdir / "src"
-        shutil.rmtree(src, ignore_errors=True)
-        src.mkdir()
-        # A throw-away main module: `go install pkg@version` refuses Jaeger (replace directives).
-        lines = ["module local/otel-stepspan-jaeger-build", "", f"go {upstream['Go']}", ""]
-        for r in upstream.get("Replace") or []:
-            old = r["Old"]["Path"] + (" " + r["Old"]["Version"] if r["Old"].get("Version") else "")
-            new = r["New"]["Path"] + (" " + r["New"]["Version"] if r["New"].get("Version") else "")
-            lines.append(f"replace {old} => {new}")
-        (src / "go.mod").write_text("\n".join(lines) + "\n")
-        # Jaeger's own go.sum: verified hashes for its whole dependency graph.
-        shutil.copyfile(moddir / "go.sum", src / "go.sum")
-        os.chmod(src / "go.sum", 0o644)
-        _run([go, "get", f"{JAEGER_PACKAGE}@{modver}"], cwd=src, env=env, what="go get jaeger")
-        _log(f"compiling Jaeger v{v.jaeger} (a few minutes on 2 cores)")
-        tmp = workdir / "jaeger.tmp"
-        ldflags = f"-s -w -X {JAEGER_MODULE}/internal/version.latestVersion=v{v.jaeger}"
-        _run([go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp), JAEGER_PACKAGE],
-             cwd=src, env=env, what="go build jaeger")
-        tmp.replace(binary)
-        _log(f"Jaeger built in {time.monotonic() - t0:.0f}s: {binary} "
-             f"({binary.stat().st_size / 2**20:.1f} MiB)")
-    return binary
+
+    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
+        if binary.is_file() and not force:
+            return binary
+        return build_go_program(
+            JAEGER_MODULE, modver, JAEGER_PACKAGE, binary, what=f"Jaeger v{v.jaeger}",
+            ldflags=f"-X {JAEGER_MODULE}/internal/version.latestVersion=v{v.jaeger}",
+            check=is_the_release)
 
 
 def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger"),
@@ -340,38 +375,21 @@ def _path_matches(pattern: tuple[str, ...], parents: tuple[str, ...]) -> bool:
     return True
 
 
-def write_local_collector_config(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    otlp_grpc_port: int,
-    otlp_http_port: int,
-    jaeger_otlp_grpc_endpoint: str,
-    metrics_port: int,
-    health_port: int,
-    *,
-    host: str = LOCALHOST,
-    internal_metrics_port: int | None = None,
-) -> Path:
-    """Copy the project's collector config with only its endpoints rewritten for local ports.
-
-    Everything else (processors, span_metrics settings, pipelines, comments) stays identical.
-    One addition: the collector's own telemetry would listen on localhost:8888 by default,
-    which collides between parallel runs; it is switched off (`service.telemetry.metrics.level:
-    none`) unless internal_metrics_port is given, then it listens on host:internal_metrics_port.
-    Raises ValueError if an expected endpoint is not found exactly once.
-    """
-    wanted = {
-        ("receivers", "otlp", "protocols", "grpc"): f"{host}:{otlp_grpc_port}",
-        ("receivers", "otlp", "protocols", "http"): f"{host}:{otlp_http_port}",
-        ("exporters", "otlp*"): jaeger_otlp_grpc_endpoint,
-        ("exporters", "prometheus"): f"{host}:{metrics_port}",
-        ("extensions", "health_check"): f"{host}:{health_port}",
-    }
-    done: dict[tuple[str, ...], int] = dict.fromkeys(wanted, 0)
+def _rewrite(src: Path, endpoints: Mapping[tuple[str, ...], str],
+             paths: Mapping[str, str]) -> tuple[list[str], int | None]:
+    """The lines of ``src`` with the `endpoint:` under each pattern of ``endpoints`` set to its
+    value, and each container path of ``paths`` (a prefix) replaced; and the index of the
+    top-level `service:` line. Raises ValueError unless each endpoint is found exactly once
+    and each path at least once."""
+    done: dict[tuple[str, ...], int] = dict.fromkeys(endpoints, 0)
     stack: list[tuple[int, str]] = []
     out: list[str] = []
     service_line = None
-    for line in Path(src).read_text(encoding="utf-8").splitlines(keepends=True):
+    text = Path(src).read_text(encoding="utf-8")
+    for old in paths:
+        if old not in text:
+            raise ValueError(f"{src}: path {old} not found")
+    for line in text.splitlines(keepends=True):
         m = _KEY_RE.match(line.rstrip("\n"))
         if not m or line.lstrip().startswith("#"):
             out.append(line)
@@ -383,23 +401,63 @@ def write_local_collector_config(
         stack.append((indent, key))
         if parents == () and key == "service":
             service_line = len(out)
-        if parents == ("service",) and key == "telemetry" and internal_metrics_port is None:
-            raise ValueError(f"{src}: has service.telemetry; pass internal_metrics_port")
         if key == "endpoint":
-            for pat, new in wanted.items():
+            for pat, new in endpoints.items():
                 if _path_matches(pat, parents):
-                    comment = ""
-                    if "#" in value:
-                        comment = "  " + value[value.index("#"):]
+                    comment = "  " + value[value.index("#"):] if "#" in value else ""
                     line = f"{m.group(1)}endpoint:{sep or ' '}{new}{comment}\n"
                     done[pat] += 1
                     break
+        for old, new in paths.items():
+            line = line.replace(old, new)
         out.append(line)
     bad = {"/".join(k): n for k, n in done.items() if n != 1}
     if bad:
         raise ValueError(f"{src}: endpoints not found exactly once: {bad}")
+    return out, service_line
+
+
+# Container paths in the project's configs, replaced by local directories for runs without Docker.
+COLLECTOR_QUEUE_PATH = "/var/lib/otelcol/file_storage"
+COLLECTOR_SECRETS_PATH = "/etc/otelcol-contrib/secrets"
+JAEGER_DATA_PATH = "/tmp/jaeger"
+
+
+def write_local_collector_config(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    otlp_grpc_port: int,
+    otlp_http_port: int,
+    jaeger_otlp_grpc_endpoint: str,
+    metrics_port: int,
+    health_port: int,
+    *,
+    queue_dir: str | os.PathLike[str],
+    host: str = LOCALHOST,
+    internal_metrics_port: int | None = None,
+) -> Path:
+    """Copy the project's collector config with only its endpoints and queue directory
+    rewritten for a local run.
+
+    Everything else (processors, queue and retry settings, span_metrics, pipelines, comments)
+    stays identical. One addition: the collector's own telemetry would listen on
+    localhost:8888 by default, which collides between parallel runs; it is switched off
+    (`service.telemetry.metrics.level: none`) unless internal_metrics_port is given, then it
+    listens on host:internal_metrics_port. Raises ValueError if an expected endpoint is not
+    found exactly once.
+    """
+    wanted = {
+        ("receivers", "otlp", "protocols", "grpc"): f"{host}:{otlp_grpc_port}",
+        ("receivers", "otlp", "protocols", "http"): f"{host}:{otlp_http_port}",
+        ("exporters", "otlp*"): jaeger_otlp_grpc_endpoint,
+        ("exporters", "prometheus"): f"{host}:{metrics_port}",
+        ("extensions", "health_check"): f"{host}:{health_port}",
+    }
+    out, service_line = _rewrite(Path(src), wanted, {COLLECTOR_QUEUE_PATH: str(queue_dir)})
     if service_line is None:
         raise ValueError(f"{src}: no top-level service: section")
+    if any(line.startswith("  telemetry:") for line in out[service_line:]):
+        raise ValueError(f"{src}: has service.telemetry; this function writes it")
     if internal_metrics_port is None:
         telemetry = ["  telemetry:\n", "    metrics:\n", "      level: none\n"]
     else:
@@ -409,9 +467,21 @@ def write_local_collector_config(
             f"                host: {host}\n", f"                port: {internal_metrics_port}\n",
         ]
     out[service_line + 1:service_line + 1] = telemetry
+    Path(queue_dir).mkdir(parents=True, exist_ok=True)
+    return _write(dst, out)
+
+
+def write_local_secured_config(dst: str | os.PathLike[str],
+                               secrets_dir: str | os.PathLike[str]) -> Path:
+    """collector/secured.yaml with its secrets read from ``secrets_dir`` (see make_secrets)."""
+    out, _ = _rewrite(SECURED_CONFIG, {}, {COLLECTOR_SECRETS_PATH: str(Path(secrets_dir).resolve())})
+    return _write(dst, out)
+
+
+def _write(dst: str | os.PathLike[str], lines: list[str]) -> Path:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("".join(out), encoding="utf-8")
+    dst.write_text("".join(lines), encoding="utf-8")
     return dst
 
 
@@ -425,68 +495,81 @@ class JaegerPorts:
 
 
 def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
-                        host: str = LOCALHOST, max_traces: int = 100_000) -> Path:
-    """A Jaeger v2 config: in-memory storage, OTLP receiver, query API/UI, health check."""
-    text = f"""\
-# Jaeger v2 (cmd/jaeger) local config written by scripts/backends.py: memstore only.
-service:
-  extensions: [jaeger_storage, jaeger_query, healthcheckv2]
-  pipelines:
-    traces:
-      receivers: [otlp]
-      processors: [batch]
-      exporters: [jaeger_storage_exporter]
-  telemetry:
-    resource:
-      service.name: jaeger
-    metrics:
-      level: none
-    logs:
-      level: info
-extensions:
-  healthcheckv2:
-    use_v2: true
-    http:
-      endpoint: {host}:{ports.health}
-  jaeger_storage:
-    backends:
-      memstore:
-        memory:
-          max_traces: {max_traces}
-  jaeger_query:
-    storage:
-      traces: memstore
-    http:
-      endpoint: {host}:{ports.query_http}
-    grpc:
-      endpoint: {host}:{ports.query_grpc}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: {host}:{ports.otlp_grpc}
-      http:
-        endpoint: {host}:{ports.otlp_http}
-processors:
-  batch:
-    timeout: 200ms
-exporters:
-  jaeger_storage_exporter:
-    trace_storage: memstore
-"""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(text, encoding="utf-8")
-    return dst
+                        data_dir: str | os.PathLike[str], host: str = LOCALHOST) -> Path:
+    """The project's jaeger/config.yaml (Badger storage) with its endpoints on ``host`` and
+    its Badger directories under ``data_dir``; nothing else changed."""
+    wanted = {
+        ("extensions", "healthcheckv2", "http"): f"{host}:{ports.health}",
+        ("extensions", "jaeger_query", "http"): f"{host}:{ports.query_http}",
+        ("extensions", "jaeger_query", "grpc"): f"{host}:{ports.query_grpc}",
+        ("receivers", "otlp", "protocols", "grpc"): f"{host}:{ports.otlp_grpc}",
+        ("receivers", "otlp", "protocols", "http"): f"{host}:{ports.otlp_http}",
+    }
+    out, _ = _rewrite(JAEGER_CONFIG, wanted, {JAEGER_DATA_PATH: str(Path(data_dir).resolve())})
+    return _write(dst, out)
+
+
+def make_secrets(secrets_dir: str | os.PathLike[str] = SECRETS_DIR, *,
+                 days: int = 825) -> dict[str, Path]:
+    """A private CA, a server certificate it signs (for localhost, 127.0.0.1 and the compose
+    service name otel-collector) and a random bearer token, made with the openssl command.
+    Existing files are kept: delete the directory to make new ones."""
+    secrets_dir = Path(secrets_dir)
+    files = {name: secrets_dir / name for name in ("ca.crt", "server.crt", "server.key", "token")}
+    if all(f.is_file() for f in files.values()):
+        return files
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise BackendError("the openssl command is needed to make the TLS certificates")
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(secrets_dir, 0o700)
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="otel-stepspan-ca-") as tmp:
+        ca_key, csr, ext = Path(tmp) / "ca.key", Path(tmp) / "server.csr", Path(tmp) / "server.ext"
+        ext.write_text("subjectAltName=DNS:localhost,DNS:otel-collector,IP:127.0.0.1\n"
+                       "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+        steps = [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+             "-out", str(files["ca.crt"]), "-days", str(days), "-subj", "/CN=otel_stepspan local CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files["server.key"]),
+             "-out", str(csr), "-subj", "/CN=otel-collector"],
+            ["x509", "-req", "-in", str(csr), "-CA", str(files["ca.crt"]), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(files["server.crt"]), "-days", str(days),
+             "-extfile", str(ext)],
+        ]
+        for argv in steps:
+            _run([openssl, *argv], cwd=Path(tmp), env=env, what="openssl " + argv[0])
+    files["token"].write_text(secrets.token_urlsafe(32) + "\n")
+    for f in files.values():
+        os.chmod(f, 0o600 if f.name in ("server.key", "token") else 0o644)
+    return files
 
 
 # --------------------------------------------------------------------------- processes
 
 
 def free_port(host: str = LOCALHOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def free_ports(n: int, host: str = LOCALHOST) -> list[int]:
+    """``n`` distinct free ports, none handed out before by this process: each stack started
+    side by side (the fault tests run several at once) gets ports of its own. They are held
+    open together while picked, so the kernel cannot give one of them twice."""
+    with _handed_out_lock, contextlib.ExitStack() as held:
+        picked: list[int] = []
+        while len(picked) < n:
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in _handed_out:
+                picked.append(port)
+        _handed_out.update(picked)
+        return picked
 
 
 def wait_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
@@ -518,12 +601,13 @@ def _check_free(ports: "list[int] | tuple[int, ...]", host: str = LOCALHOST) -> 
                 raise BackendError(f"{host}:{port} is already in use ({e})") from None
 
 
-def _start(argv: list[str], log_path: Path, health_url: str, timeout: float) -> subprocess.Popen:
+def _start(argv: list[str], log_path: Path, health_url: str, timeout: float,
+           env: Mapping[str, str] | None = None) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "wb")
+    log = open(log_path, "ab")
     _log(f"starting: {' '.join(argv)}  (log: {log_path})")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=log_path.parent)
+                            cwd=log_path.parent, env={**os.environ, **(env or {})})
     log.close()
     try:
         wait_http_ok(health_url, timeout, proc)
@@ -538,32 +622,40 @@ def _start(argv: list[str], log_path: Path, health_url: str, timeout: float) -> 
 
 
 def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
+                 data_dir: str | os.PathLike[str] | None = None,
+                 env: Mapping[str, str] | None = None,
                  binary: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
-    """Start Jaeger v2 with in-memory storage on 127.0.0.1; returns once it is healthy."""
+    """Start Jaeger v2 with the project's config (Badger in ``data_dir``, by default
+    workdir/jaeger_data) on 127.0.0.1; returns once it is healthy. Starting it again with the
+    same directories finds every span it stored before. ``env`` adds variables
+    (JAEGER_RETENTION)."""
     workdir = Path(workdir)
     _check_free([ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc, ports.health])
-    config = write_jaeger_config(workdir / "jaeger.yaml", ports)
+    config = write_jaeger_config(workdir / "jaeger.yaml", ports,
+                                 data_dir=data_dir or workdir / "jaeger_data")
     binary = binary or ensure_built(("jaeger",))["jaeger"]
     return _start([str(binary), f"--config={config}"], workdir / "jaeger.log",
-                  f"http://{LOCALHOST}:{ports.health}/status", timeout)
+                  f"http://{LOCALHOST}:{ports.health}/status", timeout, env)
 
 
 def start_collector(config: str | os.PathLike[str], health_port: int, *,
                     other_ports: "tuple[int, ...] | list[int]" = (),
+                    extra_configs: "tuple[Path, ...]" = (),
+                    env: Mapping[str, str] | None = None,
                     binary: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
-    """Start the collector with a (local) config; returns once health_check answers.
-
-    other_ports (OTLP, metrics) are checked to be free first, like health_port."""
+    """Start the collector with a (local) config, and overlays merged on top; returns once
+    health_check answers. other_ports (OTLP, metrics) are checked to be free first."""
     config = Path(config)
     _check_free([health_port, *other_ports])
     binary = binary or ensure_built(("otelcol",))["otelcol"]
-    return _start([str(binary), f"--config={config}"], config.with_suffix(".log"),
-                  f"http://{LOCALHOST}:{health_port}/", timeout)
+    argv = [str(binary), f"--config={config}", *(f"--config={c}" for c in extra_configs)]
+    return _start(argv, config.with_suffix(".log"), f"http://{LOCALHOST}:{health_port}/", timeout, env)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     if proc.poll() is not None:
         return
+    proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) process cannot act on SIGTERM
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout)
@@ -572,12 +664,111 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait()
 
 
-def validate_collector_config(config: Path = COLLECTOR_CONFIG) -> None:
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL: the process gets no chance to flush or close anything (a crash)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+class LocalBackends:
+    """The project's Jaeger and Collector on free ports of 127.0.0.1, with their durable state
+    (Badger files, the collector's queue) under one directory, each process stoppable, killable
+    and restartable on the same ports and state: what `run` serves, and what the fault tests
+    break. ``collector_env`` and ``jaeger_env`` add variables to their environments (memory
+    limits, retention)."""
+
+    def __init__(self, workdir: str | os.PathLike[str], *, secured: bool = False,
+                 collector_env: Mapping[str, str] | None = None,
+                 jaeger_env: Mapping[str, str] | None = None,
+                 ports: "Mapping[str, int] | None" = None,
+                 binaries: "Mapping[str, Path] | None" = None) -> None:
+        ports = dict(ports or {})
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.binaries = dict(binaries or ensure_built())
+        spare = free_ports(10)
+        self.jaeger_ports = JaegerPorts(spare[0], spare[1], ports.get("jaeger_ui") or spare[2], spare[3], spare[4])
+        self.otlp_grpc = ports.get("otlp_grpc") or spare[5]
+        self.otlp_http = ports.get("otlp_http") or spare[6]
+        self.metrics = ports.get("metrics") or spare[7]
+        self.health = ports.get("health") or spare[8]
+        self.internal_metrics = spare[9]
+        self.secured = secured
+        self.collector_env = dict(collector_env or {})
+        self.jaeger_env = dict(jaeger_env or {})
+        self.secrets = make_secrets(self.workdir / "secrets") if secured else {}
+        self.config = write_local_collector_config(
+            COLLECTOR_CONFIG, self.workdir / "collector.yaml", self.otlp_grpc, self.otlp_http,
+            f"{LOCALHOST}:{self.jaeger_ports.otlp_grpc}", self.metrics, self.health,
+            queue_dir=self.workdir / "otelcol_queue", internal_metrics_port=self.internal_metrics)
+        self.overlays = (write_local_secured_config(self.workdir / "secured.yaml",
+                                                    self.workdir / "secrets"),) if secured else ()
+        self.jaeger: subprocess.Popen | None = None
+        self.collector: subprocess.Popen | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.secured else "http"
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        return f"{self.scheme}://{LOCALHOST}:{self.otlp_grpc}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        return f"{self.scheme}://{LOCALHOST}:{self.otlp_http}"
+
+    @property
+    def jaeger_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.jaeger_ports.query_http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.metrics}/metrics"
+
+    @property
+    def internal_metrics_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.internal_metrics}/metrics"
+
+    def start_jaeger(self) -> None:
+        self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, env=self.jaeger_env,
+                                   binary=self.binaries["jaeger"])
+
+    def start_collector(self) -> None:
+        self.collector = start_collector(
+            self.config, self.health, binary=self.binaries["otelcol"], extra_configs=self.overlays,
+            env=self.collector_env,
+            other_ports=(self.otlp_grpc, self.otlp_http, self.metrics, self.internal_metrics))
+
+    def start(self) -> "LocalBackends":
+        self.start_jaeger()
+        try:
+            self.start_collector()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for proc in (self.collector, self.jaeger):
+            if proc is not None:
+                stop(proc)
+
+    def __enter__(self) -> "LocalBackends":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path) -> None:
+    """`otelcol validate` on a config (and overlays merged on top of it)."""
     binary = ensure_built(("otelcol",))["otelcol"]
-    proc = subprocess.run([str(binary), "validate", f"--config={config}"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [str(binary), "validate", f"--config={config}", *(f"--config={o}" for o in overlays)]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise BackendError(f"collector rejects {config}:\n{proc.stdout}")
+        raise BackendError(f"collector rejects {config} {' '.join(map(str, overlays))}:\n{proc.stdout}")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -617,39 +808,43 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    validate_collector_config(Path(args.config))
-    print(f"{args.config}: valid")
+    """Every collector config the project ships: the plain one, and the secured overlay on it."""
+    for config, *overlays in ([Path(args.config)], [Path(args.config), SECURED_CONFIG]):
+        validate_collector_config(config, *overlays)
+        print(f"{' + '.join(map(str, (config, *overlays)))}: valid")
     return 0
 
 
+def _cmd_secrets(args: argparse.Namespace) -> int:
+    for name, path in make_secrets(Path(args.dir)).items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def data_dir() -> Path:
+    """Where `run` keeps Jaeger's Badger files and the collector's queue between runs."""
+    env = os.environ.get("OTEL_STEPSPAN_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "otel_stepspan" / "backends"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    paths = ensure_built()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="otel-stepspan-backends-"))
-    jp = JaegerPorts(otlp_grpc=free_port(), otlp_http=free_port(), query_http=args.jaeger_ui_port,
-                     query_grpc=free_port(), health=free_port())
-    jaeger = start_jaeger(workdir, jp, binary=paths["jaeger"])
-    try:
-        cfg = write_local_collector_config(
-            COLLECTOR_CONFIG, workdir / "collector.yaml", args.otlp_grpc_port, args.otlp_http_port,
-            f"{LOCALHOST}:{jp.otlp_grpc}", args.metrics_port, args.health_port)
-        collector = start_collector(
-            cfg, args.health_port, binary=paths["otelcol"],
-            other_ports=(args.otlp_grpc_port, args.otlp_http_port, args.metrics_port))
-    except BaseException:
-        stop(jaeger)
-        raise
-    print(f"OTLP gRPC  {LOCALHOST}:{args.otlp_grpc_port}\nOTLP HTTP  {LOCALHOST}:{args.otlp_http_port}\n"
-          f"Jaeger     http://{LOCALHOST}:{jp.query_http}/api/v3/services\n"
-          f"metrics    http://{LOCALHOST}:{args.metrics_port}/metrics\nlogs in    {workdir}",
-          flush=True)
-    try:
-        while jaeger.poll() is None and collector.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop(collector)
-        stop(jaeger)
+    workdir = Path(args.data_dir)
+    stack = LocalBackends(workdir, secured=args.secured, ports={
+        "otlp_grpc": args.otlp_grpc_port, "otlp_http": args.otlp_http_port,
+        "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port})
+    with stack:
+        print(f"OTLP gRPC  {stack.otlp_grpc_endpoint}\nOTLP HTTP  {stack.otlp_http_endpoint}\n"
+              f"Jaeger     {stack.jaeger_url}/api/v3/services\n"
+              f"metrics    {stack.metrics_url}\ndata, logs {workdir}", flush=True)
+        if args.secured:
+            print(f"engine     OTEL_EXPORTER_OTLP_CERTIFICATE={workdir / 'secrets' / 'ca.crt'}\n"
+                  f"           OTEL_EXPORTER_OTLP_HEADERS=\"authorization=Bearer%20$(cat "
+                  f"{workdir / 'secrets' / 'token'})\"", flush=True)
+        try:
+            while stack.jaeger.poll() is None and stack.collector.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -661,16 +856,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     b.set_defaults(func=_cmd_build)
     sub.add_parser("paths", help="print binary paths, build nothing").set_defaults(func=_cmd_paths)
-    va = sub.add_parser("validate", help="otelcol validate the collector config")
+    va = sub.add_parser("validate", help="otelcol validate the collector configs (plain, secured)")
     va.add_argument("--config", default=str(COLLECTOR_CONFIG))
     va.set_defaults(func=_cmd_validate)
-    r = sub.add_parser("run", help="run Jaeger (memstore) + collector on 127.0.0.1 until Ctrl-C")
+    se = sub.add_parser("secrets", help="make a CA, a server certificate and a token (kept if present)")
+    se.add_argument("--dir", default=str(SECRETS_DIR))
+    se.set_defaults(func=_cmd_secrets)
+    r = sub.add_parser("run", help="run Jaeger (Badger) + collector on 127.0.0.1 until Ctrl-C")
     r.add_argument("--otlp-grpc-port", type=int, default=4317)
     r.add_argument("--otlp-http-port", type=int, default=4318)
     r.add_argument("--metrics-port", type=int, default=8889)
     r.add_argument("--health-port", type=int, default=13133)
     r.add_argument("--jaeger-ui-port", type=int, default=16686)
-    r.add_argument("--workdir")
+    r.add_argument("--data-dir", default=str(data_dir()),
+                   help="Badger files, the collector's queue, logs (kept between runs; "
+                        "default $OTEL_STEPSPAN_DATA_DIR or ~/.local/share/otel_stepspan/backends)")
+    r.add_argument("--secured", action="store_true",
+                   help="OTLP over TLS with a bearer token (secrets made in DATA_DIR/secrets)")
     r.set_defaults(func=_cmd_run)
     args = ap.parse_args(argv)
     try:

@@ -1,8 +1,9 @@
 """End to end against the real backends: the OpenTelemetry Collector (built with ocb from the
 project's builder config) and Jaeger v2, both built from their Go modules at the versions
-docker-compose.yml pins, run on 127.0.0.1 with the project's collector/config.yaml (endpoints
-rewritten for local ports only). The reference engine exports to the Collector through OTEL_*
-variables; the steps are then found through Jaeger's query API and with `otel-stepspan search`.
+docker-compose.yml pins, run on 127.0.0.1 with the project's collector/config.yaml and
+jaeger/config.yaml (endpoints and data directories rewritten for a local run, nothing else).
+The reference engine exports to the Collector through OTEL_* variables; the steps are then
+found through Jaeger's query API and with `otel-stepspan search`.
 
 Skips only where Go is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns that skip into a
 failure.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,15 +27,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import backends  # noqa: E402
+from backends_support import EngineRun, requires_go, stored, wait_stored  # noqa: E402
 from contract import FORWARD_KEYS, PASS_ID_KEY  # noqa: E402
 
-pytestmark = [
-    pytest.mark.backends,
-    pytest.mark.skipif(
-        shutil.which("go") is None and not os.environ.get(backends.ENV_GO),
-        reason="Go is not installed: the real Collector and Jaeger cannot be built",
-    ),
-]
+pytestmark = [pytest.mark.backends, requires_go]
 
 SERVICE = "otel-stepspan-e2e"
 CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY, "engine.name", "engine.tp_rank", "engine.pp_rank"}
@@ -70,40 +65,16 @@ def _spans_of(body: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """Jaeger (memstore) and the Collector running on free local ports."""
+    """Jaeger (Badger) and the Collector running on free local ports."""
     workdir = tmp_path_factory.mktemp("backends")
-    paths = backends.ensure_built()
-    port = backends.free_port
-    jaeger_ports = backends.JaegerPorts(
-        otlp_grpc=port(), otlp_http=port(), query_http=port(), query_grpc=port(), health=port()
-    )
-    jaeger = backends.start_jaeger(workdir, jaeger_ports, binary=paths["jaeger"])
-    collector = None
-    try:
-        otlp_grpc, otlp_http, metrics, health = port(), port(), port(), port()
-        config = backends.write_local_collector_config(
-            backends.COLLECTOR_CONFIG,
-            workdir / "collector.yaml",
-            otlp_grpc,
-            otlp_http,
-            f"127.0.0.1:{jaeger_ports.otlp_grpc}",
-            metrics,
-            health,
-        )
-        collector = backends.start_collector(
-            config, health, binary=paths["otelcol"], other_ports=(otlp_grpc, otlp_http, metrics)
-        )
+    with backends.LocalBackends(workdir) as running:
         yield {
-            "jaeger": f"http://127.0.0.1:{jaeger_ports.query_http}",
-            "otlp_grpc": f"http://127.0.0.1:{otlp_grpc}",
-            "otlp_http": f"http://127.0.0.1:{otlp_http}",
-            "metrics": f"http://127.0.0.1:{metrics}/metrics",
+            "jaeger": running.jaeger_url,
+            "otlp_grpc": running.otlp_grpc_endpoint,
+            "otlp_http": running.otlp_http_endpoint,
+            "metrics": running.metrics_url,
             "workdir": workdir,
         }
-    finally:
-        if collector is not None:
-            backends.stop(collector)
-        backends.stop(jaeger)
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +129,35 @@ def _wait_for_modes(stack, engine_run, modes: set[str], timeout_s: float = 60.0)
     raise AssertionError(f"modes {modes} not all in Jaeger after {timeout_s}s: got {len(spans)} spans")
 
 
-def test_collector_validates_the_project_config():
+def test_collector_validates_every_project_config():
     backends.validate_collector_config(backends.COLLECTOR_CONFIG)
+    backends.validate_collector_config(backends.COLLECTOR_CONFIG, backends.SECURED_CONFIG)
 
 
-def test_compose_file_follows_the_compose_specification():
+def test_collector_refuses_a_broken_config(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(backends.COLLECTOR_CONFIG.read_text().replace("processors: [memory_limiter]", "processors: [batch]"))
+    with pytest.raises(backends.BackendError, match="batch"):
+        backends.validate_collector_config(broken)
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.secured.yml"])
+def test_compose_files_follow_the_compose_specification(name):
     import jsonschema
     import yaml
 
     schema = json.loads(backends.compose_schema().read_text())
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    compose = yaml.safe_load((REPO / name).read_text())
     jsonschema.validate(compose, schema)
-    for name, service in compose["services"].items():
+    for service_name, service in compose["services"].items():
         for mapping in service.get("ports", []):
-            assert str(mapping).startswith("127.0.0.1:"), f"{name} publishes {mapping} beyond loopback"
+            assert str(mapping).startswith("127.0.0.1:"), f"{service_name} publishes {mapping} beyond loopback"
+
+
+def test_compose_pins_the_built_releases():
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     images = {s["image"] for s in compose["services"].values()}
     versions = backends.pinned_versions()
     assert f"otel/opentelemetry-collector-contrib:{versions.collector}" in images
@@ -253,3 +239,14 @@ def test_span_metrics_by_mode_without_per_batch_size_series(stack, engine_run):
     calls = [line for line in ours if line.startswith("traces_span_metrics_calls_total")]
     # one calls series per mode (and status), whatever the number of batch sizes seen
     assert len(calls) <= 2 * len(modes)
+
+
+def test_jaeger_drops_spans_past_the_retention(tmp_path):
+    """JAEGER_RETENTION (docker-compose.yml passes it; 72h by default) is Badger's time to live."""
+    with backends.LocalBackends(tmp_path, jaeger_env={"JAEGER_RETENTION": "4s"}) as running:
+        run = EngineRun.start(running.otlp_grpc_endpoint, "retention", 1, 50).finish()
+        assert wait_stored(running.jaeger_url, run.service, run.started_ns, run.steps).missing(run.steps) == []
+        deadline = time.monotonic() + 30
+        while stored(running.jaeger_url, run.service, run.started_ns, 1000).unique and time.monotonic() < deadline:
+            time.sleep(1)
+        assert stored(running.jaeger_url, run.service, run.started_ns, 1000).unique == 0

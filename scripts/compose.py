@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Run the project's docker-compose.yml for real, on a machine that has no Docker yet.
+
+What a new user would do, made repeatable (for CI, and for anyone without Docker Hub):
+
+1. Docker Engine: Debian's `docker.io` package (installed with apt-get when `dockerd` is
+   missing; root only), and `dockerd --iptables=false` started in the background when no
+   daemon answers. Without iptables, ports published on 127.0.0.1 work through Docker's
+   userland proxy, and containers reach each other on the compose network.
+2. Docker Compose v2, built from its Go module (github.com/docker/compose/v2, pinned below)
+   into the cache: `go install` refuses it (its go.mod has an exclude block), so it is built
+   through a throw-away module (scripts/backends.py, build_go_program).
+3. The two images, tagged exactly as docker-compose.yml pins them, built FROM scratch out of
+   the Go-built release binaries of scripts/backends.py (`docker import` of a file tree made
+   here, no Dockerfile, no registry): the same entrypoint, user, environment and volume as the
+   published images, and for Jaeger a static busybox (Debian's busybox-static) for the `wget`
+   its health check runs. The registry images cannot be pulled here; these are the same
+   releases, built from source.
+
+Everything goes to ${OTEL_STEPSPAN_BACKENDS_DIR:-~/.cache/otel_stepspan/backends}, outside git.
+
+    python scripts/compose.py prepare          # all of the above, what is missing; prints the compose binary
+    python scripts/compose.py compose ARGS...  # docker compose ARGS, in the repository root
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import backends  # noqa: E402
+from backends import BackendError, REPO_ROOT, backends_dir  # noqa: E402
+
+COMPOSE_MODULE = "github.com/docker/compose/v2"
+COMPOSE_VERSION = "v2.40.3"
+BUSYBOX_PACKAGE = "busybox-static"
+
+
+def _log(msg: str) -> None:
+    print(f"[compose] {msg}", file=sys.stderr, flush=True)
+
+
+def _docker() -> str:
+    docker = shutil.which("docker")
+    if not docker:
+        raise BackendError("no docker command (the docker.io package installs one)")
+    return docker
+
+
+def _quiet(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def _daemon_answers() -> bool:
+    try:
+        return shutil.which("docker") is not None and _quiet([_docker(), "info"]).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _apt_install(*packages: str) -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise BackendError(f"{' '.join(packages)} missing: install it (Debian: apt-get install "
+                           f"{' '.join(packages)}) or run as root on Debian")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        _log("apt-get install failed; updating the package lists once and trying again")
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
+
+
+def ensure_engine(timeout: float = 60.0) -> None:
+    """A Docker daemon that answers: installed (docker.io) and started when missing."""
+    if _daemon_answers():
+        return
+    t0 = time.monotonic()
+    if not shutil.which("dockerd"):
+        _log("installing Debian's docker.io (dockerd, containerd, runc)")
+        _apt_install("docker.io")
+    log = backends_dir() / "dockerd.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"starting dockerd --iptables=false (log: {log})")
+    with open(log, "ab") as out:
+        subprocess.Popen(["dockerd", "--iptables=false"], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not _daemon_answers():
+        if time.monotonic() > deadline:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise BackendError(f"dockerd did not answer within {timeout:.0f}s:\n{tail}")
+        time.sleep(0.5)
+    _log(f"Docker Engine ready in {time.monotonic() - t0:.0f}s")
+
+
+def compose_binary() -> Path:
+    return backends_dir() / f"compose-{COMPOSE_VERSION.lstrip('v')}" / "docker-compose"
+
+
+def ensure_compose() -> Path:
+    """Docker Compose v2 built from its Go module (a standalone `docker-compose` binary; the
+    same program as the `docker compose` plugin)."""
+    binary = compose_binary()
+    with backends._lock(binary.parent.with_name(binary.parent.name + ".lock")):
+        if binary.is_file():
+            return binary
+        return backends.build_go_program(
+            COMPOSE_MODULE, COMPOSE_VERSION, COMPOSE_MODULE + "/cmd", binary,
+            ldflags=f"-X {COMPOSE_MODULE}/internal.Version={COMPOSE_VERSION}",
+            what=f"Docker Compose {COMPOSE_VERSION}")
+
+
+def busybox() -> Path:
+    """A static busybox from Debian's busybox-static, unpacked into the cache (not installed)."""
+    root = backends_dir() / "busybox-static"
+    binary = root / "bin" / "busybox"
+    if binary.is_file():
+        return binary
+    with tempfile.TemporaryDirectory(prefix="busybox-") as tmp:
+        got = subprocess.run(["apt-get", "download", BUSYBOX_PACKAGE], cwd=tmp,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if got.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(["apt-get", "download", BUSYBOX_PACKAGE], cwd=tmp, check=True,
+                           stdout=subprocess.DEVNULL)
+        deb = next(Path(tmp).glob(f"{BUSYBOX_PACKAGE}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    if not binary.is_file():
+        raise BackendError(f"{BUSYBOX_PACKAGE} has no bin/busybox")
+    return binary
+
+
+# --------------------------------------------------------------------------- images
+
+class Image:
+    """A file tree and the image settings of one published image, rebuilt here."""
+
+    def __init__(self, tag: str, files: dict[str, Path], *, entrypoint: list[str],
+                 cmd: list[str] | None = None, user: str, env: dict[str, str] | None = None,
+                 volume: str | None = None, links: dict[str, str] | None = None,
+                 dirs: dict[str, int] | None = None) -> None:
+        self.tag, self.files, self.links, self.dirs = tag, files, links or {}, dirs or {}
+        self.changes = [f"ENTRYPOINT {json.dumps(entrypoint)}", f"USER {user}"]
+        if cmd:
+            self.changes.append(f"CMD {json.dumps(cmd)}")
+        self.changes += [f"ENV {k}={v}" for k, v in (env or {}).items()]
+        if volume:
+            self.changes.append(f"VOLUME {json.dumps([volume])}")
+
+    def digest(self) -> str:
+        """What the image is made of: the recipe and every file's content."""
+        h = hashlib.sha256(repr((self.changes, sorted(self.links.items()),
+                                 sorted(self.dirs.items()), sorted(self.files))).encode())
+        for name in sorted(self.files):
+            h.update(self.files[name].read_bytes())
+        return h.hexdigest()[:24]
+
+    def rootfs(self) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, mode in sorted(self.dirs.items()):
+                info = tarfile.TarInfo(name.lstrip("/"))
+                info.type, info.mode = tarfile.DIRTYPE, mode
+                tar.addfile(info)
+            for name, src in sorted(self.files.items()):
+                info = tar.gettarinfo(str(src), arcname=name.lstrip("/"))
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o755 if os.access(src, os.X_OK) else 0o644
+                with open(src, "rb") as fh:
+                    tar.addfile(info, fh)
+            for name, target in sorted(self.links.items()):
+                info = tarfile.TarInfo(name.lstrip("/"))
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                tar.addfile(info)
+        return buf.getvalue()
+
+    def ensure(self) -> str:
+        """Import the image unless the tag already holds this exact build; returns its id."""
+        digest = self.digest()
+        docker = _docker()
+        seen = _quiet([docker, "image", "inspect", "--format", "{{.Comment}} {{.Id}}", self.tag])
+        if seen.returncode == 0 and seen.stdout.split()[0] == f"otel_stepspan:{digest}":
+            return seen.stdout.split()[1]
+        argv = [docker, "import", "--message", f"otel_stepspan:{digest}"]
+        for change in self.changes:
+            argv += ["--change", change]
+        proc = subprocess.run([*argv, "-", self.tag], input=self.rootfs(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            raise BackendError(f"docker import {self.tag} failed: {proc.stderr.decode()}")
+        _log(f"built {self.tag} ({proc.stdout.decode().strip()[:19]})")
+        return proc.stdout.decode().strip()
+
+
+def images() -> list[Image]:
+    """The images docker-compose.yml pins, as the published ones are laid out: Jaeger's binary
+    at /cmd/jaeger/jaeger-linux, user 10001, JAEGER_LISTEN_HOST=0.0.0.0, /tmp as its volume;
+    the collector's at /otelcol-contrib, user 10001, its config in /etc/otelcol-contrib."""
+    v = backends.pinned_versions()
+    paths = backends.binary_paths(v)
+    box = busybox()
+    jaeger = Image(
+        f"{backends.JAEGER_IMAGE}:{v.jaeger}",
+        {"/cmd/jaeger/jaeger-linux": paths["jaeger"], "/bin/busybox": box},
+        links={"/bin/wget": "busybox", "/bin/sh": "busybox"},
+        dirs={"/tmp": 0o1777, "/bin": 0o755, "/cmd": 0o755, "/cmd/jaeger": 0o755},
+        entrypoint=["/cmd/jaeger/jaeger-linux"], user="10001",
+        env={"JAEGER_LISTEN_HOST": "0.0.0.0"}, volume="/tmp")
+    collector = Image(
+        f"{backends.COLLECTOR_IMAGE}:{v.collector}",
+        {"/otelcol-contrib": paths["otelcol"],
+         "/etc/otelcol-contrib/config.yaml": backends.COLLECTOR_CONFIG},
+        dirs={"/etc": 0o755, "/etc/otelcol-contrib": 0o755},
+        entrypoint=["/otelcol-contrib"], cmd=["--config", "/etc/otelcol-contrib/config.yaml"],
+        user="10001:10001")
+    return [jaeger, collector]
+
+
+def prepare() -> Path:
+    """Engine, compose and images, each only when missing; returns the compose binary."""
+    t0 = time.monotonic()
+    ensure_engine()
+    backends.ensure_built()
+    binary = ensure_compose()
+    for image in images():
+        image.ensure()
+    _log(f"ready in {time.monotonic() - t0:.0f}s: {binary}")
+    return binary
+
+
+def compose(*args: str, timeout: float = 300, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`docker compose ARGS` in the repository root (the project's compose file)."""
+    argv = [str(compose_binary()), "--project-directory", str(REPO_ROOT), *args]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise BackendError(f"docker compose {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare", help="install/start Docker, build compose and the images (what is missing)")
+    c = sub.add_parser("compose", help="docker compose ARGS in the repository root")
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            print(prepare())
+            return 0
+        os.execv(str(compose_binary()), [str(compose_binary()), *args.args])
+    except BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""What the tests against the real Collector and Jaeger share: an engine stand-in run through
+OTEL_* variables only, what it says it sent and lost, and what Jaeger holds of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from otel_stepspan.cli.jaeger import JaegerClient
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import backends  # noqa: E402
+
+# The real Collector, Jaeger and Docker Compose are built from Go; CI
+# (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns this skip into a failure.
+requires_go = pytest.mark.skipif(
+    shutil.which("go") is None and not os.environ.get(backends.ENV_GO),
+    reason="Go is not installed: the real Collector, Jaeger and Docker Compose cannot be built",
+)
+PACED_MODES = Path(__file__).parent / "programs" / "paced_modes.py"
+# The library's loss report, one line per interval (never one per span).
+LOSS_LINE = re.compile(r"otel_stepspan: lost (\d+) step spans")
+
+
+def engine_env(endpoint: str, service: str, **extra: str) -> dict[str, str]:
+    """The machine's environment without its OTEL_* variables, plus the engine's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({
+        "OTEL_SERVICE_NAME": service,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    })
+    env.update(extra)
+    return env
+
+
+@dataclass
+class EngineRun:
+    """One run of tests/programs/paced_modes.py, and what it reported."""
+
+    service: str
+    process: subprocess.Popen
+    started_ns: int
+    summary: dict = field(default_factory=dict)
+    stderr: str = ""
+
+    @classmethod
+    def start(cls, endpoint: str, service: str, seconds: float, rate: float, **env: str) -> "EngineRun":
+        started_ns = time.time_ns()
+        process = subprocess.Popen(
+            [sys.executable, str(PACED_MODES), str(seconds), str(rate)],
+            env=engine_env(endpoint, service, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        run = cls(service, process, started_ns)
+        line = process.stdout.readline()
+        if line.strip() != "ready":
+            process.kill()
+            raise AssertionError(f"{service}: the engine did not start: {line}{process.stderr.read()}")
+        return run
+
+    def finish(self, timeout_s: float = 120) -> "EngineRun":
+        """Wait for the end of the run (a hang fails here) and read its report."""
+        out, self.stderr = self.process.communicate(timeout=timeout_s)
+        assert self.process.returncode == 0, f"{self.service}: exit {self.process.returncode}\n{self.stderr}"
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.summary = {k: v for line in lines for k, v in line.items()}
+        return self
+
+    @property
+    def sent(self) -> Counter:
+        return Counter(self.summary["sent"])
+
+    @property
+    def steps(self) -> int:
+        return self.summary["steps"]
+
+    @property
+    def loss_lines(self) -> list[int]:
+        return [int(n) for n in LOSS_LINE.findall(self.stderr)]
+
+    @property
+    def reported_lost(self) -> int:
+        return sum(self.loss_lines)
+
+
+@dataclass
+class Stored:
+    """The step spans Jaeger returns for one service."""
+
+    by_mode: Counter
+    pass_ids: Counter  # pass id -> how many spans carry it
+
+    @property
+    def unique(self) -> int:
+        return len(self.pass_ids)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(self.pass_ids.values()) - len(self.pass_ids)
+
+    def missing(self, steps: int) -> list[int]:
+        return [i for i in range(1, steps + 1) if i not in self.pass_ids]
+
+
+def stored(jaeger_url: str, service: str, since_ns: int, depth: int) -> Stored:
+    docs = JaegerClient(jaeger_url, timeout_s=60).find_traces(
+        service, since_ns - 10 * 10**9, time.time_ns() + 60 * 10**9, search_depth=depth
+    )
+    by_mode: Counter = Counter()
+    pass_ids: Counter = Counter()
+    for doc in docs:
+        for resource_spans in doc.get("result", {}).get("resourceSpans", []):
+            for scope_spans in resource_spans.get("scopeSpans", []):
+                for span in scope_spans.get("spans", []):
+                    attributes = {a["key"]: a["value"] for a in span.get("attributes", [])}
+                    if "forward.mode" not in attributes:
+                        continue
+                    by_mode[attributes["forward.mode"]["stringValue"]] += 1
+                    pass_ids[int(attributes["forward.pass_id"]["intValue"])] += 1
+    return Stored(by_mode, pass_ids)
+
+
+def wait_stored(jaeger_url: str, service: str, since_ns: int, expected: int, timeout_s: float = 90) -> Stored:
+    """Jaeger's answer once it holds ``expected`` distinct steps, or the last answer after
+    ``timeout_s`` (the caller's assertion then says what is missing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = stored(jaeger_url, service, since_ns, expected + 1000)
+        if got.unique >= expected or time.monotonic() > deadline:
+            return got
+        time.sleep(2.0)

@@ -1,0 +1,107 @@
+"""The local copies of the project's backend configs, and the images' file trees, without Go or
+Docker: a local run must use the very configs docker-compose.yml mounts, with only endpoints and
+data directories changed, and the rebuilt images must be laid out as the published ones."""
+
+from __future__ import annotations
+
+import difflib
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import backends  # noqa: E402
+import compose  # noqa: E402
+
+
+def _changed(original: Path, local: Path) -> list[tuple[str, str]]:
+    """(old line, new line) for each line that differs."""
+    a, b = original.read_text().splitlines(), local.read_text().splitlines()
+    pairs = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b).get_opcodes():
+        if tag == "replace":
+            pairs += list(zip(a[i1:i2], b[j1:j2]))
+        elif tag != "equal":
+            pairs += [(line, "") for line in a[i1:i2]] + [("", line) for line in b[j1:j2]]
+    return pairs
+
+
+def test_local_collector_config_changes_only_endpoints_queue_dir_and_own_telemetry(tmp_path):
+    local = backends.write_local_collector_config(
+        backends.COLLECTOR_CONFIG, tmp_path / "c.yaml", 1001, 1002, "127.0.0.1:1003", 1004, 1005,
+        queue_dir=tmp_path / "queue")
+    changed = _changed(backends.COLLECTOR_CONFIG, local)
+    added = [new for old, new in changed if not old]
+    replaced = [(old, new) for old, new in changed if old and new]
+    assert added == ["  telemetry:", "    metrics:", "      level: none"]
+    assert all(("endpoint:" in old and "endpoint:" in new) or backends.COLLECTOR_QUEUE_PATH in old
+               for old, new in replaced), replaced
+    config = yaml.safe_load(local.read_text())
+    assert config["service"]["pipelines"]["traces"]["processors"][0] == "memory_limiter"
+    assert config["extensions"]["file_storage/queue"]["directory"] == str(tmp_path / "queue")
+    assert config["exporters"]["otlp_grpc/jaeger"]["sending_queue"]["storage"] == "file_storage/queue"
+    assert config["exporters"]["otlp_grpc/jaeger"]["endpoint"] == "127.0.0.1:1003"
+    assert "batch" not in config["processors"]  # it would acknowledge before the queue holds the spans
+
+
+def test_local_secured_overlay_reads_the_given_secrets(tmp_path):
+    local = backends.write_local_secured_config(tmp_path / "s.yaml", tmp_path / "secrets")
+    config = yaml.safe_load(local.read_text())
+    grpc = config["receivers"]["otlp"]["protocols"]["grpc"]
+    assert grpc["tls"]["cert_file"] == str((tmp_path / "secrets" / "server.crt").resolve())
+    assert grpc["auth"]["authenticator"] in config["extensions"]
+    assert config["extensions"][grpc["auth"]["authenticator"]]["filename"].startswith(str(tmp_path))
+    assert all(len(new) for old, new in _changed(backends.SECURED_CONFIG, local))
+
+
+def test_local_jaeger_config_keeps_badger_and_moves_only_endpoints_and_directories(tmp_path):
+    ports = backends.JaegerPorts(2001, 2002, 2003, 2004, 2005)
+    local = backends.write_jaeger_config(tmp_path / "j.yaml", ports, data_dir=tmp_path / "data")
+    config = yaml.safe_load(local.read_text())
+    badger = config["extensions"]["jaeger_storage"]["backends"]["steps"]["badger"]
+    assert badger["ephemeral"] is False
+    assert badger["directories"]["keys"].startswith(str((tmp_path / "data").resolve()))
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "127.0.0.1:2001"
+    assert config["extensions"]["jaeger_query"]["http"]["endpoint"] == "127.0.0.1:2003"
+    assert "processors" not in config["service"]["pipelines"]["traces"]  # stored before acknowledged
+    for old, new in _changed(backends.JAEGER_CONFIG, local):
+        assert "endpoint:" in old or backends.JAEGER_DATA_PATH in old, (old, new)
+
+
+def test_free_ports_are_distinct():
+    ports = backends.free_ports(50)
+    assert len(set(ports)) == 50
+
+
+def test_rebuilt_jaeger_image_is_laid_out_like_the_published_one(tmp_path):
+    binary, box = tmp_path / "jaeger", tmp_path / "busybox"
+    binary.write_bytes(b"\x7fELF jaeger")
+    box.write_bytes(b"\x7fELF busybox")
+    binary.chmod(0o755)
+    box.chmod(0o755)
+    image = compose.Image(
+        "jaegertracing/jaeger:test", {"/cmd/jaeger/jaeger-linux": binary, "/bin/busybox": box},
+        links={"/bin/wget": "busybox"}, dirs={"/tmp": 0o1777}, entrypoint=["/cmd/jaeger/jaeger-linux"],
+        user="10001", env={"JAEGER_LISTEN_HOST": "0.0.0.0"}, volume="/tmp")
+    with tarfile.open(fileobj=io.BytesIO(image.rootfs())) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["tmp"].isdir() and members["tmp"].mode == 0o1777  # writable by user 10001
+    assert members["cmd/jaeger/jaeger-linux"].mode == 0o755
+    assert members["bin/wget"].issym() and members["bin/wget"].linkname == "busybox"
+    assert 'ENTRYPOINT ["/cmd/jaeger/jaeger-linux"]' in image.changes
+    assert "USER 10001" in image.changes and 'VOLUME ["/tmp"]' in image.changes
+    before = image.digest()
+    binary.write_bytes(b"\x7fELF jaeger, rebuilt")
+    assert image.digest() != before  # a new binary makes a new image
+
+
+def test_compose_file_and_builder_config_pin_one_collector_release():
+    versions = backends.pinned_versions()  # raises when builder-config.yaml disagrees
+    builder = yaml.safe_load(backends.BUILDER_CONFIG.read_text())
+    assert builder["dist"]["version"] == versions.collector
+    modules = [m["gomod"] for kind in ("receivers", "processors", "exporters", "connectors", "extensions")
+               for m in builder[kind]]
+    assert {m.split()[1] for m in modules} == {f"v{versions.collector}"}
