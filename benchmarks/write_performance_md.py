@@ -1,8 +1,8 @@
-"""Run the three benchmarks and write their tables to ``docs/performance.md``.
+"""Run the four benchmarks and write their tables to ``docs/performance.md``.
 
 Usage::
 
-    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~4 min)
+    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~10 min)
     .venv/bin/python benchmarks/write_performance_md.py --quick    # short runs, to try it out
 
 Each benchmark's output is kept verbatim (its tables and goal verdicts); this only arranges it.
@@ -49,6 +49,7 @@ def main() -> int:
     overhead = run("bench_overhead.py", args.quick)
     throughput = run("bench_throughput.py", args.quick)
     memory = run("bench_memory.py", args.quick)
+    stall = run("bench_engine_stall.py", args.quick)
     machine = overhead.splitlines()[0].split(":", 1)[1].split("; otel_stepspan")[0].strip()
     flag = " --quick" if args.quick else ""
     out = f"""# Performance
@@ -57,16 +58,34 @@ What a traced forward step costs, measured side by side with the baselines it re
 of each benchmark ({machine}), printed as is; reproduce with:
 
 ```bash
+.venv/bin/python benchmarks/bench_engine_stall.py{flag}  # ~6 min
 .venv/bin/python benchmarks/bench_overhead.py{flag}      # ~1 min
 .venv/bin/python benchmarks/bench_throughput.py{flag}    # ~2 min
 .venv/bin/python benchmarks/bench_memory.py{flag}        # ~1 min
 ```
 
-(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all three and rewrites
-this page.) A goal is judged on the median, over 30-60 interleaved rounds, of the ratio between
+(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all four and rewrites
+this page.) Two export paths are measured: with export configured by the `OTEL_*` variables,
+steps go to an exporter process of their own (`bench_engine_stall.py`, `bench_throughput.py`);
+when the engine set up its own SDK tracer provider, step spans are made through it, in the
+engine process (`bench_overhead.py`'s OpenTelemetry rows, `bench_memory.py`). A goal is judged on the median, over 30-60 interleaved rounds, of the ratio between
 batches of the two variants run back to back; the tables give the median, minimum and
 10th-90th percentile of the per-batch means. Engine-thread costs are on the thread's CPU clock.
 How and why: [`benchmarks/README.md`](../benchmarks/README.md).
+
+## Export on vs off, in the engine's shape
+
+`bench_engine_stall.py`: per step, GIL-holding scheduler work, then the instrumented
+`ModelRunner.forward` waiting for "the GPU" with the GIL released (`--gpu`: a real CUDA kernel and
+`torch.cuda.synchronize()`), paced at 50 to 2,000 steps/s; export configured only by
+`OTEL_EXPORTER_OTLP_ENDPOINT` into a real OTLP receiver in another process, blocks of export off
+and on interleaved. *Wake*: from the end of the GPU wait to the engine thread running Python
+again; *work*: the scheduler work's wall time; *late*: how far steps started behind schedule.
+*in-process* (reference): an SDK provider with a BatchSpanProcessor and the OTLP exporter set up
+in the engine process. Then CPU per exported span, steps back to back, every process counted
+(the engine and its exporter process; not the receiver).
+
+{body(stall.split("\n", 1)[1])}
 
 ## Per step: off, OpenTelemetry on, profiler on
 

@@ -4,6 +4,7 @@ is delivered after the engine is gone, however it went (SIGKILL, its whole proce
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -328,3 +329,78 @@ def test_a_sigkill_mid_run_loses_at_most_the_last_second():
         indices = sorted(s.attributes["forward.batch_size"] for s in receiver.steps())
     assert indices == list(range(1, len(indices) + 1))  # a prefix of the run, each step once
     assert len(indices) >= ran_a_second_before
+
+
+def test_a_long_outage_with_steps_arriving_all_along_is_ridden_out_and_counted():
+    """Steps keep arriving while the Collector is unreachable: the exporter backs off (new spans
+    must not turn its retries into a busy loop, nor overflow its back-off), keeps what fits in
+    its queue, counts the rest, and finally reports every span it could not deliver."""
+    env = _env("http://127.0.0.1:9", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="8", OTEL_BSP_MAX_QUEUE_SIZE="64",
+               OTEL_BSP_SCHEDULE_DELAY="10", OTEL_STEPSPAN_EXPORTER_LINGER="1")
+    result = subprocess.run(
+        [sys.executable, str(PROGRAMS / "paced_steps.py"), "4", "500"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exporter process is gone" not in result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    final = [line for line in result.stderr.splitlines() if "otel_stepspan: lost" in line][-1]
+    totals = [int(n) for n in final.rsplit("totals", 1)[1].split("/")]
+    assert sum(totals) == summary["steps"] >= 1500
+    assert summary["exporter_cpu_ns"] < 3e9  # backing off, not spinning: well under the run's 4 s
+
+
+def test_retries_back_off_while_new_spans_keep_arriving(monkeypatch):
+    """Unit level: a Collector that is down, spans arriving every few milliseconds. Each arrival
+    must not cut the back-off short (that made a busy loop of retries, whose back-off exponent
+    then overflowed and killed the exporter)."""
+    import threading
+
+    from otel_stepspan.exporter import process
+    from otel_stepspan.exporter.transport import Sent
+
+    read_fd, write_fd = os.pipe()
+    status_read, status_write = os.pipe()
+    exporter = process.Exporter(read_fd, status_write, os.getpid(), {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4",
+        "OTEL_BSP_SCHEDULE_DELAY": "1", "OTEL_STEPSPAN_EXPORTER_LINGER": "1",
+    })
+    attempts = []
+
+    class Down:
+        endpoint = "http://127.0.0.1:9"
+
+        def send(self, request: bytes) -> Sent:
+            attempts.append(time.monotonic())
+            return Sent(False, True, "UNAVAILABLE: down")
+
+        def close(self) -> None:
+            pass
+
+    exporter.sender = Down()
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            exporter._enqueue([b"x"] * 4)
+            time.sleep(0.003)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    runner = threading.Thread(target=exporter.export_until_done)
+    runner.start()
+    time.sleep(2.0)
+    stop.set()
+    feeder.join()
+    with exporter.cond:
+        exporter.input_done = True
+        exporter.cond.notify_all()
+    runner.join(30)
+    for fd in (read_fd, write_fd, status_read, status_write):
+        os.close(fd)
+    assert not runner.is_alive()
+    in_the_first_two_seconds = [t for t in attempts if t - attempts[0] < 2.0]
+    # 0.1, 0.2, 0.4, 0.8 s (+-20%) fit in two seconds: about 5 attempts, never hundreds.
+    assert 3 <= len(in_the_first_two_seconds) <= 8, len(in_the_first_two_seconds)
+    assert exporter.failed > 0 and exporter.queue_full > 0

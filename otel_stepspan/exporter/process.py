@@ -270,12 +270,28 @@ class Exporter:
                 self._give_up(sent)
                 return
             self._answer_flushes(cannot_now=True)
-            delay = sent.retry_after_s if sent.retry_after_s is not None else min(
-                _MAX_BACKOFF_S, 0.1 * 2**attempt
-            ) * random.uniform(0.8, 1.2)
+            if sent.retry_after_s is not None:
+                delay = min(sent.retry_after_s, _MAX_BACKOFF_S)
+            else:
+                delay = min(_MAX_BACKOFF_S, 0.1 * 2 ** min(attempt, 16)) * random.uniform(0.8, 1.2)
             attempt += 1
-            with self.cond:
-                self.cond.wait(delay)
+            self._back_off(delay)
+
+    def _back_off(self, delay_s: float) -> None:
+        """Wait ``delay_s`` before trying the Collector again. New spans arriving do not cut it
+        short (they would make a busy loop of retries); the engine going away does, and a flush
+        asked for meanwhile is answered at once: the Collector cannot take anything now."""
+        deadline = time.monotonic() + delay_s
+        with self.cond:
+            while not self.input_done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.cond.wait(remaining)
+                if self.flush_requests:
+                    requests, self.flush_requests = self.flush_requests, []
+                    for seq, _ in requests:
+                        self._answer(seq, False)
 
     def _answer_flushes(self, cannot_now: bool = False) -> None:
         """Answer the flush requests: once every span received before them has been tried (the

@@ -155,16 +155,17 @@ class DeferredSpanSink:
             if window.handle is None:
                 attributes = dict(static)
                 attributes["process.pid"] = self._pid
-                window.handle = self.tracer.start_span(
+                root = self.tracer.start_span(
                     ROOT_NAME, context=Context(), kind=SpanKind.INTERNAL, attributes=attributes, start_time=start_ns
                 )
-            return trace.set_span_in_context(window.handle)
+                window.handle = (root, trace.set_span_in_context(root))
+            return window.handle[1]
 
     @staticmethod
     def _end_root(window: Window) -> None:
-        root = window.handle
-        if root is None:
+        if window.handle is None:
             return
+        root = window.handle[0]
         if root.is_recording():
             root.set_attributes(window.attributes())
         root.end(end_time=window.end_ns)
@@ -238,14 +239,21 @@ class DeferredSpanSink:
             # Right in forked workers too, where a resource built before the fork is not.
             attributes["process.pid"] = self._pid
             name = attributes["forward.label"] if self.name_by == "label" else info.mode_label
-            kept, counts = info.links_within(self.link_limit)
-            attributes.update(counts)
-            links = [
-                trace.Link(trace.SpanContext(link.trace_id, link.span_id, True, trace.TraceFlags(link.trace_flags & 0xFF)),
-                           link.attributes())
-                for link in kept
-            ]
-            if self.timeline_settings.enabled and not trace.get_current_span(parent).get_span_context().is_valid:
+            links = None
+            if info.links is not None:
+                kept, counts = info.links_within(self.link_limit)
+                attributes.update(counts)
+                links = [
+                    trace.Link(
+                        trace.SpanContext(link.trace_id, link.span_id, True, trace.TraceFlags(link.trace_flags & 0xFF)),
+                        link.attributes(),
+                    )
+                    for link in kept
+                ]
+            # An empty context (the usual case: no span around the forward) has no parent to keep.
+            if self.timeline_settings.enabled and (
+                not parent or not trace.get_current_span(parent).get_span_context().is_valid
+            ):
                 parent = self._timeline_parent(info, start_ns, end_ns, static_attributes)
             span = self.tracer.start_span(
                 name,
