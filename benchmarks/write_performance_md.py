@@ -50,6 +50,7 @@ def main() -> int:
     throughput = run("bench_throughput.py", args.quick)
     memory = run("bench_memory.py", args.quick)
     stall = run("bench_engine_stall.py", args.quick)
+    stall_tables = stall.split("\n", 1)[1]  # without its header line
     machine = overhead.splitlines()[0].split(":", 1)[1].split("; otel_stepspan")[0].strip()
     flag = " --quick" if args.quick else ""
     out = f"""# Performance
@@ -85,7 +86,7 @@ again; *work*: the scheduler work's wall time; *late*: how far steps started beh
 in the engine process. Then CPU per exported span, steps back to back, every process counted
 (the engine and its exporter process; not the receiver).
 
-{body(stall.split("\n", 1)[1])}
+{body(stall_tables)}
 
 ## Per step: off, OpenTelemetry on, profiler on
 
