@@ -30,7 +30,7 @@ def main() -> None:
     next_at = started
     while forever or time.monotonic() - started < seconds:
         steps += 1
-        with step_span(StepInfo("decode", steps, 0, steps, 0, steps)):
+        with step_span(StepInfo("decode", steps, 0, steps, 0, steps, pass_id=steps)):
             pass
         if steps == 1:
             print("ready", flush=True)
