@@ -67,6 +67,26 @@ def load_request(
     return steps, root
 
 
+def load_timelines(
+    args: argparse.Namespace, trace_id: Optional[str], step_filter: StepFilter, *, search_depth: int
+) -> list[StepSpan]:
+    """Every span of one trace (``trace_id``), or of the traces in the window, timeline roots
+    included."""
+    if args.file:
+        spans = _read_file(Path(args.file), steps_only=False)
+        return [s for s in spans if s.trace_id == trace_id] if trace_id else spans
+    client = JaegerClient(args.jaeger, timeout_s=args.timeout)
+    try:
+        if trace_id:
+            return list(iter_spans(client.get_trace(trace_id)))
+        return _ask_jaeger(args, step_filter, search_depth, client=client, modes=False, steps_only=False)
+    except JaegerError as exc:
+        raise SourceError(str(exc)) from None
+    finally:
+        for url in client.requested:
+            _verbose(args, f"GET {url}")
+
+
 def _read_file(path: Path, steps_only: bool = True) -> list[StepSpan]:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -86,9 +106,10 @@ def _ask_jaeger(
     *,
     client: Optional[JaegerClient] = None,
     modes: bool = True,
+    steps_only: bool = True,
 ) -> list[StepSpan]:
-    """The step spans Jaeger returns for the filter's services and window (one query per mode
-    unless ``modes`` is False), not yet filtered here."""
+    """The step spans (every span, with ``steps_only`` False) Jaeger returns for the filter's
+    services and window (one query per mode unless ``modes`` is False), not yet filtered here."""
     own_client = client is None
     client = client or JaegerClient(args.jaeger, timeout_s=args.timeout)
     try:
@@ -114,7 +135,7 @@ def _ask_jaeger(
                     duration_min=_duration(step_filter.min_duration_ns),
                     duration_max=_duration(step_filter.max_duration_ns),
                 )
-                steps.extend(iter_step_spans(documents))
+                steps.extend(iter_step_spans(documents) if steps_only else iter_spans(documents))
     except JaegerError as exc:
         raise SourceError(str(exc)) from None
     except ValueError as exc:

@@ -2,7 +2,8 @@
 
 Subcommands: ``demo`` (the reference engine), ``search`` (matching steps, one a line),
 ``stats`` (per-mode percentiles and throughput, optionally a plot), ``request`` (the steps one
-request went through), ``run`` (any engine command with step spans on, no code change). ``otel-stepspan <command> --help`` explains each flag.
+request went through), ``timeline`` (an engine's windows of steps, drawn as a waterfall), ``run``
+(any engine command with step spans on, no code change). ``otel-stepspan <command> --help`` explains each flag.
 
 Exit status: 0 on success (also when nothing matched), 2 for a usage error or an unreachable or
 unreadable source, the command's own status for ``run``.
@@ -26,6 +27,7 @@ examples:
   otel-stepspan search --mode prefill --min-duration 50ms --since 15m
   otel-stepspan stats --plot steps.png                # per-mode table and a scatter plot
   otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736   # the steps of one traced request
+  otel-stepspan timeline --since 5m                   # the engines' windows of steps
   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 \\
     otel-stepspan run -- python -m sglang.launch_server --model-path Qwen/Qwen2.5-0.5B-Instruct
 
@@ -90,6 +92,18 @@ examples:
   otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736
   otel-stepspan request req-17 --file spans.jsonl --all
   otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736 --plot request.png --since 6h
+"""
+
+_TIMELINE_EPILOG = _SOURCE_HELP + """
+output: without TRACE_ID, one row per window (START, SERVICE, STEPS, BY_MODE, DURATION_MS,
+TRACE_ID), oldest first; with TRACE_ID, one row per step: AT_MS from the window's start, MS its
+duration, its bar on the window's time axis (gaps are idle time), its label. --json prints the
+windows as JSON lines.
+
+examples:
+  otel-stepspan timeline --service sglang --since 5m
+  otel-stepspan timeline 0af7651916cd43dd8448eb211c80319c --plot window.png
+  otel-stepspan timeline --file spans.jsonl
 """
 
 _RUN_EPILOG = """\
@@ -265,6 +279,22 @@ def build_parser(demo_module: Optional[object] = None) -> argparse.ArgumentParse
         help="also draw the request's steps on a time line (PNG, SVG or PDF; needs matplotlib), e.g. --plot req.png",
     )
 
+    timeline = commands.add_parser(
+        "timeline",
+        help="engine timeline traces: list the windows of steps, or draw one as a waterfall",
+        description="Each engine process's steps gather under a `timeline` root span per window\n"
+        "of steps. Without TRACE_ID, list the windows; with one, draw that window's steps as a\n"
+        "waterfall (as Jaeger's trace view does), in the terminal or with --plot as a picture.",
+        epilog=_TIMELINE_EPILOG,
+        formatter_class=_FORMATTER,
+    )
+    timeline.add_argument("trace_id", nargs="?", metavar="TRACE_ID", help="a timeline trace's id (32 hex digits)")
+    _add_source(timeline, depth=200)
+    timeline.add_argument("--limit", type=int, default=20, metavar="N",
+                          help="list the N most recent windows (default: %(default)s; 0: all)")
+    timeline.add_argument("--plot", metavar="PATH",
+                          help="with TRACE_ID: draw the waterfall to this image (PNG, SVG or PDF; needs matplotlib)")
+
     run = commands.add_parser(
         "run",
         help="run an engine command with step spans on in all its Python processes",
@@ -407,11 +437,38 @@ def _request(args: argparse.Namespace) -> int:
     return _write_plot("request", lambda: plot_report(summary, steps, args.plot), args.plot) if args.plot else 0
 
 
+def _timeline(args: argparse.Namespace) -> int:
+    from ._filters import filter_from_args
+    from ._sources import SourceError, load_timelines
+    from .timeline import plot_waterfall, print_waterfall, print_windows, windows
+
+    trace_id = args.trace_id.strip().lower() if args.trace_id else None
+    try:
+        found = windows(load_timelines(args, trace_id, filter_from_args(args), search_depth=args.search_depth))
+    except SourceError as exc:
+        print(f"otel-stepspan timeline: {exc}", file=sys.stderr)
+        return 2
+    if not found:
+        what = f"trace {trace_id} is not a timeline trace, or is not there" if trace_id else "no timeline trace found"
+        print(f"{what} (timelines need OTEL_STEPSPAN_TIMELINE on, the default; check --since and --service)",
+              file=sys.stderr)
+        return 0
+    if not trace_id:
+        print_windows(found[-args.limit:] if args.limit > 0 else found, sys.stdout, as_json=args.json)
+        return 0
+    print_waterfall(found[0], sys.stdout)
+    return _write_plot("timeline", lambda: plot_waterfall(found[0], args.plot), args.plot) if args.plot else 0
+
+
 def _range_problem(args: argparse.Namespace) -> Optional[str]:
     if args.search_depth < 1:
         return "--search-depth must be at least 1"
     if args.command == "request":
         return None if args.id.strip() else "the request ID is empty"
+    if args.command == "timeline":
+        if args.plot and not args.trace_id:
+            return "--plot draws one window: give its TRACE_ID"
+        return None
     if args.min_bs is not None and args.max_bs is not None and args.min_bs > args.max_bs:
         return "--min-bs is larger than --max-bs"
     if args.min_duration is not None and args.max_duration is not None and args.min_duration > args.max_duration:
@@ -450,6 +507,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _search(args)
     if args.command == "request":
         return _request(args)
+    if args.command == "timeline":
+        return _timeline(args)
     return _stats(args)
 
 
