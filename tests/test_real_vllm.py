@@ -537,9 +537,9 @@ def _recomputes(works: list[str]) -> list[int]:
 
 @pytest.mark.parametrize("name", TRACED)
 def test_every_step_links_the_traced_requests_it_computed(runs, name):
-    """Each step links to exactly the scheduled requests that carry a traceparent: the client's
-    trace id, span id and flags, what the step did for the request and the tokens scheduled for
-    it; requests without one are not linked."""
+    """Each step links to exactly the scheduled requests that carry a traceparent, sampled or not:
+    the client's trace id and span id, the request id, what the step did for the request and the
+    tokens scheduled for it; requests without one are not linked."""
     run = _ok(runs[name])
     steps = steps_of(run)
     assert len(steps) == len(run.spans)
