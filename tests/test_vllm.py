@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
+import pickletools
 import subprocess
 import sys
 import textwrap
@@ -172,6 +174,13 @@ def no_gpu_reads():
     GPU_READS.clear()
     yield
     assert GPU_READS == [], f"the adapter read GPU values: {GPU_READS}"
+
+
+@pytest.fixture(autouse=True)
+def fresh_table_of_trace_contexts(monkeypatch):
+    """Each test starts as a worker that has heard of no request."""
+    monkeypatch.setattr(vllm, "_request_contexts", {})
+    monkeypatch.setattr(vllm, "_finished", set())
 
 
 # -- describe(): one test per kind of step -------------------------------------------------------
@@ -591,6 +600,42 @@ class PPGroup:
     rank_in_group = 0
 
 
+class BlockPool:  # vllm/v1/core/block_pool.py, what the adapter reads
+    def __init__(self, num_gpu_blocks: int, free: int) -> None:
+        self.num_gpu_blocks = num_gpu_blocks
+        self.free = free
+
+    def get_num_free_blocks(self) -> int:
+        return self.free
+
+
+class Scheduler:
+    """vllm.v1.core.sched.scheduler.Scheduler: the state the adapter reads after ``schedule``
+    (its requests with their ``trace_headers``, its queues, its KV cache), and ``schedule``
+    handing out prepared ``SchedulerOutput``s."""
+
+    def __init__(self, tracing: bool = True, kv_cache_groups: int = 1) -> None:
+        endpoint = "http://127.0.0.1:4317" if tracing else None
+        self.observability_config = types.SimpleNamespace(otlp_traces_endpoint=endpoint)
+        self.requests: dict[str, Any] = {}
+        self.waiting: list[str] = []
+        self.running: list[str] = []
+        self.block_size = 16
+        self.kv_cache_config = types.SimpleNamespace(kv_cache_groups=[object()] * kv_cache_groups)
+        self.kv_cache_manager = types.SimpleNamespace(block_pool=BlockPool(101, 100))
+        self.next_outputs: list[Any] = []
+
+    def add(self, req_id: str, traceparent: Optional[str] = None) -> None:
+        headers = {"traceparent": traceparent} if traceparent else None
+        self.requests[req_id] = types.SimpleNamespace(request_id=req_id, trace_headers=headers)
+
+    def get_request_counts(self) -> tuple[int, int]:
+        return len(self.running), len(self.waiting)
+
+    def schedule(self):
+        return self.next_outputs.pop(0)
+
+
 def _module(name: str, **attrs: Any) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
@@ -606,10 +651,14 @@ def vllm_modules(monkeypatch):
     v2_class = type(
         "GPUModelRunner", (V2Runner,), {"execute_model": V2Runner.execute_model, "sample_tokens": V2Runner.sample_tokens}
     )
+    scheduler_class = type("Scheduler", (Scheduler,), {"schedule": Scheduler.schedule})
     modules = {
         "vllm": _module("vllm"),
         "vllm.v1": _module("vllm.v1"),
         "vllm.v1.worker": _module("vllm.v1.worker"),
+        "vllm.v1.core": _module("vllm.v1.core"),
+        "vllm.v1.core.sched": _module("vllm.v1.core.sched"),
+        vllm.MODULE_SCHEDULER: _module(vllm.MODULE_SCHEDULER, Scheduler=scheduler_class),
         vllm.MODULE_V1: _module(vllm.MODULE_V1, GPUModelRunner=v1_class),
         "vllm.v1.worker.gpu": _module("vllm.v1.worker.gpu"),
         vllm.MODULE_V2: _module(vllm.MODULE_V2, GPUModelRunner=v2_class),
@@ -619,7 +668,8 @@ def vllm_modules(monkeypatch):
     }
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    yield types.SimpleNamespace(V1=v1_class, V2=v2_class, distributed=modules["vllm.distributed"])
+    yield types.SimpleNamespace(V1=v1_class, V2=v2_class, Scheduler=scheduler_class,
+                                distributed=modules["vllm.distributed"])
     VLLMInstrumentor().uninstrument()
 
 
@@ -726,6 +776,7 @@ def test_uninstrument_restores_both_original_methods(vllm_modules, memory_spans)
         for cls in (vllm_modules.V1, vllm_modules.V2)
         for name in ("execute_model", "sample_tokens")
     }
+    originals[(vllm_modules.Scheduler, "schedule")] = vllm_modules.Scheduler.__dict__["schedule"]
     VLLMInstrumentor().instrument(skip_dep_check=True)
     for (cls, name), original in originals.items():
         assert cls.__dict__[name] is not original
@@ -755,6 +806,10 @@ def test_with_every_sink_off_nothing_is_read(vllm_modules, monkeypatch):
     assert v2.sample_tokens(None) == ("v2", False)
     assert reads == []
     assert vllm._open_steps == {}
+    scheduler = vllm_modules.Scheduler()
+    scheduler.add("a", TP_A)
+    scheduler.next_outputs = [prefill_step()]
+    assert not hasattr(scheduler.schedule(), vllm.CONTEXT_ATTRIBUTE)  # the engine core adds nothing
 
 
 def test_profiler_ranges_carry_the_same_labels(vllm_modules, tmp_path, memory_spans):
@@ -987,3 +1042,202 @@ def test_a_spawned_interpreter_without_otel_stepspan_loads_the_copy_that_instrum
     package = Path(BOOTSTRAP_DIR).parent.parent
     assert started.stdout.strip() == str(package / "__init__.py"), started.stderr
     assert "cannot import otel_stepspan" not in started.stderr
+
+
+# -- request links and scheduler context -----------------------------------------------------------
+
+TP_A = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TP_C = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+
+def context_of(traceparent: str) -> tuple[int, int, int]:
+    _, trace_id, span_id, flags = traceparent.split("-")
+    return int(trace_id, 16), int(span_id, 16), int(flags, 16)
+
+
+@pytest.mark.parametrize(
+    "headers, context",
+    [
+        ({"traceparent": TP_A}, context_of(TP_A)),
+        ({"traceparent": TP_C, "tracestate": "x=1"}, context_of(TP_C)),
+        ({"traceparent": f" \t{TP_A}\t"}, context_of(TP_A)),  # as OpenTelemetry's propagator reads it
+        ({"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"}, context_of(TP_A)),
+        ({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"}, None),
+        ({"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}, None),
+        ({"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"}, None),
+        ({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"}, None),
+        ({"traceparent": TP_A.upper()}, None),
+        ({"traceparent": TP_A[:-1]}, None),
+        ({"traceparent": 12}, None),
+        ({"Traceparent": TP_A}, None),  # W3C and OpenTelemetry read the lower-case name
+        ({}, None),
+        (None, None),
+        ("hostile", None),
+    ],
+)
+def test_trace_context_reads_w3c_traceparent(headers, context):
+    assert vllm.trace_context(Hostile() if headers == "hostile" else headers) == context
+
+
+def with_context(step: SchedulerOutput, queued: Any = 3, kv_tokens: Any = 640,
+                 announced: Any = None) -> SchedulerOutput:
+    setattr(step, vllm.CONTEXT_ATTRIBUTE, (vllm.CONTEXT_VERSION, queued, kv_tokens, announced))
+    return step
+
+
+def links_of(info: StepInfo) -> list[tuple]:
+    return [tuple(link) for link in info.links]
+
+
+def test_links_say_what_the_step_did_for_each_traced_request():
+    """A new prompt, a later chunk, a decode, a recompute after preemption and a verify, each
+    with its tokens; the untraced request is not linked."""
+    a, c = context_of(TP_A), context_of(TP_C)
+    first = with_context(
+        scheduler_output({"a": 96, "b": 20}, new=(new_req("a", 300), new_req("b", 20))),
+        announced={"a": a, "b": None},
+    )
+    info = describe(first)
+    assert links_of(info) == [("a", *a, "prefill", 96)]
+    assert (info.queued_requests, info.kv_tokens) == (3, 640)
+    assert info.attributes()["scheduler.queued_requests"] == 3
+    second = with_context(
+        scheduler_output(
+            {"a": 96, "b": 1, "c": 5, "r": 127},
+            new=(new_req("c", 5),),
+            cached=cached_reqs(("a", 96, 0), ("b", 20, 1), ("r", 0, 21)),
+        ),
+        announced={"c": c, "r": a},
+    )
+    assert links_of(describe(second)) == [("a", *a, "prefill", 96), ("c", *c, "prefill", 5),
+                                          ("r", *a, "prefill", 127)]
+    third = with_context(
+        scheduler_output({"a": 3, "c": 1}, cached=cached_reqs(("a", 300, 1), ("c", 5, 1)), spec={"a": [7, 8]}),
+        announced={},
+    )
+    info = describe(third)
+    assert info.label == "step[verify bs=2 toks=4]"
+    assert links_of(info) == [("a", *a, "verify", 3), ("c", *c, "decode", 1)]
+
+
+def test_a_reused_id_is_not_linked_by_mistake_and_a_captured_step_keeps_its_table():
+    a = context_of(TP_A)
+    before = vllm.capture(with_context(scheduler_output({"x": 4}, new=(new_req("x", 4),)), announced={"x": a}))
+    done = with_context(SchedulerOutput.make_empty(), announced={})
+    done.finished_req_ids = {"x"}
+    assert describe(done).links == ()
+    # The id again, for a request without a trace context: no link...
+    info = describe(with_context(scheduler_output({"x": 4}, new=(new_req("x", 4),)), announced={"x": None}))
+    assert info.links == ()
+    # ... while the step captured before still links the first one (the sink may finish it late).
+    assert links_of(vllm.finish(before)) == [("x", *a, "prefill", 4)]
+
+
+def test_the_table_of_trace_contexts_stays_the_size_of_the_requests_in_flight():
+    a = context_of(TP_A)
+    for n in range(1000):
+        step = with_context(scheduler_output({f"r{n}": 3}, new=(new_req(f"r{n}", 3),)), announced={f"r{n}": a})
+        step.finished_req_ids = {f"r{n - 1}"}
+        assert links_of(describe(step)) == [(f"r{n}", *a, "prefill", 3)]
+    assert "r999" in vllm._request_contexts
+    assert len(vllm._request_contexts) <= 2 * 65
+
+
+def test_an_engine_that_does_not_trace_requests_gives_links_none_but_its_scheduler_context():
+    info = describe(with_context(decode_step(2), queued=0, kv_tokens=32, announced=None))
+    assert info.links is None
+    assert (info.queued_requests, info.kv_tokens) == (0, 32)
+    assert describe(decode_step(2)) == StepInfo("decode", 2, 0, 2, 0, 2)  # no context sent at all
+    idle = describe(with_context(SchedulerOutput.make_empty(), queued=5, kv_tokens=0, announced={}))
+    assert idle.label == "step[idle]" and idle.links == () and idle.queued_requests == 5
+
+
+@pytest.mark.parametrize(
+    "context",
+    [(2, 1, 16, {}), (1, 1, 16), [1, 1, 16, {}], "ctx", None, (1, "many", -4, {"a": None})],
+)
+def test_a_context_of_another_version_or_shape_is_ignored(context):
+    step = decode_step(1)
+    setattr(step, vllm.CONTEXT_ATTRIBUTE, context)
+    info = describe(step)
+    assert info.label == "step[decode bs=1]"
+    assert (info.queued_requests, info.kv_tokens) == (None, None)
+    assert info.links in (None, ())
+
+
+def test_schedule_adds_the_scheduler_context_in_plain_values_that_cross_to_the_workers(vllm_modules, memory_spans):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    scheduler = vllm_modules.Scheduler()
+    scheduler.add("running", TP_C)  # already there when the instrumentation came
+    scheduler.add("a", TP_A)
+    scheduler.add("b")
+    scheduler.waiting = ["later"]
+    scheduler.kv_cache_manager.block_pool.free = 90  # 10 blocks of 16 in use, the null block apart
+    scheduler.next_outputs = [
+        scheduler_output({"running": 1, "a": 50, "b": 7}, new=(new_req("a", 50), new_req("b", 7)),
+                         cached=cached_reqs(("running", 30, 2))),
+        scheduler_output({"running": 1, "a": 1, "b": 1}, cached=cached_reqs(("running", 31, 3), ("a", 50, 1),
+                                                                          ("b", 7, 1))),
+    ]
+    first = scheduler.schedule()
+    context = getattr(first, vllm.CONTEXT_ATTRIBUTE)
+    assert context == (1, 1, 10 * 16, {"running": context_of(TP_C), "a": context_of(TP_A), "b": None})
+    # int, str, tuple, dict and None only: it unpickles in a worker without otel_stepspan.
+    ops = {op.name for op, _, _ in pickletools.genops(pickle.dumps(context))}
+    assert ops.isdisjoint({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
+    second = scheduler.schedule()
+    assert getattr(second, vllm.CONTEXT_ATTRIBUTE)[3] == {}  # nothing new to announce
+    runner = vllm_modules.V1()
+    for output in (first, second):
+        runner.execute_model(pickle.loads(pickle.dumps(output)))  # as vLLM sends it to a worker
+    spans = memory_spans.spans()
+    assert [s.attributes["forward.request_links"] for s in spans] == [2, 2]
+    assert spans[0].attributes["scheduler.queued_requests"] == 1
+    assert spans[0].attributes["scheduler.kv_tokens"] == 160
+    links = [(link.context.trace_id, link.context.span_id, int(link.context.trace_flags), dict(link.attributes))
+             for link in spans[0].links]
+    assert links == [
+        (*context_of(TP_C), {"request.id": "running", "forward.request.work": "decode", "forward.request.tokens": 1}),
+        (*context_of(TP_A), {"request.id": "a", "forward.request.work": "prefill", "forward.request.tokens": 50}),
+    ]
+    assert all(link.context.is_remote for link in spans[0].links)
+
+
+def test_schedule_with_every_sink_off_adds_nothing_and_announces_again_when_one_comes(vllm_modules, monkeypatch):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    scheduler = vllm_modules.Scheduler()
+    scheduler.add("a", TP_A)
+    scheduler.next_outputs = [scheduler_output({"a": 5}, new=(new_req("a", 5),)) for _ in range(3)]
+    monkeypatch.setattr(vllm.runtime, "sinks_off", lambda: False)
+    assert getattr(scheduler.schedule(), vllm.CONTEXT_ATTRIBUTE)[3] == {"a": context_of(TP_A)}
+    monkeypatch.setattr(vllm.runtime, "sinks_off", lambda: True)
+    assert not hasattr(scheduler.schedule(), vllm.CONTEXT_ATTRIBUTE)
+    scheduler.add("b", TP_C)  # arrives while nobody looks
+    monkeypatch.setattr(vllm.runtime, "sinks_off", lambda: False)
+    assert set(getattr(scheduler.schedule(), vllm.CONTEXT_ATTRIBUTE)[3]) == {"a", "b"}
+
+
+def test_schedule_of_an_engine_without_request_tracing_sends_only_the_counts(vllm_modules, monkeypatch):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    monkeypatch.setattr(vllm.runtime, "sinks_off", lambda: False)
+    scheduler = vllm_modules.Scheduler(tracing=False, kv_cache_groups=2)
+    scheduler.add("a", TP_A)  # a trace context the engine was given but does not trace
+    scheduler.next_outputs = [scheduler_output({"a": 5}, new=(new_req("a", 5),))]
+    # Several KV cache groups: blocks of different kinds, no one token count.
+    assert getattr(scheduler.schedule(), vllm.CONTEXT_ATTRIBUTE) == (1, 0, None, None)
+
+
+def test_a_scheduler_that_cannot_be_read_leaves_its_output_alone(vllm_modules, monkeypatch):
+    VLLMInstrumentor().instrument(skip_dep_check=True)
+    monkeypatch.setattr(vllm.runtime, "sinks_off", lambda: False)
+    scheduler = vllm_modules.Scheduler()
+    scheduler.add("a", TP_A)
+    scheduler.kv_cache_manager = Hostile()  # a count kept elsewhere: unknown, the links unharmed
+    scheduler.next_outputs = [prefill_step()]
+    assert getattr(scheduler.schedule(), vllm.CONTEXT_ATTRIBUTE) == (1, 0, None, {"a": context_of(TP_A)})
+    broken = vllm_modules.Scheduler()
+    broken.requests = Hostile()
+    step = decode_step(1)
+    broken.next_outputs = [step]
+    assert broken.schedule() is step
+    assert not hasattr(step, vllm.CONTEXT_ATTRIBUTE)

@@ -58,25 +58,48 @@ request computing one token, to what the runner itself knows: it is in its promp
 ``runner.requests[id].num_prompt_tokens``; V2: ``runner.req_states.prefill_len``), and decodes
 when that length is not known. vLLM 0.8-0.9's list of per-request ``CachedRequestData`` objects
 is read the same way.
+
+**Requests and steps.** When vLLM traces requests (an OTLP traces endpoint is configured:
+``--otlp-traces-endpoint``, ``LLM(otlp_traces_endpoint=...)``), a step links to the trace context
+of each request it computed that came with one (a W3C ``traceparent`` in its ``trace_headers``),
+marked with what the step did for it (``verify`` when it has draft tokens, ``prefill`` for prompt
+work as counted above, recomputes included, else ``decode``) and its tokens
+(``num_scheduled_tokens``, draft tokens included). An engine that does not trace requests gives
+its steps no links at all (``StepInfo.links`` None), whatever headers its requests carry. Each
+step also carries the scheduler's context: requests waiting and KV cache tokens in use.
+
+Those facts live in the engine core, where vLLM's ``Request`` keeps its ``trace_headers``, while
+the steps run in the worker it spawns, which never sees them (``NewRequestData`` does not carry
+them). So ``Scheduler.schedule`` is patched as well: when it returns, the engine core adds to the
+``SchedulerOutput`` a small tuple of plain values (:func:`scheduler_context`) that vLLM carries to
+its workers with it (its multiprocess executor pickles the ``SchedulerOutput`` onto a
+shared-memory queue; in-process it is the same object). To keep it small, it names the trace
+contexts of the requests new in the step only (at the first step, of every request the
+scheduler holds); each worker keeps them in a table by request id, follows it step by step on
+the engine thread, and drops the requests vLLM reports finished. The table is replaced, never
+edited, so a step finished late still reads the table it was captured with.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Collection, NamedTuple, Optional
 
 from .. import runtime
-from ..step import AttributeValue, StepInfo, engine_attributes, unknown_step
+from ..step import UNKNOWN, AttributeValue, RequestLink, StepInfo, engine_attributes, unknown_step
 from ._instrumentor import EngineInstrumentor, is_patched, patch_when_imported, unpatch
 from ._read import as_count
 
 MODULE_V1 = "vllm.v1.worker.gpu_model_runner"
 MODULE_V2 = "vllm.v1.worker.gpu.model_runner"
+MODULE_SCHEDULER = "vllm.v1.core.sched.scheduler"
 METHOD = "GPUModelRunner.execute_model"
 SAMPLE_METHOD = "GPUModelRunner.sample_tokens"
+SCHEDULE_METHOD = "Scheduler.schedule"
 _instruments = ("vllm >= 0.12, < 1.0",)
 
 _IDLE = StepInfo("idle", 0, 0, 0, 0, 0)
@@ -84,8 +107,9 @@ _IDLE = StepInfo("idle", 0, 0, 0, 0, 0)
 
 class Captured(NamedTuple):
     """What the engine thread keeps of a ``SchedulerOutput``: the ``SchedulerOutput``'s own
-    dicts and lists of str and int (not copied), the new requests' ids, and, for old layouts
-    only, what the prompt lengths must be looked up in."""
+    dicts and lists of str and int (not copied), the new requests' ids, for old layouts only
+    what the prompt lengths must be looked up in, and the scheduler context the engine core
+    sent with the step (see :func:`scheduler_context`)."""
 
     num_scheduled_tokens: Any
     total_num_scheduled_tokens: Any
@@ -96,6 +120,11 @@ class Captured(NamedTuple):
     cached_num_computed_tokens: Any
     dummy_run: bool
     legacy: Any  # (cached per-request list or None, runner) for layouts without output counts
+    #: The worker's table of trace contexts, by request id: (trace id, span id, flags) or None.
+    #: None as a whole: the engine does not trace requests.
+    request_contexts: Optional[dict] = None
+    queued_requests: Any = None
+    kv_tokens: Any = None
 
 
 def _ids_of(new_reqs: Any) -> Optional[tuple]:
@@ -106,7 +135,8 @@ def _ids_of(new_reqs: Any) -> Optional[tuple]:
 
 def capture(scheduler_output: Any, dummy_run: bool = False, runner: Any = None) -> Captured:
     """The engine-thread half of describing a step: attribute reads and one read per new
-    request, nothing computed."""
+    request, nothing computed; with request tracing on, the table of trace contexts kept up to
+    date (:func:`_step_context`)."""
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     if isinstance(cached, (list, tuple)):  # vLLM 0.8-0.9: one object per cached request
         req_ids = outputs = computed = None
@@ -117,6 +147,7 @@ def capture(scheduler_output: Any, dummy_run: bool = False, runner: Any = None) 
         computed = getattr(cached, "num_computed_tokens", None)
         has_counts = isinstance(outputs, (list, tuple)) and isinstance(req_ids, (list, tuple))
         legacy = None if has_counts and len(outputs) == len(req_ids) else (None, runner)
+    contexts, queued, kv_tokens = _step_context(scheduler_output) if not dummy_run else (None, None, None)
     return Captured(
         getattr(scheduler_output, "num_scheduled_tokens", None),
         getattr(scheduler_output, "total_num_scheduled_tokens", None),
@@ -127,7 +158,165 @@ def capture(scheduler_output: Any, dummy_run: bool = False, runner: Any = None) 
         computed,
         dummy_run,
         legacy,
+        contexts,
+        queued,
+        kv_tokens,
     )
+
+
+# -- request links and scheduler context: from the engine core to the worker -------------------
+
+#: The attribute of a ``SchedulerOutput`` that carries :func:`scheduler_context` to the workers.
+CONTEXT_ATTRIBUTE = "otel_stepspan_context"
+CONTEXT_VERSION = 1
+
+# W3C trace context, as OpenTelemetry's propagator (and so vLLM's own request span) reads it.
+_TRACEPARENT = re.compile(r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*")
+
+
+def trace_context(headers: Any) -> Optional[tuple[int, int, int]]:
+    """(trace id, span id, trace flags) of the ``traceparent`` in a request's ``trace_headers``,
+    or None when there is none or it is not valid W3C trace context."""
+    try:
+        value = headers.get("traceparent") if headers else None
+    except Exception:
+        return None
+    match = _TRACEPARENT.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_number, span_number = int(trace_id, 16), int(span_id, 16)
+    if not trace_number or not span_number:
+        return None
+    return trace_number, span_number, int(flags, 16)
+
+
+#: The schedulers that have told their workers the trace context of every request they hold;
+#: from then on each step names only its new requests'.
+_announced: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _traces_requests(scheduler: Any) -> bool:
+    """vLLM traces requests when an OTLP traces endpoint is configured
+    (``--otlp-traces-endpoint``): only then does it export a span per request."""
+    observability = getattr(scheduler, "observability_config", None)
+    return getattr(observability, "otlp_traces_endpoint", None) is not None
+
+
+def _announced_contexts(scheduler: Any, output: Any) -> Optional[dict[str, Optional[tuple[int, int, int]]]]:
+    """The trace contexts the workers have not heard of yet, by request id (None for a request
+    without one, so that an id seen before is not linked by mistake); None when the engine does
+    not trace requests."""
+    if not _traces_requests(scheduler):
+        return None
+    requests = scheduler.requests
+    if scheduler in _announced:
+        ids: Any = [new.req_id for new in output.scheduled_new_reqs]
+    else:
+        _announced.add(scheduler)
+        ids = list(requests)  # the first step: every request the scheduler holds
+    return {req_id: trace_context(getattr(requests.get(req_id), "trace_headers", None)) for req_id in ids}
+
+
+def _queued_requests(scheduler: Any) -> Optional[int]:
+    """Requests waiting to be scheduled, preempted ones included, as vLLM's
+    ``get_request_counts`` counts them (older releases: the waiting queue)."""
+    counts = getattr(scheduler, "get_request_counts", None)
+    if callable(counts):
+        return as_count(counts()[1])
+    waiting = getattr(scheduler, "waiting", None)
+    return len(waiting) if waiting is not None else None
+
+
+def _kv_tokens_in_use(scheduler: Any) -> Optional[int]:
+    """KV cache held by requests, in tokens: blocks in use (all but the free ones and vLLM's
+    null block) times the scheduler's block size; what vLLM's ``kv_cache_usage`` measures, in
+    tokens. Unknown for models with several KV cache groups, whose blocks hold different
+    things."""
+    if len(scheduler.kv_cache_config.kv_cache_groups) != 1:
+        return None
+    pool = scheduler.kv_cache_manager.block_pool
+    used = as_count(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
+    block_size = as_count(scheduler.block_size)
+    return None if used is None or block_size is None else used * block_size
+
+
+def _count_or_none(read: Callable[[Any], Optional[int]], scheduler: Any) -> Optional[int]:
+    """A count another vLLM release may keep elsewhere: unknown then, the rest unharmed."""
+    try:
+        return read(scheduler)
+    except Exception:
+        return None
+
+
+def scheduler_context(scheduler: Any, output: Any) -> tuple:
+    """What the engine core adds to a ``SchedulerOutput`` for the workers:
+    ``(CONTEXT_VERSION, queued requests, KV tokens in use, trace contexts)``, built of ``int``,
+    ``str``, ``tuple``, ``dict`` and ``None`` only, so that it crosses to the workers with the
+    ``SchedulerOutput`` (vLLM pickles it for its worker processes) and unpickles in a process
+    without otel_stepspan. Read on the CPU after ``schedule`` returns: counts and lengths the
+    scheduler keeps, one dict look-up per new request."""
+    return (CONTEXT_VERSION, _count_or_none(_queued_requests, scheduler),
+            _count_or_none(_kv_tokens_in_use, scheduler), _announced_contexts(scheduler, output))
+
+
+def traced_schedule(schedule: Any) -> Any:
+    """``Scheduler.schedule(self, ...)`` in the engine core, adding :func:`scheduler_context`
+    to the ``SchedulerOutput`` it returns while a sink is on in this process."""
+
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        output = schedule(self, *args, **kwargs)
+        if runtime.sinks_off():
+            if _announced:
+                _announced.discard(self)  # requests may arrive unannounced meanwhile
+            return output
+        try:
+            setattr(output, CONTEXT_ATTRIBUTE, scheduler_context(self, output))
+        except Exception:
+            runtime.warn_once("vllm-scheduler", "otel_stepspan: could not read vLLM's scheduler; "
+                              "steps go without request links and scheduler context")
+        return output
+
+    return functools.update_wrapper(traced, schedule, updated=())
+
+
+#: The worker's table of trace contexts, by request id: filled from what the engine core
+#: announces. Never edited: a step that changes it makes a new one (a C-level copy), so that the
+#: steps captured before keep the table they were captured with.
+_request_contexts: dict[str, Optional[tuple[int, int, int]]] = {}
+#: Requests vLLM reported finished that are still in the table. An entry left behind does no
+#: harm (vLLM announces every request anew, with None when it has no trace context); the table
+#: is rebuilt without them once they are half of it, so that it stays the size of the requests
+#: in flight.
+_finished: set[str] = set()
+
+
+def _step_context(scheduler_output: Any) -> tuple[Optional[dict], Any, Any]:
+    """(the table of trace contexts as of this step, queued requests, KV tokens) from the context
+    the engine core sent with the step; no table when the engine does not trace requests. The
+    table follows the steps on the engine thread, in order."""
+    global _request_contexts
+    context = getattr(scheduler_output, CONTEXT_ATTRIBUTE, None)
+    if type(context) is not tuple or len(context) != 4 or context[0] != CONTEXT_VERSION:
+        return None, None, None
+    _, queued, kv_tokens, announced = context
+    if type(announced) is not dict:
+        return None, queued, kv_tokens
+    known = _request_contexts
+    finished = getattr(scheduler_output, "finished_req_ids", None)
+    if finished and isinstance(finished, (set, frozenset)):
+        _finished.update(finished)
+        if len(_finished) > 64 and 2 * len(_finished) > len(known):
+            known = {req_id: c for req_id, c in known.items() if req_id not in _finished}
+            _finished.clear()
+    if announced:
+        known = dict(known) if known is _request_contexts else known
+        known.update(announced)
+        _finished.difference_update(announced)
+    _request_contexts = known
+    return known, queued, kv_tokens
 
 
 # -- reading the SchedulerOutput (off the engine thread) -----------------------------------------
@@ -228,17 +417,33 @@ def finish(captured: Captured) -> StepInfo:
         return unknown_step()
 
 
+def _with_context(c: Captured, mode: str, bs: Optional[int], ext: Optional[int], dec: Optional[int],
+                  pre: Optional[int], num_tokens: Optional[int], links: list[RequestLink]) -> StepInfo:
+    """The step, with the links and the scheduler context the engine core sent for it."""
+    return StepInfo(mode, bs, ext, dec, pre, num_tokens, links=None if c.request_contexts is None else tuple(links),
+                    queued_requests=as_count(c.queued_requests), kv_tokens=as_count(c.kv_tokens))
+
+
+def _work(drafts: Optional[int], phase: _Phase) -> str:
+    """What the step did for one request, as its link says."""
+    if drafts:
+        return "verify"
+    return "unknown" if phase is None else "prefill" if phase else "decode"
+
+
 def _classify(c: Captured) -> StepInfo:
     if c.dummy_run:
         return _IDLE
     total = as_count(c.total_num_scheduled_tokens)
     scheduled = c.num_scheduled_tokens
     if not isinstance(scheduled, Mapping):
-        return _IDLE if total == 0 else unknown_step()
+        return _with_context(c, "idle", 0, 0, 0, 0, 0, []) if total == 0 else unknown_step()
     items = list(scheduled.items())  # one C-level copy: no Python code runs while it is made
+    contexts = c.request_contexts
+    links: list[RequestLink] = []
     if not items or total == 0:
         # vLLM runs no forward when nothing is scheduled.
-        return _IDLE
+        return _with_context(c, "idle", 0, 0, 0, 0, 0, links)
     spec = c.scheduled_spec_decode_tokens
     drafts_of = spec if isinstance(spec, Mapping) else {}
     new_ids = _new_request_ids(c.new_req_ids)
@@ -268,19 +473,24 @@ def _classify(c: Captured) -> StepInfo:
             ctx_toks = _add(ctx_toks, computed)
         else:
             dec_reqs += 1
+        context = contexts.get(req_id) if contexts is not None else None
+        if context is not None:
+            trace_id, span_id, flags = context
+            tokens = count if count is not None else UNKNOWN
+            links.append(RequestLink(req_id, trace_id, span_id, flags, _work(drafts, phase), tokens))
     bs = len(items)
     num_tokens = total if total is not None else all_toks
     if isinstance(spec, Mapping) and len(spec) > 0:
         if unknown_reqs:
-            return StepInfo("verify", bs, None, None, None, num_tokens)
-        return StepInfo("verify", bs, ctx_toks, dec_reqs, ctx_reqs, num_tokens)
+            return _with_context(c, "verify", bs, None, None, None, num_tokens, links)
+        return _with_context(c, "verify", bs, ctx_toks, dec_reqs, ctx_reqs, num_tokens, links)
     if unknown_reqs:
-        return StepInfo("unknown", bs, None, None, None, num_tokens)
+        return _with_context(c, "unknown", bs, None, None, None, num_tokens, links)
     if ctx_reqs and dec_reqs:
-        return StepInfo("mixed", bs, ctx_toks, dec_reqs, ctx_reqs, num_tokens)
+        return _with_context(c, "mixed", bs, ctx_toks, dec_reqs, ctx_reqs, num_tokens, links)
     if ctx_reqs:
-        return StepInfo("prefill", bs, ctx_toks, 0, ctx_reqs, num_tokens)
-    return StepInfo("decode", bs, 0, dec_reqs, 0, num_tokens)
+        return _with_context(c, "prefill", bs, ctx_toks, 0, ctx_reqs, num_tokens, links)
+    return _with_context(c, "decode", bs, 0, dec_reqs, 0, num_tokens, links)
 
 
 def describe(scheduler_output: Any, *, dummy_run: bool = False, runner: Any = None) -> StepInfo:
@@ -446,6 +656,7 @@ def traced_sample_tokens(sample_tokens: Any) -> Any:
 
 
 _PATCHES = (
+    (MODULE_SCHEDULER, SCHEDULE_METHOD, traced_schedule),
     (MODULE_V1, METHOD, traced_execute_model),
     (MODULE_V1, SAMPLE_METHOD, traced_sample_tokens),
     (MODULE_V2, METHOD, traced_execute_model_v2),

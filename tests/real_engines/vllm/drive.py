@@ -4,6 +4,7 @@ Run with the vLLM environment's python (otel_stepspan and ``scheduler_record`` o
 ``PYTHONPATH``)::
 
     python drive.py --model DIR --out result.json [--instrument] [--phases basic]
+                    [--traceparents] [--otlp-traces-endpoint ENDPOINT]
 
 ``--phases`` is a comma-separated list, run in order, each with its own engine (``LLM``):
 
@@ -15,6 +16,13 @@ Run with the vLLM environment's python (otel_stepspan and ``scheduler_record`` o
 - ``preemption``: a KV cache of 9 blocks for 8 prompts of 120-127 tokens that each generate 150,
   with a 128-token budget: requests are preempted and recomputed;
 - ``ngram``: prompts that repeat themselves, with ngram speculative decoding (verify steps).
+
+With ``--traceparents`` the requests go in through vLLM's engine API
+(``LLMEngine.add_request(..., trace_headers=...)``) as a traced client would send them: each with
+a W3C ``traceparent`` of fresh random ids, but every third with none, and the second one not
+sampled (flags ``00``); the headers sent are written to ``--out`` by request id. With
+``--otlp-traces-endpoint ENDPOINT`` (implying ``--traceparents``) every engine also traces
+requests, as vLLM's option of that name does.
 
 With ``--instrument`` the script calls ``VLLMInstrumentor().instrument()`` first thing, as the
 documentation tells users to. Where the scheduler runs in this process, a ``{"mark": phase}`` line
@@ -29,6 +37,7 @@ import gc
 import json
 import os
 import random
+import secrets
 
 VOCAB = 512  # tiny_model.VOCAB_SIZE
 
@@ -78,13 +87,44 @@ def workload(phase: str) -> list[tuple[list[int], int]]:
     raise SystemExit(f"unknown phase {phase!r}")
 
 
-def generate(llm, phase: str) -> list[list[int]]:
+def sampling_params(max_tokens: int):
     from vllm import SamplingParams
 
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
+
+
+def generate(llm, phase: str) -> list[list[int]]:
     requests = workload(phase)
     prompts = [{"prompt_token_ids": prompt} for prompt, _ in requests]
-    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, detokenize=False) for _, m in requests]
+    params = [sampling_params(m) for _, m in requests]
     return [list(result.outputs[0].token_ids) for result in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def traceparent(index: int) -> str | None:
+    """The ``traceparent`` a client sends with request ``index``: none for every third."""
+    if index % 3 == 2:
+        return None
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-{'00' if index == 1 else '01'}"
+
+
+def generate_traced(llm, phase: str, headers: dict[str, str | None]) -> list[list[int]]:
+    """The phase's requests through vLLM's engine API, each with its trace headers; ``headers``
+    gets the ``traceparent`` sent with each request id."""
+    engine = llm.llm_engine
+    ids = []
+    for index, (prompt, max_tokens) in enumerate(workload(phase)):
+        request_id = f"{phase}-{index}"
+        headers[request_id] = traceparent(index)
+        trace_headers = {"traceparent": headers[request_id]} if headers[request_id] else None
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, sampling_params(max_tokens),
+                           trace_headers=trace_headers)
+        ids.append(request_id)
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = list(output.outputs[0].token_ids)
+    return [outputs[request_id] for request_id in ids]
 
 
 def mark(phase: str) -> None:
@@ -95,11 +135,18 @@ def mark(phase: str) -> None:
         scheduler_record.mark(phase)
 
 
-def run_phase(model: str, phase: str, profile_path: str | None) -> dict[str, list[list[int]]]:
+def run_phase(model: str, phase: str, profile_path: str | None, trace: str | None,
+              headers: dict[str, str | None] | None) -> dict[str, list[list[int]]]:
     from vllm import LLM
 
-    llm = LLM(model=model, **COMMON, **ENGINES[phase])
+    # vLLM's request spans are made from its request stats: with stats off, a traced request
+    # fails vLLM's output processing when it finishes (vLLM 0.32, LLMEngine).
+    tracing = {"otlp_traces_endpoint": trace, "disable_log_stats": False} if trace else {}
+    llm = LLM(model=model, **{**COMMON, **ENGINES[phase], **tracing})
     try:
+        if headers is not None:
+            mark(phase)
+            return {phase: generate_traced(llm, phase, headers)}
         if phase != "off-on":
             mark(phase)
             return {phase: generate(llm, phase)}
@@ -129,16 +176,22 @@ def main() -> None:
     parser.add_argument("--phases", default="basic")
     parser.add_argument("--instrument", action="store_true", help="VLLMInstrumentor().instrument() first")
     parser.add_argument("--profile", help="chrome trace of the off-on phase's instrumented run")
+    parser.add_argument("--traceparents", action="store_true", help="requests carry trace headers")
+    parser.add_argument("--otlp-traces-endpoint", metavar="ENDPOINT", help="engines trace requests to ENDPOINT")
     args = parser.parse_args()
+    send_headers = bool(args.traceparents or args.otlp_traces_endpoint)
+    if send_headers and "off-on" in args.phases.split(","):
+        raise SystemExit("--traceparents and --otlp-traces-endpoint do not go with the off-on phase")
     if args.instrument:
         from otel_stepspan.integrations.vllm import VLLMInstrumentor
 
         VLLMInstrumentor().instrument()
     outputs: dict[str, list[list[int]]] = {}
+    headers: dict[str, str | None] | None = {} if send_headers else None
     for phase in args.phases.split(","):
-        outputs.update(run_phase(args.model, phase, args.profile))
+        outputs.update(run_phase(args.model, phase, args.profile, args.otlp_traces_endpoint, headers))
     with open(args.out, "w") as handle:
-        json.dump({"pid": os.getpid(), "outputs": outputs}, handle)
+        json.dump({"pid": os.getpid(), "outputs": outputs, "traceparents": headers or {}}, handle)
 
 
 if __name__ == "__main__":

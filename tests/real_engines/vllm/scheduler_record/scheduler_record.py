@@ -10,14 +10,20 @@ With ``SCHEDULER_RECORD_DIR`` set, ``Scheduler.schedule`` is wrapped: after each
 line goes to ``<dir>/schedule-<pid>.jsonl`` with the scheduled requests and, for each, the facts
 that decide what the forward computes for it, read from vLLM's own ``Request`` objects:
 
-    {"total": T, "reqs": [[req_id, scheduled, spec, computed_before, prompt_len, num_tokens,
-                           is_new, output_tokens_in_output], ...]}
+    {"total": T, "queued": Q, "kv_tokens": K,
+     "reqs": [[req_id, scheduled, spec, computed_before, prompt_len, num_tokens,
+               is_new, output_tokens_in_output, traceparent], ...]}
 
 ``computed_before`` is the request's ``num_computed_tokens`` before this step (the scheduler has
 already advanced it by ``scheduled`` when ``schedule`` returns); ``num_tokens`` counts its prompt
 and output tokens so far. ``output_tokens_in_output`` is what the ``SchedulerOutput`` itself says
 (``NewRequestData.num_computed_tokens`` / ``CachedRequestData.num_computed_tokens``), kept to
-check the two views agree.
+check the two views agree. ``traceparent`` is the one the request carries in its
+``trace_headers`` (None without).
+
+The scheduler context after the call, counted here request by request: ``queued`` the requests
+the scheduler holds that wait (status waiting or preempted), ``kv_tokens`` the KV cache blocks the
+requests hold (vLLM's null block left out) times the scheduler's block size.
 
 Every execute_model call in vLLM follows one ``schedule`` call, so the lines are the steps. A
 driver whose scheduler runs in its own process may put ``{"mark": name}`` lines between them
@@ -28,6 +34,20 @@ from __future__ import annotations
 
 import json
 import os
+
+#: Request statuses of vLLM (``vllm.v1.request.RequestStatus``) that wait for the scheduler.
+WAITING_STATUSES = ("WAITING", "WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR", "WAITING_FOR_REMOTE_KVS",
+                    "WAITING_FOR_STREAMING_REQ", "PREEMPTED")
+
+
+def _queued(scheduler) -> int:
+    return sum(1 for request in scheduler.requests.values() if request.status.name in WAITING_STATUSES)
+
+
+def _kv_tokens(scheduler) -> int:
+    (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
+    blocks = sum(1 for held in manager.req_to_blocks.values() for block in held if not block.is_null)
+    return blocks * scheduler.block_size
 
 
 def _record_line(scheduler, output) -> str:
@@ -49,9 +69,11 @@ def _record_line(scheduler, output) -> str:
                 request.num_tokens,
                 req_id in new_ids,
                 in_output,
+                (request.trace_headers or {}).get("traceparent"),
             ]
         )
-    return json.dumps({"total": output.total_num_scheduled_tokens, "reqs": rows})
+    return json.dumps({"total": output.total_num_scheduled_tokens, "queued": _queued(scheduler),
+                       "kv_tokens": _kv_tokens(scheduler), "reqs": rows})
 
 
 def _path() -> str:
