@@ -19,9 +19,10 @@ default; ``off``: one trace per step), ``OTEL_STEPSPAN_TIMELINE_STEPS`` (500),
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from .ids import random_bits
 
 ROOT_NAME = "timeline"
 DEFAULT_STEPS = 500
@@ -68,7 +69,7 @@ class Timeline:
         self,
         settings: TimelineSettings,
         sample: Callable[[int], bool] = lambda trace_id: True,
-        random_bits: Callable[[int], int] = random.getrandbits,
+        random_bits: Callable[[int], int] = random_bits,
     ) -> None:
         self.max_steps = settings.max_steps
         self.max_ns = int(settings.max_seconds * 1e9)
@@ -85,8 +86,8 @@ class Timeline:
         if window is not None and (window.steps >= self.max_steps or start_ns - window.start_ns >= self.max_ns):
             closed, window = window, None
         if window is None:
-            trace_id = self._random_bits(128) or 1
-            window = Window(trace_id, self._random_bits(64) or 1, start_ns, end_ns, self._sample(trace_id), static_id)
+            trace_id = self._random_bits(128)
+            window = Window(trace_id, self._random_bits(64), start_ns, end_ns, self._sample(trace_id), static_id)
             self.current = window
         window.steps += 1
         window.end_ns = max(window.end_ns, end_ns)

@@ -148,3 +148,39 @@ def test_request_links_and_scheduler_context_reach_the_span_through_the_provider
     assert span.attributes["forward.request_links_dropped"] == 1
     assert span.attributes["scheduler.queued_requests"] == 5
     assert span.attributes["scheduler.kv_tokens"] == 640
+
+
+def test_ids_do_not_follow_the_engines_seed_of_pythons_random(memory_spans):
+    """Engines seed ``random`` (vLLM with 0 by default); the SDK's own ids come from it, so two
+    engines with one seed would repeat ids. Step spans and timeline roots must not."""
+    import random
+
+    def run() -> set[tuple[int, int]]:
+        random.seed(0)
+        for bs in (1, 2, 3):
+            with step_span(StepInfo("decode", bs, 0, bs, 0, bs)):
+                pass
+        runtime._flush_at_exit()
+        return {(s.context.trace_id, s.context.span_id) for s in memory_spans.all_spans()}
+
+    first = run()
+    both = run()
+    assert len(first) == 4  # three steps and their timeline root
+    assert len(both) == 8  # the second run repeated none of the first run's ids
+
+
+def test_forked_children_draw_ids_of_their_own():
+    import os
+
+    from otel_stepspan import ids
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_fd, ids.random_bits(64).to_bytes(8, "big"))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = int.from_bytes(os.read(read_fd, 8), "big")
+    os.close(read_fd)
+    os.close(write_fd)
+    assert child != ids.random_bits(64)

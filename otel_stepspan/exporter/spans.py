@@ -8,17 +8,16 @@ SDK's own samplers; with the default (``parentbased_always_on``) no sampler call
 
 from __future__ import annotations
 
-import random
 import threading
 from typing import Any, Iterator, Mapping, Optional
 
+from ..ids import random_bits
 from ..step import link_attributes, links_within, make_step
 from ..settings import link_limit, read_timeline_settings
 from ..timeline import ROOT_NAME, Timeline, Window
 from ..version import __version__
 from . import encode
 
-_getrandbits = random.getrandbits
 
 
 class RootSpan(bytes):
@@ -148,7 +147,7 @@ class SpanBuilder:
             trace_flags = _SAMPLED if window.sampled else 0  # the window's root decided
             flags = encode.FLAG_HAS_IS_REMOTE
         else:
-            trace_id, parent_span_id = _getrandbits(128) or 1, None
+            trace_id, parent_span_id = random_bits(128), None
             trace_flags = self._sample(trace_id, None, text_name) if self._sampler is not None else _SAMPLED
             flags = encode.FLAG_HAS_IS_REMOTE
         if not trace_flags & _SAMPLED:
@@ -169,7 +168,7 @@ class SpanBuilder:
                 f"{exception.get('exception.type', '')}: {exception.get('exception.message', '')}"
             )
         yield encode.span(
-            trace_id, _getrandbits(64) or 1, parent_span_id, name, start_ns, end_ns, attributes,
+            trace_id, random_bits(64), parent_span_id, name, start_ns, end_ns, attributes,
             flags | _SAMPLED, tail,
         )
 

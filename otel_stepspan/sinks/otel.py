@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ..ids import random_bits
 from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, unknown_step
 from ..timeline import ROOT_NAME, Timeline, TimelineSettings, Window
 from .otel_provider import health as export_health
@@ -70,6 +71,21 @@ def _export_queues(provider: Any) -> list:
     return found
 
 
+def _entropy_id_generator() -> Any:
+    """The SDK's random id generator, drawing from :mod:`otel_stepspan.ids` instead of the
+    global ``random``."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class EntropyIdGenerator(RandomIdGenerator):
+        def generate_span_id(self) -> int:
+            return random_bits(64)
+
+        def generate_trace_id(self) -> int:
+            return random_bits(128)
+
+    return EntropyIdGenerator()
+
+
 class DeferredSpanSink:
     """Turns step records into spans on a background thread."""
 
@@ -88,6 +104,10 @@ class DeferredSpanSink:
         self._timeline: Optional[Timeline] = None
         self._timeline_lock = threading.Lock()
         self.tracer = provider.get_tracer("otel_stepspan", __version__)
+        if hasattr(self.tracer, "id_generator"):
+            # The SDK's default ids come from the global ``random``, which engines seed (vLLM:
+            # 0 by default): every engine with the same seed would repeat our ids.
+            self.tracer.id_generator = _entropy_id_generator()
         self.name_by = name_by
         self.max_pending = max_pending
         self.dropped_total = 0
