@@ -2,15 +2,15 @@
 
 The engine thread does the least it can under the engine's GIL: it describes the step (a
 :class:`~otel_stepspan.step.StepInfo`), appends one tuple of plain values to a deque, and writes
-to a pipe as one ``marshal`` frame: each step at once when steps end 2 ms or more apart, in
-batches (every 50 ms or 256 steps) when they come faster. Building span ids and
+it to a pipe as a ``marshal`` frame at once, unless it wrote less than a millisecond ago: steps
+faster than that go in batches. Building span ids and
 attributes, encoding OTLP, gRPC's threads, retries: all of that happens in the exporter process
 (:mod:`otel_stepspan.exporter`), outside the engine's GIL. A small thread here only writes what an
-engine gone idle left in the deque, 20 ms after the engine left it there, and sleeps otherwise.
+engine left in the deque, 2 ms after it left it there, and sleeps otherwise.
 
 What reached the pipe survives the engine: the exporter is detached from the engine's process
 tree and delivers until the pipe ends, SIGKILL included. What is still in the deque when the
-engine is killed (at most the fast steps of its last 20 ms) is lost. Nothing here ever blocks the engine: a full
+engine is killed (at most the sub-millisecond steps of its last 2 ms) is lost. Nothing here ever blocks the engine: a full
 pipe keeps frames in memory up to a bound, past which steps are dropped and counted.
 """
 
@@ -38,9 +38,11 @@ logger = logging.getLogger("otel_stepspan")
 Finish = Callable[[Any], StepInfo]
 
 _WRITE_EVERY = 256  # steps
-_WRITE_INTERVAL_NS = 50_000_000  # 50 ms
-_SLOW_STEP_NS = 2_000_000  # steps ending this far apart (500 steps/s or fewer) are written one by one
-_IDLE_FLUSH_S = 0.02
+# A step ending 1 ms or more after the last write is written at once (1,000 writes a second at
+# most: about 0.15% of a core); faster steps are left for the next write, or for the idle writer
+# _IDLE_FLUSH_S after the first of them.
+_WRITE_GAP_NS = 1_000_000
+_IDLE_FLUSH_S = 0.002
 _PIPE_SIZE = 1 << 20  # Linux lets a process raise a pipe to 1 MiB
 _MAX_UNSENT = 32 << 20  # bytes kept while the pipe is full, before steps are dropped
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -102,8 +104,7 @@ class ExporterProcessSink:
         self._unsent = bytearray()
         self._fd: Optional[int] = None
         self._status_fd: Optional[int] = None
-        self._next_write_ns = 0
-        self._last_end_ns = 0
+        self._last_write_ns = 0
         self._dropped_sent = 0
         self._seq = 0
         self._started = False
@@ -148,12 +149,10 @@ class ExporterProcessSink:
         )
         if not self._started:
             self._start()
-        # Steps slower than _SLOW_STEP_NS apart go to the pipe at once: a write costs about a
-        # microsecond, nothing next to such a step, and a step in the pipe survives a SIGKILL
-        # that comes right after it. Faster steps are written in batches.
-        sparse = end_ns - self._last_end_ns >= _SLOW_STEP_NS
-        self._last_end_ns = end_ns
-        if sparse or len(queue) >= _WRITE_EVERY or end_ns >= self._next_write_ns:
+        # A step goes to the pipe at once unless another write happened less than _WRITE_GAP_NS
+        # ago: a write costs about a microsecond, nothing next to an LLM step, and a step in the
+        # pipe survives a SIGKILL right after it. Only steps faster than that wait, in batches.
+        if end_ns - self._last_write_ns >= _WRITE_GAP_NS or len(queue) >= _WRITE_EVERY:
             self._write()
         elif len(queue) == 1:
             self._waiting.set()  # the first step left behind since the last write
@@ -176,7 +175,7 @@ class ExporterProcessSink:
         if not self._lock.acquire(blocking=wait):
             return
         try:
-            self._next_write_ns = _time_ns() + _WRITE_INTERVAL_NS
+            self._last_write_ns = _time_ns()
             queue = self._queue
             messages = [queue.popleft() for _ in range(len(queue))]
             if self.dropped_total != self._dropped_sent:
