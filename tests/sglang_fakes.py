@@ -170,3 +170,89 @@ def install_model_runner_module() -> types.ModuleType:
 def remove_model_runner_module() -> None:
     for name in (MODULE, "sglang.srt.model_executor", "sglang.srt", "sglang"):
         sys.modules.pop(name, None)
+
+
+# -- sglang's scheduler side: requests traced by sglang, the scheduler, its KV pool --------------
+
+
+class TraceReqContext:
+    """The part of sglang's ``TraceReqContext`` a scheduler-side copy has: ``root_span_context``,
+    the OpenTelemetry context of the request's root span (rebuilt from the carrier the tokenizer
+    process sent). ``reads`` counts how often it is read."""
+
+    def __init__(self, trace_id: int, span_id: int, trace_flags: int = 1) -> None:
+        from opentelemetry import trace
+
+        self.tracing_enable = True
+        span = trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, True, trace.TraceFlags(trace_flags)))
+        self._root = trace.set_span_in_context(span)
+        self.reads = 0
+
+    @property
+    def root_span_context(self) -> Any:
+        self.reads += 1
+        return self._root
+
+
+@dataclass
+class TraceNullContext:
+    """sglang's stand-in for an untraced request: every attribute is itself."""
+
+    tracing_enable: bool = False
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+
+@dataclass
+class ReqTimeStats:
+    trace_ctx: Any = field(default_factory=TraceNullContext)
+
+
+class Req:
+    def __init__(self, rid: str, trace_ctx: Any = None) -> None:
+        self.rid = rid
+        self.time_stats = ReqTimeStats(trace_ctx if trace_ctx is not None else TraceNullContext())
+
+
+@dataclass
+class ScheduleBatch:
+    reqs: list
+    decoding_reqs: Optional[list] = None
+
+
+class TokenToKVPoolAllocator:
+    """sglang's ``available_size()`` is ``len()`` of its free list on the device: tensor
+    metadata, no synchronisation; here a count."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def available_size(self) -> int:
+        return self.free
+
+
+@dataclass
+class RadixCache:
+    evictable_size_: int
+
+    def evictable_size(self) -> int:
+        return self.evictable_size_
+
+
+@dataclass
+class PoolStatsObserver:
+    """sglang 0.5.23's ``SchedulerPoolStatsObserver``: the references its ``#token`` is made of."""
+
+    token_to_kv_pool_allocator: Any
+    tree_cache: Any
+    max_total_num_tokens: int
+    is_hybrid_swa: bool = False
+    is_hybrid_ssm: bool = False
+    enable_hisparse: bool = False
+
+
+class Scheduler:
+    def __init__(self, waiting: int, free: int, evictable: int, total: int = 4096) -> None:
+        self.waiting_queue = [Req(f"waiting-{i}") for i in range(waiting)]
+        self.pool_stats_observer = PoolStatsObserver(TokenToKVPoolAllocator(free), RadixCache(evictable), total)

@@ -1,7 +1,8 @@
 """``otel-stepspan demo`` end to end, in a subprocess (the OTel global provider can be set once per
 process): a run with no backend writes a Chrome trace and an OTLP/JSON spans file into the
 current directory that agree step for step, whose labels match their attributes, with all four
-modes and no request content; with OTEL_* export variables the same spans also cross the wire."""
+modes and no request content; every request has its own span and ``otel-stepspan request`` finds
+the steps that computed it; with OTEL_* export variables the same spans also cross the wire."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from otel_stepspan.engine import demo
-from otel_stepspan.otlp_json import iter_step_spans
+from otel_stepspan.cli.main import main as cli_main
+from otel_stepspan.engine import WorkloadConfig, demo, make_workload
+from otel_stepspan.otlp_json import iter_spans, iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
 
 from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
@@ -29,10 +31,18 @@ SMALL = [
     "--requests", "16", "--rate", "25", "--prompt-len", "64", "--output-len", "20", "--chunk-size", "48", "--seed", "2"
 ]
 
+#: The same workload, as the demo draws it from those flags.
+SMALL_WORKLOAD = WorkloadConfig(requests=16, rate=25, prompt_len=64, output_len=20, seed=2)
+
 CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
 #: Set per span by the OTel sink (right in forked workers, where a resource built before the fork
 #: is not); not in CONTRACT §2's table, but no request content either.
 SINK_KEYS = {"process.pid"}
+#: The scheduler's context and the count of request links: counts, no content.
+CONTEXT_KEYS = {"scheduler.queued_requests", "scheduler.kv_tokens", "forward.request_links"}
+#: A step's link to a request, and the request's own span: identifiers and counts only.
+LINK_KEYS = {"request.id", "forward.request.work", "forward.request.tokens"}
+REQUEST_KEYS = {"request.id", "request.prompt_tokens", "request.output_tokens"}
 
 LABEL = re.compile(
     r"step\[(?:(?P<idle>idle)"
@@ -137,14 +147,45 @@ def test_the_chrome_trace_and_the_spans_agree_step_for_step(default_run):
 def test_no_request_content_reaches_a_span(default_run):
     cwd, _, spans = default_run
     for span in spans:
-        assert set(span.attributes) <= CONTRACT_KEYS | ENGINE_KEYS | SINK_KEYS
+        assert set(span.attributes) <= CONTRACT_KEYS | ENGINE_KEYS | SINK_KEYS | CONTEXT_KEYS
         assert all(isinstance(v, (str, int)) for v in span.attributes.values())
+    everything = list(iter_spans(cwd / "spans.jsonl"))
+    for span in everything:
+        if span.name == "request":
+            assert set(span.attributes) == REQUEST_KEYS and not span.links
+        for link in span.links:
+            assert set(link.attributes) == LINK_KEYS and link.attributes["request.id"].isdigit()
+    assert len(everything) == len(spans) + SMALL_WORKLOAD.requests  # nothing else was written
     for line in (cwd / "spans.jsonl").read_text().splitlines():
         for resource_spans in json.loads(line)["resourceSpans"]:
             for scope_spans in resource_spans["scopeSpans"]:
-                assert scope_spans["scope"]["name"] == "otel_stepspan"
+                assert scope_spans["scope"]["name"] in ("otel_stepspan", "otel_stepspan.engine")
                 for span in scope_spans["spans"]:
-                    assert not span.get("events") and not span.get("links")
+                    assert not span.get("events")
+
+
+def test_every_request_has_its_span_and_the_steps_that_computed_it(default_run, capsys):
+    """The demo traces its requests: one SERVER span each, the root of its trace; each step links
+    to every request in its batch, and ``otel-stepspan request <id>`` finds a request's steps:
+    its whole prompt in prefill chunks, one decode per output after the first, queued time from
+    its own span."""
+    cwd, result, spans = default_run
+    requests = {s.attributes["request.id"]: s for s in iter_spans(cwd / "spans.jsonl") if s.name == "request"}
+    specs = make_workload(SMALL_WORKLOAD)
+    assert sorted(requests, key=int) == [str(spec.rid) for spec in specs]
+    for span in spans:
+        links = span.links
+        assert span.attributes["forward.request_links"] == len(links) == span.batch_size
+        assert sum(link.attributes["forward.request.tokens"] for link in links) == span.num_tokens
+    for spec in specs:
+        assert cli_main(["request", str(spec.rid), "--file", str(cwd / "spans.jsonl"), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        phases = {p["work"]: p for p in report["phases"]}
+        assert phases["prefill"]["tokens"] == spec.prompt_len
+        assert phases.get("decode", {"steps": 0})["steps"] == spec.max_new_tokens - 1
+        assert report["tokens"] == spec.prompt_len + spec.max_new_tokens - 1
+        assert report["trace_id"] == requests[str(spec.rid)].trace_id and report["queued_ms"] >= 0
+    assert "otel-stepspan request " in result.stdout
 
 
 def test_with_otel_variables_the_spans_also_reach_the_collector(tmp_path):
@@ -163,12 +204,13 @@ def test_with_otel_variables_the_spans_also_reach_the_collector(tmp_path):
             "steps.jsonl",
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "demo-on-the-wire"},
         )
-        local = list(iter_step_spans(out / "steps.jsonl"))
+        local = list(iter_spans(out / "steps.jsonl"))  # the steps and the requests' own spans
         received = receiver.wait_for_spans(len(local), timeout_s=10)
     assert result.stdout == ""  # --quiet
     assert not (tmp_path / "trace.json").exists() and not (out / "trace.json").exists()  # --no-profiler
     assert len(received) == len(local) > 0
     assert sorted((s.span_id, s.name) for s in received) == sorted((s.span_id, s.name) for s in local)
+    assert sum(1 for s in received if s.name == "request") == SMALL_WORKLOAD.requests
     assert {s.resource["service.name"] for s in received} == {s.service for s in local} == {"demo-on-the-wire"}
 
 

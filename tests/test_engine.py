@@ -6,12 +6,21 @@ and every step span it produces through the sglang integration matches what the 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+import otel_stepspan
+from otel_stepspan import runtime
+from otel_stepspan.cli.main import main as cli_main
+from otel_stepspan.otlp_json import OtlpJsonFileExporter, iter_spans, iter_step_spans
 
 from otel_stepspan.engine import (
     Engine,
@@ -288,7 +297,72 @@ def test_every_step_span_matches_what_the_scheduler_planned(memory_spans):
         )
         assert span.name == attrs["forward.label"]
         assert attrs["engine.tp_rank"] == 0 and attrs["engine.pp_rank"] == 0
+        # the scheduler's context, even with no request tracing; links only with it
+        context = (attrs["scheduler.queued_requests"], attrs["scheduler.kv_tokens"])
+        assert context == (step.queued_requests, step.kv_tokens)
+        assert "forward.request_links" not in attrs and not span.links
     assert {"idle", "prefill", "decode", "mixed"} <= {s.attributes["forward.mode"] for s in spans}
+
+
+# -- request tracing: requests <-> steps ---------------------------------------------------------
+
+
+@pytest.fixture
+def spans_file(tmp_path, monkeypatch):
+    """The process's provider writes every span to an OTLP/JSON file, as the demo's does."""
+    path = tmp_path / "spans.jsonl"
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OtlpJsonFileExporter(path)))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    runtime.refresh_settings()
+    yield provider, path
+    provider.shutdown()
+
+
+def request_report(capsys, path, key) -> dict:
+    assert cli_main(["request", key, "--file", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_requests_steps_found_by_otel_stepspan_request_are_what_the_scheduler_planned(spans_file, capsys):
+    """The engine traces its requests: from the spans file, ``otel-stepspan request <trace id>``
+    lists for each request exactly the steps the scheduler planned for it (their pass ids, the
+    prompt chunks with their lengths, every decode), the time it queued before its first
+    planned step, and its tokens: its prompt and one decode per output after the first."""
+    provider, path = spans_file
+    workload = WorkloadConfig(requests=10, rate=300.0, prompt_len=40, output_len=6, seed=3)
+    config = EngineConfig(max_running=4, token_budget=48, chunk_size=24,
+                          max_context=workload.max_prompt_len() + workload.max_output_len())
+    engine = Engine(config, clock=SteppedClock(), request_tracer=provider.get_tracer("engine"))
+    result = engine.run(make_workload(workload))
+    assert otel_stepspan.flush(10.0)
+    planned: dict[int, list[tuple[int, str, int]]] = {}
+    for step in result.steps:
+        for rid, work, tokens in step.work:
+            planned.setdefault(rid, []).append((step.pass_id, work, tokens))
+    steps = {s.attributes["forward.pass_id"]: s for s in iter_step_spans(path)}
+    pass_of = {s.span_id: pass_id for pass_id, s in steps.items()}
+    roots = {s.span_id: s for s in iter_spans(path) if s.name == "request"}
+    assert len(roots) == len(result.requests) == workload.requests
+    for request in result.requests:
+        rid, trace_id, span_id, _ = request.trace
+        root = roots[format(span_id, "016x")]
+        assert (root.attributes["request.id"], root.trace_id) == (str(request.rid), format(trace_id, "032x"))
+        assert root.parent_span_id == ""  # the root of the request's own trace
+        report = request_report(capsys, path, format(trace_id, "032x"))
+        mine = planned[request.rid]
+        assert [(pass_of[s["span_id"]], s["work"], s["tokens"]) for s in report["steps"]] == mine
+        assert report["request_id"] == rid == str(request.rid)
+        assert report["queued_ms"] == round((steps[mine[0][0]].start_ns - root.start_ns) / 1e6, 6)
+        phases = {p["work"]: (p["steps"], p["tokens"]) for p in report["phases"]}
+        assert phases["prefill"] == (request.prefill_chunks, request.prompt_len)
+        assert phases.get("decode", (0, 0)) == (request.output_len - 1, request.output_len - 1)
+        assert report["tokens"] == request.prompt_len + request.output_len - 1
+    # the run had what the links are about: chunked prompts, mixed steps, requests kept waiting
+    assert any(r.prefill_chunks > 1 for r in result.requests)
+    assert any(s.mode == "mixed" for s in result.steps)
+    waited = [s for s in result.steps if s.queued_requests > 0]
+    assert waited and all(steps[s.pass_id].attributes["scheduler.queued_requests"] == s.queued_requests for s in waited)
 
 
 @pytest.mark.cuda
@@ -297,8 +371,13 @@ def test_on_cuda_the_engine_plans_the_same_steps_and_traces_them(memory_spans):
     workload = WorkloadConfig(requests=8, rate=80.0, prompt_len=40, output_len=6, seed=4)
     context = workload.max_prompt_len() + workload.max_output_len()
     cpu = small_engine(max_context=context).run(make_workload(workload))
-    engine = small_engine(max_context=context, device="cuda")
+    config = EngineConfig(max_running=8, token_budget=64, chunk_size=32, max_context=context, device="cuda")
+    engine = Engine(config, clock=SteppedClock(), request_tracer=memory_spans.provider.get_tracer("engine"))
     assert engine.runner.model.lm_head.weight.is_cuda
     result = engine.run(make_workload(workload))
     assert shape(result.steps) == shape(cpu.steps)
-    assert len(memory_spans.spans()) == len(cpu.steps) + len(result.steps)
+    spans = memory_spans.spans()
+    assert len(spans) == len(cpu.steps) + len(result.steps)
+    on_cuda = spans[len(cpu.steps):]  # linked to its requests, with the KV count read from the device's pool
+    assert all(len(s.links) == s.attributes["forward.batch_size"] for s in on_cuda)
+    assert [s.attributes["scheduler.kv_tokens"] for s in on_cuda] == [s.kv_tokens for s in result.steps]

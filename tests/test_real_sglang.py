@@ -5,15 +5,20 @@ A tiny random-weight Llama is made locally; sglang's own ``Engine`` runs it on t
 scheduler instrumented the way a user does it (``otel-stepspan run``'s bootstrap on
 ``PYTHONPATH``, export configured by ``OTEL_*`` variables only, spans read from a real OTLP
 receiver). A hook of our own in the scheduler process (``truth/sitecustomize.py``) records, per
-forward, the scheduler's ``ScheduleBatch``; every span is compared with it, attribute by
-attribute. Everything is sglang's own code but one kernel binding it imports and never calls
-here (``stand_in/vllm``).
+forward, the scheduler's ``ScheduleBatch`` and the scheduler around it; every span is compared
+with it, attribute by attribute. In the overlap session sglang also traces requests
+(``enable_trace``) and each request comes with a client's ``traceparent``: the steps
+``otel-stepspan request`` finds for each request are compared with the rows the scheduler ran
+for it. Everything is sglang's own code but one kernel binding it imports and never calls here
+(``stand_in/vllm``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -25,6 +30,8 @@ from typing import Any, Optional
 import pytest
 
 from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
+from otel_stepspan.cli.main import main as cli_main
+from otel_stepspan.otlp_json import iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 from timelines import assert_steps_form_timelines
 
@@ -69,6 +76,10 @@ class Run:
     trace: Optional[list[dict]]
     log: str
     timelines: list[ReceivedSpan] = field(default_factory=list)
+    #: With request tracing: each request's client trace context, and every span received
+    #: (sglang's request spans and the step spans) as an OTLP/JSON lines file.
+    client_traces: dict[str, dict] = field(default_factory=dict)
+    spans_file: Optional[Path] = None
 
 
 def _truth(folder: Path) -> list[dict]:
@@ -84,6 +95,29 @@ def _trace(folder: Path) -> list[dict]:
         return json.load(handle)["traceEvents"]
 
 
+def _wait_for_steps(receiver: OtlpReceiver, count: int, timeout_s: float, in_timelines: bool = False) -> None:
+    """Until ``count`` step spans arrived (spans with ``forward.mode``: sglang's own request
+    spans arrive at the same receiver) and, with ``in_timelines``, timeline roots counting them
+    all, or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = len(receiver.steps())
+        counted = sum(r.attributes.get("timeline.steps", 0) for r in receiver.timelines()) if in_timelines else count
+        if steps >= count and counted >= count:
+            return
+        time.sleep(0.2)
+
+
+def _write_otlp_json(receiver: OtlpReceiver, path: Path) -> None:
+    """Every export request the receiver got, one OTLP/JSON document a line (the protobuf JSON
+    mapping: ids in base64, which the readers of ``otel_stepspan.otlp_json`` take)."""
+    from google.protobuf import json_format
+
+    with open(path, "w") as handle:
+        for request in receiver.requests:
+            handle.write(json.dumps(json_format.MessageToDict(request, use_integers_for_enums=True)) + "\n")
+
+
 def run_engine(
     python: Path,
     model: Path,
@@ -95,9 +129,15 @@ def run_engine(
     annotations: bool = False,
     short: bool = False,
     prompt_shutdown: bool = False,
+    trace_requests: bool = False,
 ) -> Run:
     """Run the driver; unless ``prompt_shutdown``, keep the engine up until every recorded forward's
-    span has arrived, so that what is compared is labelling, not delivery at shutdown."""
+    span has arrived, so that what is compared is labelling, not delivery at shutdown.
+
+    With ``trace_requests``, sglang traces requests and exports them to the same receiver; its
+    scheduler then has sglang's own tracer provider, so the step spans go through that provider
+    in the scheduler process (not the exporter process), and the engine stays up until the
+    timeline roots have arrived too (their windows are short here: one second)."""
     workdir.mkdir(parents=True)
     (workdir / "truth").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -116,6 +156,7 @@ def run_engine(
         argv.append("--short")
     if not prompt_shutdown:
         argv += ["--wait-for", str(ready)]
+    requests_out = workdir / "requests.json"
     with OtlpReceiver(protocol="grpc") as receiver:
         if instrumented:
             env.update(
@@ -123,6 +164,9 @@ def run_engine(
                 OTEL_SERVICE_NAME="sglang-real-engine-test",
                 OTEL_BSP_SCHEDULE_DELAY="100",
             )
+        if trace_requests:
+            argv += ["--trace-endpoint", f"127.0.0.1:{receiver.port}", "--requests-out", str(requests_out)]
+            env.update(SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS="100", OTEL_STEPSPAN_TIMELINE_SECONDS="1")
         with open(workdir / "log.txt", "w") as log:
             process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
             try:
@@ -131,18 +175,20 @@ def run_engine(
                     while not out.exists() and process.poll() is None and time.monotonic() < deadline:
                         time.sleep(0.1)
                     if instrumented:
-                        receiver.wait_for_steps(len(_truth(workdir / "truth")), timeout_s=60)
+                        _wait_for_steps(receiver, len(_truth(workdir / "truth")), 60, in_timelines=trace_requests)
                     ready.touch()
                 process.wait(timeout=300)
             finally:
                 if process.poll() is None:
                     process.kill()
         if instrumented and prompt_shutdown:
-            receiver.wait_for_steps(len(_truth(workdir / "truth")), timeout_s=20)
+            _wait_for_steps(receiver, len(_truth(workdir / "truth")), 20)
         if instrumented:
             receiver.wait_until_quiet(quiet_s=2.0, timeout_s=30)  # the exporter processes deliver last
         spans = [s for s in receiver.steps() if s.scope_name == "otel_stepspan"]
         timelines = [s for s in receiver.timelines() if s.scope_name == "otel_stepspan"]
+        if trace_requests:
+            _write_otlp_json(receiver, workdir / "spans.jsonl")
     text = (workdir / "log.txt").read_text()
     assert process.returncode == 0 and out.exists(), f"the engine run failed:\n{text[-6000:]}"
     return Run(
@@ -152,6 +198,8 @@ def run_engine(
         outputs=json.loads(out.read_text()),
         trace=_trace(workdir / "profile") if profile else None,
         log=text,
+        client_traces=json.loads(requests_out.read_text()) if trace_requests else {},
+        spans_file=workdir / "spans.jsonl" if trace_requests else None,
     )
 
 
@@ -160,7 +208,7 @@ def runs(engine_python, tiny_model, tmp_path_factory) -> dict[str, Run]:
     """The engine sessions, each started once for the module, on first use."""
     made: dict[str, Run] = {}
     settings = {
-        "overlap": dict(instrumented=True, overlap="on", profile=True),
+        "overlap": dict(instrumented=True, overlap="on", profile=True, trace_requests=True),
         "no_overlap": dict(instrumented=True, overlap="off", profile=True, annotations=True),
         "uninstrumented": dict(instrumented=False, overlap="on"),
     }
@@ -269,8 +317,99 @@ def test_the_steps_form_engine_timelines_whose_roots_count_them(runs, name):
 
 def test_generated_tokens_are_the_same_with_and_without_instrumentation(runs):
     on, off = runs["overlap"].outputs, runs["uninstrumented"].outputs
-    assert set(on) == {"pair_a", "pair_b", "chunked", "running", "joining", "joining_cached"}
+    assert set(on) == {"pair_a", "pair_b", "chunked", "behind_chunked", "running", "joining", "joining_cached"}
     assert on == off
+
+
+# -- requests <-> steps, and the scheduler's context -----------------------------------------------
+
+
+def scheduled_for_each_request(truth: list[dict]) -> dict[str, list[tuple[int, str, int]]]:
+    """(pass id, work, tokens) of every row the scheduler ran, by request id: CONTRACT §1 applied
+    by hand to the truth records (a MIXED batch's rows after its prompt rows are the running
+    decodes; a prompt row computes its extend length)."""
+    steps: dict[str, list[tuple[int, str, int]]] = {}
+    for record in truth:
+        mode, lens = record["mode"], record["extend_lens"]
+        for row, rid in enumerate(record["rids"]):
+            if mode == "DECODE" or (mode == "MIXED" and row >= record["prompt_rows"]):
+                work = ("decode", 1)
+            elif mode in ("EXTEND", "MIXED"):
+                work = ("prefill", lens[row])
+            else:
+                raise AssertionError(f"a mode these workloads do not run: {record}")
+            steps.setdefault(rid, []).append((record["pass_id"], *work))
+    return steps
+
+
+def cached_prefix(truth: list[dict], rid: str) -> int:
+    """The prompt tokens the radix cache already held when the request's first chunk ran."""
+    first = next(r for r in truth if rid in r["rids"])
+    return first["prefix_lens"][first["rids"].index(rid)]
+
+
+def request_report(spans_file: Path, key: str) -> dict:
+    """``otel-stepspan request KEY --file SPANS --json``, the CLI itself, in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli_main(["request", key, "--file", str(spans_file), "--json"])
+    assert status == 0, out.getvalue()
+    return json.loads(out.getvalue())
+
+
+def test_each_requests_steps_found_by_otel_stepspan_request_are_what_the_scheduler_ran_for_it(runs):
+    """sglang traces requests, each sent with a client's traceparent: from the spans received
+    (sglang's request spans and the step spans), ``otel-stepspan request <client trace id>``
+    lists exactly the forwards whose batch held the request, with the prompt tokens each chunk
+    computed and every decode; the request's tokens are its steps' sum, which is what it needed:
+    its prompt past the cached prefix, and one decode per output after the first."""
+    run = runs["overlap"]
+    scheduled = scheduled_for_each_request(run.truth)
+    pass_of = {s.span_id: s.attributes[PASS_ID_KEY] for s in iter_step_spans(run.spans_file)}
+    assert set(scheduled) == set(run.client_traces) == set(run.outputs)
+    for name, client in run.client_traces.items():
+        report = request_report(run.spans_file, client["trace_id"])
+        expected = scheduled[name]
+        assert [(pass_of[s["span_id"]], s["work"], s["tokens"]) for s in report["steps"]] == expected, name
+        assert (report["request_id"], report["trace_id"]) == (name, client["trace_id"])
+        phases = {p["work"]: (p["steps"], p["tokens"]) for p in report["phases"]}
+        for work in ("prefill", "decode"):
+            mine = [tokens for _, w, tokens in expected if w == work]
+            assert phases[work] == (len(mine), sum(mine)), (name, work)
+        assert report["tokens"] == sum(tokens for _, _, tokens in expected)
+        needed = client["prompt_len"] - cached_prefix(run.truth, name) + len(run.outputs[name]) - 1
+        assert report["tokens"] == needed, name
+        # sglang's own span for the request (in the client's trace) was found: it started first
+        assert report["queued_ms"] is not None and report["queued_ms"] >= 0
+    chunks = {name: sum(1 for _, w, _ in steps if w == "prefill") for name, steps in scheduled.items()}
+    assert chunks["chunked"] == 3, "the chunked prompt was not prefilled in three chunks"
+
+
+def test_the_request_id_finds_the_same_steps_as_the_trace_id(runs):
+    run = runs["overlap"]
+    client = run.client_traces["chunked"]
+    by_trace, by_id = request_report(run.spans_file, client["trace_id"]), request_report(run.spans_file, "chunked")
+    assert [s["span_id"] for s in by_id["steps"]] == [s["span_id"] for s in by_trace["steps"]]
+
+
+def test_without_request_tracing_no_step_links_to_a_request(runs):
+    assert all("forward.request_links" not in s.attributes for s in runs["no_overlap"].spans)
+    assert all(s.attributes["forward.request_links"] == len(r["rids"]) for s, r in _span_and_record(runs["overlap"]))
+
+
+def _span_and_record(run: Run) -> list[tuple[ReceivedSpan, dict]]:
+    by_pass = {span.attributes.get(PASS_ID_KEY): span for span in run.spans}
+    return [(by_pass[record["pass_id"]], record) for record in run.truth]
+
+
+@pytest.mark.parametrize("name", ["overlap", "no_overlap"])
+def test_every_step_carries_the_schedulers_queue_and_kv_tokens_in_use(runs, name):
+    """``scheduler.queued_requests`` is sglang's waiting queue and ``scheduler.kv_tokens`` its own
+    ``#token`` (``get_pool_stats()``) at the forward; the workloads made a request wait."""
+    pairs = _span_and_record(runs[name])
+    got = [(s.attributes.get("scheduler.queued_requests"), s.attributes.get("scheduler.kv_tokens")) for s, _ in pairs]
+    assert got == [(r["queued"], r["kv_used"]) for _, r in pairs]
+    assert any(r["queued"] > 0 for _, r in pairs), "no request waited"
 
 
 def test_no_step_span_is_lost_when_the_engine_shuts_down_right_after_its_last_request(

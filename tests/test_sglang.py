@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import sglang_fakes as fakes
 from otel_stepspan import StepInfo
+from otel_stepspan.step import RequestLink
 from otel_stepspan.integrations import sglang
 from otel_stepspan.integrations.sglang import SGLangInstrumentor, describe
 
@@ -295,3 +296,175 @@ def test_init_new_copies_the_schedulers_decoding_reqs_and_unpatches_cleanly(monk
     finally:
         SGLangInstrumentor().uninstrument()
     assert ForwardBatch.__dict__["init_new"] is original
+
+
+# -- requests <-> steps, and the scheduler's context ----------------------------------------------
+
+TRACE_A, TRACE_B, TRACE_C = 0xA1 << 64 | 1, 0xB2 << 64 | 2, 0xC3
+ROW_A, ROW_B, ROW_C = ("a", TRACE_A, 0x11, 1), ("b", TRACE_B, 0x22, 1), ("c", TRACE_C, 0x33, 0)
+
+
+def link(row, work, tokens):
+    return RequestLink(*row, work, tokens)
+
+
+def test_a_mixed_step_links_each_traced_request_with_what_it_did_for_it():
+    """Prompt rows first (a chunk of 20, a cached prompt's last token), then the running decodes;
+    an untraced request's row links to nothing."""
+    batch = fakes.mixed_batch([20, 1], running_bs=2)
+    sglang.mark_requests(batch, [ROW_A, ROW_B, None, ROW_C], queued_requests=5, kv_tokens=640)
+    info = describe(batch)
+    assert info.label == "step[mixed bs=4 ext=21 dec=2]"
+    assert info.links == (link(ROW_A, "prefill", 20), link(ROW_B, "prefill", 1), link(ROW_C, "decode", 1))
+    assert (info.queued_requests, info.kv_tokens) == (5, 640)
+    assert info.attributes()["scheduler.queued_requests"] == 5 and info.attributes()["scheduler.kv_tokens"] == 640
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: fakes.decode_batch(2), [("decode", 1), ("decode", 1)]),
+        (lambda: fakes.extend_batch([30, 7]), [("prefill", 30), ("prefill", 7)]),
+        # DP attention's converted decode batch: every length-1 row is a decode
+        (lambda: _marked(fakes.extend_batch([1, 1]), 2), [("decode", 1), ("decode", 1)]),
+        (lambda: fakes.verify_batch(2, 4), [("verify", 4), ("verify", 4)]),
+        (lambda: _ragged_verify([3, 5]), [("verify", 3), ("verify", 5)]),
+        (lambda: _split(fakes.extend_batch([9, 4]), 0), [("prefill", 9), ("prefill", 4)]),
+        (lambda: _split(fakes.extend_batch([9, 4]), 1), [("prefill", 0), ("prefill", 0)]),
+        # a release without decoding_reqs: a MIXED batch's rows by what they compute
+        (lambda: _unmarked(fakes.mixed_batch([12], 1)), [("prefill", 12), ("decode", 1)]),
+    ],
+)
+def test_every_kind_of_step_says_what_it_did_for_each_request(make, expected):
+    batch = make()
+    sglang.mark_requests(batch, [ROW_A, ROW_B])
+    assert describe(batch).links == tuple(link(row, *work) for row, work in zip((ROW_A, ROW_B), expected))
+
+
+def _marked(batch, decodes):
+    sglang.mark_decode_rows(batch, decodes)
+    return batch
+
+
+def _unmarked(batch):
+    delattr(batch, sglang.DECODE_ROWS)
+    return batch
+
+
+def _split(batch, index):
+    batch.forward_mode = fakes.ForwardMode.SPLIT_PREFILL
+    batch.split_index = index
+    return batch
+
+
+def _ragged_verify(lens):
+    batch = fakes.verify_batch(len(lens), 1)
+    batch.spec_info.ragged_verify_layout = type(
+        "RaggedVerifyLayout", (), {"verify_lens_cpu": list(lens), "total_verify_tokens": sum(lens)}
+    )()
+    return batch
+
+
+def test_draft_and_idle_steps_link_to_nothing():
+    draft = fakes.decode_batch(2)
+    sglang.mark_requests(draft, [ROW_A, ROW_B], queued_requests=1)
+    info = describe(draft, is_draft_worker=True)
+    assert info.mode == "draft" and info.links is None and info.queued_requests == 1
+    idle = fakes.ForwardBatch(fakes.ForwardMode.IDLE, 4)
+    sglang.mark_requests(idle, [], queued_requests=0, kv_tokens=0)
+    assert describe(idle).links == ()
+
+
+def test_an_engine_that_does_not_trace_requests_gives_no_links_but_its_scheduler_context():
+    batch = fakes.decode_batch(3)
+    sglang.mark_requests(batch, None, queued_requests=2, kv_tokens=96)
+    info = describe(batch)
+    assert info.links is None and (info.queued_requests, info.kv_tokens) == (2, 96)
+    unmarked = describe(fakes.decode_batch(3))
+    assert unmarked == StepInfo("decode", 3, 0, 3, 0, 3)
+    assert (unmarked.links, unmarked.queued_requests, unmarked.kv_tokens) == (None, None, None)
+
+
+@pytest.fixture
+def scheduler_modules(monkeypatch):
+    """sglang's batch, scheduler and tracing modules at their import paths, the instrumentor on."""
+    import types
+
+    class ForwardBatch:
+        @classmethod
+        def init_new(cls, batch, model_runner):
+            return cls()
+
+    batch_module = types.ModuleType(sglang.BATCH_MODULE)
+    batch_module.ForwardBatch = ForwardBatch
+    scheduler_module = types.ModuleType(sglang.SCHEDULER_MODULE)
+    scheduler_module.Scheduler = type("Scheduler", (fakes.Scheduler,), {"__init__": fakes.Scheduler.__init__})
+    trace_module = types.ModuleType(sglang.TRACE_MODULE)
+    trace_module.opentelemetry_initialized = True
+    for module in (batch_module, scheduler_module, trace_module):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    init = scheduler_module.Scheduler.__dict__["__init__"]
+    SGLangInstrumentor().instrument(skip_dep_check=True)
+    yield types.SimpleNamespace(ForwardBatch=ForwardBatch, Scheduler=scheduler_module.Scheduler, trace=trace_module)
+    SGLangInstrumentor().uninstrument()
+    assert scheduler_module.Scheduler.__dict__["__init__"] is init
+
+
+def test_init_new_carries_the_requests_and_the_schedulers_context_while_otel_is_on(scheduler_modules, memory_spans):
+    m = scheduler_modules
+    scheduler = m.Scheduler(waiting=3, free=1000, evictable=96, total=4096)  # built on this thread
+    traced_a, traced_c = fakes.TraceReqContext(TRACE_A, 0x11), fakes.TraceReqContext(TRACE_C, 0x33, trace_flags=0)
+    reqs = [fakes.Req("a", traced_a), fakes.Req("untraced"), fakes.Req("c", traced_c)]
+    schedule_batch = fakes.ScheduleBatch(reqs, decoding_reqs=reqs[2:])
+    runner = fakes.ModelRunner()
+    made = m.ForwardBatch.init_new(schedule_batch, runner)
+    # sglang's "#token": 4096 - 1000 free - 96 evictable; "#queue-req": 3
+    assert getattr(made, sglang.REQUESTS) == ([ROW_A, None, ROW_C], 3, 3000)
+    assert getattr(made, sglang.DECODE_ROWS) == 1
+    m.ForwardBatch.init_new(schedule_batch, runner)
+    assert traced_a.reads == traced_c.reads == 1  # a request's trace context is read once
+    draft = m.ForwardBatch.init_new(schedule_batch, fakes.ModelRunner(is_draft_worker=True))
+    assert getattr(draft, sglang.REQUESTS) == (None, 3, 3000)
+    m.trace.opentelemetry_initialized = False  # sglang without --enable-trace
+    assert getattr(m.ForwardBatch.init_new(schedule_batch, runner), sglang.REQUESTS) == (None, 3, 3000)
+    del scheduler  # remembered weakly: gone with the scheduler
+    assert getattr(m.ForwardBatch.init_new(schedule_batch, runner), sglang.REQUESTS) == (None, None, None)
+
+
+def test_the_kv_count_is_unknown_for_pools_that_keep_several(scheduler_modules, memory_spans):
+    m = scheduler_modules
+    scheduler = m.Scheduler(waiting=0, free=10, evictable=0)
+    scheduler.pool_stats_observer.is_hybrid_swa = True
+    made = m.ForwardBatch.init_new(fakes.ScheduleBatch([]), fakes.ModelRunner())
+    assert getattr(made, sglang.REQUESTS) == ([], 0, None)
+
+
+def test_init_new_adds_nothing_while_otel_is_off(scheduler_modules):
+    m = scheduler_modules
+    scheduler = m.Scheduler(waiting=1, free=10, evictable=0)
+    made = m.ForwardBatch.init_new(fakes.ScheduleBatch([fakes.Req("a")], decoding_reqs=[]), fakes.ModelRunner())
+    assert scheduler.waiting_queue
+    assert getattr(made, sglang.DECODE_ROWS) == 0 and not hasattr(made, sglang.REQUESTS)
+
+
+def test_the_step_span_links_to_the_requests_it_computed(runner_module, memory_spans):
+    SGLangInstrumentor().instrument(skip_dep_check=True)
+    batch = fakes.mixed_batch([20], running_bs=1)
+    sglang.mark_requests(batch, [ROW_A, ROW_B], queued_requests=4, kv_tokens=512)
+    runner_module.ModelRunner().forward(batch)
+    (span,) = memory_spans.spans()
+    assert span.attributes["forward.request_links"] == 2
+    assert (span.attributes["scheduler.queued_requests"], span.attributes["scheduler.kv_tokens"]) == (4, 512)
+    got = [(l.context.trace_id, l.context.span_id, int(l.context.trace_flags), dict(l.attributes)) for l in span.links]
+    assert got == [
+        (TRACE_A, 0x11, 1, {"request.id": "a", "forward.request.work": "prefill", "forward.request.tokens": 20}),
+        (TRACE_B, 0x22, 1, {"request.id": "b", "forward.request.work": "decode", "forward.request.tokens": 1}),
+    ]
+
+
+def test_malformed_request_marks_cost_the_links_not_the_step():
+    batch = fakes.decode_batch(2)
+    setattr(batch, sglang.REQUESTS, ("not", "a", "context", "at all"))
+    assert describe(batch) == StepInfo("decode", 2, 0, 2, 0, 2) and describe(batch).links is None
+    sglang.mark_requests(batch, [("a", 1, 2)], queued_requests=1)  # a row of the wrong shape
+    assert describe(batch) == StepInfo("decode", 2, 0, 2, 0, 2) and describe(batch).links is None

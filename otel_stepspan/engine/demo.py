@@ -10,6 +10,10 @@ With no OpenTelemetry backend configured, the step spans go to a local OTLP/JSON
 SDK tracer provider the demo sets up itself; with the standard ``OTEL_*`` export variables set
 they go to the collector as well. The torch profiler runs around the whole workload, so the same
 ``step[...]`` labels appear in the Chrome trace and in the spans, step for step.
+
+The engine traces its requests through the same provider, as a server with request tracing on
+does: one span per request, and every step span links to the requests it computed, so
+``otel-stepspan request <id> --file spans.jsonl`` shows the steps one request went through.
 """
 
 from __future__ import annotations
@@ -407,7 +411,9 @@ def run(args: argparse.Namespace) -> int:
     if tracing.disabled and not args.quiet:
         print("warning: OTEL_SDK_DISABLED=true: no step spans are recorded", file=sys.stderr)
 
-    engine = Engine(config)
+    from ..version import __version__
+
+    engine = Engine(config, request_tracer=tracing.provider.get_tracer("otel_stepspan.engine", __version__))
     progress = _Progress(len(specs), enabled=not args.quiet)
     if args.profiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -442,6 +448,9 @@ def run(args: argparse.Namespace) -> int:
             print("  open it at https://ui.perfetto.dev (Open trace file) and search for step[")
         print(f"Step spans:   {_shown(spans_path)} ({written} spans, OTLP/JSON lines)")
         print(f"  otel-stepspan stats --file {_shown(spans_path)}")
+        if result.requests:
+            slowest = max(result.requests, key=lambda r: r.latency_s)
+            print(f"  otel-stepspan request {slowest.rid} --file {_shown(spans_path)}   # the slowest request's steps")
         for target in tracing.remote:
             print(f"Also sent to: {target}")
     if not exported:

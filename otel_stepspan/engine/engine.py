@@ -8,6 +8,13 @@ little for the next arrival, so idle time shows up as steps too.
 
 Timing uses a clock object (``now()``, ``sleep(s)``): the wall clock by default, a simulated one
 in tests, which makes a whole run reproducible step for step.
+
+Given a ``request_tracer`` (an OpenTelemetry tracer), the engine traces requests as an inference
+server does: one SERVER span per request, the root of its own trace, from its arrival to its last
+token, with its ``request.id``. Every batch then carries, per row, the trace context of the
+request it computes (``mark_requests``, as the sglang instrumentor writes it from sglang's own
+request tracing), so that each step span links to the requests it computed. Every batch also
+carries the scheduler's context: requests waiting, KV cache tokens in use.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from ..integrations.sglang import mark_decode_rows
+from ..integrations.sglang import mark_decode_rows, mark_requests
 from .batch import ForwardBatch, ForwardMode, idle_batch
 from .model import ModelConfig
 from .runner import ModelRunner
@@ -109,6 +116,10 @@ class StepStat:
     num_tokens: int
     start_s: float  # since the engine started
     duration_s: float  # the runner.forward call, as the step span measures it
+    #: Per row, what the step computed for its request: (request id, prefill|decode, tokens).
+    work: tuple[tuple[int, str, int], ...] = ()
+    queued_requests: int = 0  # admitted no further than the waiting queue when the step ran
+    kv_tokens: int = 0  # KV cache slots in use during the step, its own new tokens included
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,8 @@ class RequestStat:
     arrival_s: float
     first_token_s: float
     finished_s: float
+    #: With request tracing: (request id, trace id, span id, trace flags) of the request's span.
+    trace: Optional[tuple[str, int, int, int]] = None
 
     @property
     def ttft_s(self) -> float:
@@ -143,10 +156,11 @@ OnStep = Callable[[StepStat, int], None]  # (the step, requests finished so far)
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, clock: Optional[Clock] = None) -> None:
+    def __init__(self, config: EngineConfig, clock: Optional[Clock] = None, request_tracer: Any = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.clock = clock or WallClock()
+        self.request_tracer = request_tracer
         kv_tokens = config.kv_tokens()
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -164,9 +178,18 @@ class Engine:
     # -- building a batch ------------------------------------------------------------------
 
     def build_batch(self, plan: StepPlan) -> ForwardBatch:
-        """The ForwardBatch of ``plan``, allocating the KV slots its new tokens go to."""
-        if plan.mode == IDLE:
-            return idle_batch(self.device)
+        """The ForwardBatch of ``plan``, allocating the KV slots its new tokens go to, with its
+        requests and the scheduler's context marked on it."""
+        batch = idle_batch(self.device) if plan.mode == IDLE else self._model_inputs(plan)
+        rows = [req.trace for req in plan.reqs] if self.request_tracer is not None else None
+        mark_requests(batch, rows, len(self.scheduler.waiting), self.kv_tokens_in_use())
+        return batch
+
+    def kv_tokens_in_use(self) -> int:
+        pool = self.runner.token_to_kv_pool
+        return pool.size - pool.available()
+
+    def _model_inputs(self, plan: StepPlan) -> ForwardBatch:
         runner = self.runner
         rows: list[int] = []
         input_ids: list[int] = []
@@ -246,6 +269,7 @@ class Engine:
         clock, scheduler, runner = self.clock, self.scheduler, self.runner
         plan = scheduler.schedule(now)
         batch = self.build_batch(plan)
+        queued, kv_tokens = len(scheduler.waiting), self.kv_tokens_in_use()
         start = clock.now()
         output = runner.forward(batch)
         duration = clock.now() - start
@@ -254,6 +278,7 @@ class Engine:
             finished = scheduler.complete(plan, next_tokens, clock.now() - t0)
             for req in finished:
                 self._release(req)
+                self._end_request_span(req)
             self.finished.extend(finished)
         stat = StepStat(
             runner.forward_pass_id,
@@ -265,8 +290,37 @@ class Engine:
             plan.num_tokens,
             start - t0,
             duration,
+            plan.work,
+            queued,
+            kv_tokens,
         )
         return stat, batch
+
+    # -- request tracing ---------------------------------------------------------------------
+
+    def _start_request_span(self, req: Req) -> None:
+        """The request's SERVER span, the root of its trace, from now (its arrival)."""
+        tracer = self.request_tracer
+        if tracer is None:
+            return
+        from opentelemetry.context import Context
+        from opentelemetry.trace import SpanKind
+
+        span = tracer.start_span(
+            "request", context=Context(), kind=SpanKind.SERVER, attributes={"request.id": str(req.rid)},
+            start_time=time.time_ns(),
+        )
+        context = span.get_span_context()
+        req.span = span
+        if context.is_valid:  # a disabled SDK's spans have no trace to link to
+            req.trace = (str(req.rid), context.trace_id, context.span_id, int(context.trace_flags))
+
+    @staticmethod
+    def _end_request_span(req: Req) -> None:
+        if req.span is not None:
+            counts = {"request.prompt_tokens": req.prompt_len, "request.output_tokens": len(req.output_ids)}
+            req.span.set_attributes(counts)
+            req.span.end(end_time=time.time_ns())
 
     def run(self, specs: Sequence[RequestSpec], on_step: Optional[OnStep] = None) -> EngineResult:
         """Serve ``specs`` (arrival times relative to now) to completion."""
@@ -287,7 +341,9 @@ class Engine:
         while pending or scheduler.in_flight:
             now = clock.now() - t0
             while pending and pending[0].arrival_s <= now:
-                scheduler.add(Req(pending.popleft()))
+                req = Req(pending.popleft())
+                self._start_request_span(req)
+                scheduler.add(req)
             stat, _ = self.step(now, t0)
             steps.append(stat)
             if on_step is not None:
@@ -308,6 +364,7 @@ class Engine:
                 r.spec.arrival_s,
                 r.first_token_s if r.first_token_s is not None else math.nan,
                 r.finished_s if r.finished_s is not None else math.nan,
+                r.trace,
             )
             for r in done
         ]

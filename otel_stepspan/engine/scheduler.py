@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .workload import RequestSpec
 
@@ -59,6 +59,10 @@ class Req:
     first_token_s: Optional[float] = None
     finished_s: Optional[float] = None
     req_pool_idx: Optional[int] = None  # the engine's KV bookkeeping slot
+    #: With request tracing: (request id, trace id, span id, trace flags) of the request's span,
+    #: what each batch the request is in carries for its row (``mark_requests``).
+    trace: Optional[tuple[str, int, int, int]] = None
+    span: Any = None  # the request's span itself, ended when the request finishes
 
     @property
     def rid(self) -> int:
@@ -141,6 +145,14 @@ class StepPlan:
     @property
     def prefix_lens(self) -> list[int]:
         return [e.prefix_len for e in self.extends] + [r.cached_len for r in self.decodes]
+
+    @property
+    def work(self) -> tuple[tuple[int, str, int], ...]:
+        """What the step computes for each request, in batch order: (request id, ``prefill``
+        and its chunk's length, or ``decode`` and 1)."""
+        return tuple((e.req.rid, "prefill", e.length) for e in self.extends) + tuple(
+            (r.rid, "decode", 1) for r in self.decodes
+        )
 
 
 IDLE_PLAN = StepPlan(IDLE)

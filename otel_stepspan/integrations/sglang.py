@@ -22,7 +22,12 @@ Besides ``ModelRunner.forward`` the instrumentor patches, each for one reason:
   decodes (``ScheduleBatch.decoding_reqs``: the tail a MIXED step appended, or every row of a
   decode batch that DP attention turned into EXTEND); ``ForwardBatch`` does not carry it. The
   count is written on the ``ForwardBatch`` itself, on the thread that builds it and right before
-  the same thread calls ``forward``: no GPU read, no shared state.
+  the same thread calls ``forward``: no GPU read, no shared state. While OpenTelemetry is on, the
+  same hook writes the scheduler's context there too (requests waiting, KV tokens in use) and,
+  when sglang traces requests (``--enable-trace``), each row's request and trace context, so
+  that the step span links to the requests it computed.
+* ``Scheduler.__init__``: the scheduler of this thread, remembered (weakly) so that the batch
+  hook can read its waiting queue and KV pool.
 * sglang's own step range inside ``forward`` (0.5.11+, ``build_step_span_name``): a step shows
   exactly one ``step[...]`` range, ours, named like the span. sglang's detailed annotations, when
   the user turns them on in ``start_profile``, become a range of their own inside it.
@@ -34,12 +39,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import operator
 import sys
+import threading
 import weakref
 from typing import Any, Callable, Collection, NamedTuple, Optional
 
 from .. import runtime
-from ..step import AttributeValue, StepInfo, engine_attributes, make_step, normalize_mode
+from ..step import UNKNOWN, AttributeValue, RequestLink, StepInfo, engine_attributes, make_step, normalize_mode
 from ._instrumentor import EngineInstrumentor, is_patched, patch_when_imported, unpatch
 from ._read import as_count, cpu_int_list
 
@@ -63,6 +70,18 @@ _instruments = ("sglang >= 0.5.0, < 0.6",)
 
 #: The attribute :func:`mark_decode_rows` writes on a ``ForwardBatch``.
 DECODE_ROWS = "_otel_stepspan_decode_rows"
+#: The attribute :func:`mark_requests` writes on a ``ForwardBatch``.
+REQUESTS = "_otel_stepspan_requests"
+SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
+SCHEDULER_INIT = "Scheduler.__init__"
+#: sglang's request tracing (``--enable-trace``); its ``opentelemetry_initialized`` says it is on.
+TRACE_MODULE = "sglang.srt.observability.trace"
+#: Where a request's trace identity is remembered on sglang's ``Req``, read once per request.
+REQUEST_TRACE = "_otel_stepspan_trace"
+
+#: One row's request, as :func:`mark_requests` takes it: (request id, trace id, span id, trace
+#: flags) of the span the engine's request tracing made for the request.
+RequestTrace = tuple[str, int, int, int]
 
 # sglang mode names with a name of their own in the contract. Everything else keeps its own name,
 # lower-cased (SPLIT_PREFILL -> split_prefill, DLLM_EXTEND -> dllm_extend, ...).
@@ -88,6 +107,29 @@ def mark_decode_rows(forward_batch: Any, decode_rows: int) -> None:
     setattr(forward_batch, DECODE_ROWS, decode_rows)
 
 
+def mark_requests(
+    forward_batch: Any,
+    rows: Optional[list[Optional[RequestTrace]]],
+    queued_requests: Optional[int] = None,
+    kv_tokens: Optional[int] = None,
+) -> None:
+    """Record on ``forward_batch`` which requests its rows compute, and the scheduler around it.
+
+    ``rows`` has one entry per row of the batch, in batch order: the :data:`RequestTrace` of the
+    span the engine's request tracing made for that row's request, or None for a request it does
+    not trace; ``rows`` is None as a whole when the engine does not trace requests. The step span
+    then links to every traced request, marked with what the step did for it, which is read from
+    the batch itself (a prompt chunk of its extend length, one decode, a verify of its draft
+    tokens). ``queued_requests`` (requests waiting to be scheduled) and ``kv_tokens`` (KV cache
+    tokens held by requests) become the span's ``scheduler.*`` attributes.
+
+    The instrumentor fills this from sglang's scheduler; an engine built on sglang's batch shape
+    (the reference engine) calls it itself. Plain values only: the step may be described later,
+    off the engine thread.
+    """
+    setattr(forward_batch, REQUESTS, (rows, queued_requests, kv_tokens))
+
+
 class Captured(NamedTuple):
     """What the engine thread keeps of a ``ForwardBatch``: plain values (the per-row lengths are
     the batch's own CPU list, kept by reference)."""
@@ -100,8 +142,11 @@ class Captured(NamedTuple):
     split_index: Any
     verify_total: Optional[int]
     verify_width: Optional[int]
+    verify_lens: Any
     is_draft_worker: bool
     pass_id: Optional[int]
+    #: What :func:`mark_requests` wrote: (rows, queued requests, KV tokens), or None.
+    requests: Any
 
 
 _tuple_new = tuple.__new__
@@ -117,20 +162,18 @@ def _tokens_per_request(spec_info: Any) -> Optional[int]:
     return None
 
 
-def _ragged_total(spec_info: Any) -> Optional[int]:
-    """The tokens a ragged verify computes (DSpark: each request verifies its own number of
-    draft tokens); ``RaggedVerifyLayout.total_verify_tokens`` is a host int, None when unset."""
-    layout = getattr(spec_info, "ragged_verify_layout", None)
-    return as_count(getattr(layout, "total_verify_tokens", None)) if layout is not None else None
-
-
 def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional[int] = None) -> Captured:
     """The engine-thread half of describing a batch: attribute reads, nothing computed. One
     tuple made directly, without the NamedTuple's Python-level constructor: this runs every step."""
     spec_info = getattr(forward_batch, "spec_info", None)
-    verify_total = verify_width = None
+    verify_total = verify_width = verify_lens = None
     if spec_info is not None:
-        verify_total = _ragged_total(spec_info)
+        # A ragged verify (DSpark: each request verifies its own number of draft tokens) has a
+        # host-side layout: the total and the per-request counts.
+        layout = getattr(spec_info, "ragged_verify_layout", None)
+        if layout is not None:
+            verify_total = as_count(getattr(layout, "total_verify_tokens", None))
+            verify_lens = getattr(layout, "verify_lens_cpu", None)
         verify_width = _tokens_per_request(spec_info)
     return _tuple_new(
         Captured,
@@ -143,8 +186,10 @@ def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional
             getattr(forward_batch, "split_index", None),
             verify_total,
             verify_width,
+            verify_lens,
             is_draft_worker,
             pass_id,
+            getattr(forward_batch, REQUESTS, None),
         ),
     )
 
@@ -206,7 +251,25 @@ def _extend_step(mode: str, bs: Optional[int], lens: Optional[list[int]], total:
 
 
 def finish(captured: Captured) -> StepInfo:
-    """The off-thread half: counts from the captured CPU values (CONTRACT §1)."""
+    """The off-thread half: counts from the captured CPU values (CONTRACT §1), and the requests
+    the step computed with the scheduler's context, where the batch carries them."""
+    mode = captured.mode
+    lens = None if mode == "idle" or mode == "decode" else cpu_int_list(captured.extend_seq_lens_cpu)
+    info = _counted(captured, lens)
+    context = captured.requests
+    if context is None:
+        return info
+    try:
+        rows, queued, kv_tokens = context
+        links = None if rows is None or captured.is_draft_worker else _links(captured, info.mode, rows, lens)
+    except Exception:  # not what mark_requests writes: the step keeps its counts, without links
+        return info
+    # The same fast fill as make_step's, on the StepInfo made just above that nobody else holds.
+    info.__dict__.update(links=links, queued_requests=as_count(queued), kv_tokens=as_count(kv_tokens))
+    return info
+
+
+def _counted(captured: Captured, lens: Optional[list[int]]) -> StepInfo:
     mode = captured.mode
     bs = as_count(captured.batch_size)
     pass_id = captured.pass_id
@@ -215,7 +278,6 @@ def finish(captured: Captured) -> StepInfo:
         return make_step("idle", 0, 0, 0, 0, 0, pass_id)
     if mode == "decode":
         return make_step("decode", bs, 0, bs, 0, bs, pass_id)
-    lens = cpu_int_list(captured.extend_seq_lens_cpu)
     total = as_count(captured.extend_num_tokens)
     if total is None and lens is not None:
         total = sum(lens)
@@ -239,6 +301,48 @@ def finish(captured: Captured) -> StepInfo:
     prompt = [n for n in lens if n > 1]
     extend = sum(prompt)
     return make_step(mode, bs, extend, len(lens) - len(prompt), len(prompt), sum(lens), pass_id)
+
+
+_DECODE = ("decode", 1)
+
+
+def _row_work(captured: Captured, mode: str, n: int, lens: Optional[list[int]]) -> list[tuple[str, int]]:
+    """What the step did for each of its ``n`` rows, counted as the step itself is (CONTRACT §1):
+    ``("prefill", extend length)`` for prompt work (a chunk, a cached prompt's last token, a
+    recompute), ``("decode", 1)``, ``("verify", draft tokens)``. Unknown token counts are -1."""
+    if mode == "decode":
+        return [_DECODE] * n
+    if mode == "verify":
+        per_row = cpu_int_list(captured.verify_lens)
+        if per_row is not None and len(per_row) == n:
+            return [("verify", k) for k in per_row]
+        width = captured.verify_width
+        return [("verify", width if width is not None else UNKNOWN)] * n
+    if lens is None or len(lens) != n:
+        lens = [UNKNOWN] * n
+    if mode == "prefill" or mode == "mixed":
+        decodes = as_count(captured.decode_rows)
+        if decodes is None and mode == "prefill":
+            decodes = 0
+        if decodes is not None and decodes <= n:
+            # The scheduler's running decodes are the last rows (mix_with_running).
+            return [("prefill", k) for k in lens[: n - decodes]] + [_DECODE] * decodes
+    if mode == "split_prefill":
+        first = captured.split_index == 0
+        return [("prefill", k if first else 0) for k in lens]
+    return [_DECODE if k == 1 else ("prefill", k) for k in lens]
+
+
+def _links(captured: Captured, mode: str, rows: Any, lens: Optional[list[int]]) -> tuple[RequestLink, ...]:
+    """The step's links to the traced requests among its rows (untraced rows have None)."""
+    if mode == "idle" or not rows:
+        return ()
+    links = []
+    for row, work in zip(rows, _row_work(captured, mode, len(rows), lens)):
+        if row is not None:
+            request_id, trace_id, span_id, flags = row
+            links.append(_tuple_new(RequestLink, (request_id, trace_id, span_id, flags, *work)))
+    return tuple(links)
 
 
 def describe(
@@ -342,7 +446,7 @@ def label_of(captured: Captured) -> str:
     """The label alone, for the profiler's range on the engine thread. Steps with no
     per-sequence list (decode, idle, most draft steps) repeat a handful of shapes: their label
     is remembered by (mode, batch size), at most 4096 of them."""
-    mode, bs, lens, _, _, _, verify_total, verify_width, _, _ = captured
+    mode, bs, lens, _, _, _, verify_total, verify_width, _, _, _, _ = captured
     if lens is None and verify_total is None and verify_width is None and type(bs) is int:
         key = (mode, bs)
         label = _labels.get(key)
@@ -373,7 +477,8 @@ _ABSENT: Any = object()
 
 def counted_init_new(init_new: Any) -> Any:
     """``ForwardBatch.init_new`` (a classmethod, built from sglang's ``ScheduleBatch``) that
-    also copies ``len(decoding_reqs)`` onto the batch it returns (:func:`mark_decode_rows`).
+    also copies ``len(decoding_reqs)`` onto the batch it returns (:func:`mark_decode_rows`) and,
+    while OpenTelemetry is on, the requests and the scheduler's context (:func:`mark_requests`).
 
     ``decoding_reqs`` is the scheduler's own list of the requests a batch runs as decodes; sglang
     reads it back when it processes the results. It is read on the thread that builds the batch,
@@ -392,14 +497,121 @@ def counted_init_new(init_new: Any) -> Any:
             decoding = getattr(batch, "decoding_reqs", _ABSENT)
             if decoding is not _ABSENT:
                 setattr(forward_batch, DECODE_ROWS, 0 if decoding is None else len(decoding))
+            if runtime.otel_sink() is not None:
+                runner = args[0] if args else kwargs.get("model_runner")
+                setattr(forward_batch, REQUESTS, _step_context(batch, runner))
         except Exception:
-            runtime.warn_once("sglang-decodes", "otel_stepspan: could not read sglang's decoding_reqs")
+            runtime.warn_once("sglang-batch", "otel_stepspan: could not read sglang's ScheduleBatch")
         return forward_batch
 
     init_new_counting_decodes.__name__ = build.__name__
     init_new_counting_decodes.__qualname__ = build.__qualname__
     init_new_counting_decodes.__doc__ = build.__doc__
     return _ClassmethodWrapping(init_new_counting_decodes, descriptor)
+
+
+# -- the scheduler's context and the requests of a batch ----------------------------------------
+
+
+#: The scheduler of each thread (sglang runs one per scheduler process, or one per thread when
+#: its data-parallel controller starts them as threads), by weak reference.
+_schedulers: dict[int, "weakref.ref[Any]"] = {}
+
+
+def remembered_scheduler(init: Any) -> Any:
+    """``Scheduler.__init__`` that first remembers the scheduler for the thread building it,
+    the thread that then runs its event loop and builds every batch."""
+
+    def init_remembering_its_thread(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            _schedulers[threading.get_ident()] = weakref.ref(self)
+        except Exception:
+            pass
+        return init(self, *args, **kwargs)
+
+    init_remembering_its_thread.__wrapped__ = init  # type: ignore[attr-defined]
+    init_remembering_its_thread.__name__ = getattr(init, "__name__", "__init__")
+    init_remembering_its_thread.__qualname__ = getattr(init, "__qualname__", "__init__")
+    init_remembering_its_thread.__doc__ = getattr(init, "__doc__", None)
+    return init_remembering_its_thread
+
+
+def _step_context(batch: Any, runner: Any) -> tuple[Any, Optional[int], Optional[int]]:
+    """What :func:`mark_requests` takes, from sglang's scheduler: O(1) reads, plus one
+    attribute read per row while sglang traces requests (the draft model's batches, whose steps
+    link to nothing, skip that). A scheduler of another shape leaves its counts unknown."""
+    ref = _schedulers.get(threading.get_ident())
+    scheduler = ref() if ref is not None else None
+    queued = kv_tokens = None
+    if scheduler is not None:
+        try:
+            queued = len(scheduler.waiting_queue)
+            kv_tokens = _kv_tokens_in_use(getattr(scheduler, "pool_stats_observer", None))
+        except Exception:
+            runtime.warn_once("sglang-scheduler", "otel_stepspan: could not read sglang's scheduler counts")
+    rows = None
+    if _tracing_requests() and getattr(runner, "is_draft_worker", False) is not True:
+        rows = _request_rows(batch.reqs)
+    return rows, queued, kv_tokens
+
+
+def _kv_tokens_in_use(pool: Any) -> Optional[int]:
+    """sglang's own ``#token`` (``PoolStats.full_num_used``): KV pool tokens that are neither
+    free nor evictable radix-cache entries, i.e. held by requests. Host-side counters only (the
+    allocator's free list length is tensor metadata). Unknown for hybrid SWA, SSM and HiSparse
+    pools, which keep several counts."""
+    if pool is None or pool.is_hybrid_swa or pool.is_hybrid_ssm or pool.enable_hisparse:
+        return None
+    free = pool.token_to_kv_pool_allocator.available_size()
+    used = pool.max_total_num_tokens - free - pool.tree_cache.evictable_size()
+    return used if type(used) is int and used >= 0 else None
+
+
+def _tracing_requests() -> bool:
+    """True when sglang traces requests in this process (``--enable-trace``)."""
+    return getattr(sys.modules.get(TRACE_MODULE), "opentelemetry_initialized", False) is True
+
+
+_remembered_trace = operator.attrgetter(REQUEST_TRACE)
+
+
+def _request_rows(reqs: Any) -> list[Optional[RequestTrace]]:
+    """Each row's :data:`RequestTrace`: one attribute read per row once every request has been
+    seen (a C-level map), the trace context read the first time a request is."""
+    try:
+        return list(map(_remembered_trace, reqs))
+    except AttributeError:
+        return [_remember_trace(req) for req in reqs]
+
+
+def _remember_trace(req: Any) -> Optional[RequestTrace]:
+    known = getattr(req, REQUEST_TRACE, _ABSENT)
+    if known is _ABSENT:
+        known = request_trace(req)
+        try:
+            setattr(req, REQUEST_TRACE, known)
+        except Exception:
+            pass
+    return known
+
+
+def request_trace(req: Any) -> Optional[RequestTrace]:
+    """The :data:`RequestTrace` of sglang's ``Req``: its id and the root span sglang's request
+    tracing made for it (``time_stats.trace_ctx.root_span_context``, the ``Req <rid>`` span,
+    whose parent is the client's ``traceparent`` when one came with the request); None when the
+    request is not traced (``TraceNullContext``, trace level 0)."""
+    from opentelemetry import trace as trace_api
+
+    context = getattr(getattr(req, "time_stats", None), "trace_ctx", None)
+    if getattr(context, "tracing_enable", False) is not True:
+        return None
+    root = getattr(context, "root_span_context", None)
+    if root is None:
+        return None
+    span_context = trace_api.get_current_span(root).get_span_context()
+    if not span_context.is_valid:
+        return None
+    return (str(req.rid), span_context.trace_id, span_context.span_id, int(span_context.trace_flags))
 
 
 class _ClassmethodWrapping(classmethod):
@@ -556,6 +768,7 @@ def _patches() -> list[tuple[str, str, Callable[[Any], Any]]]:
         (MODULE, STEP_NAME, step_name_without_range),
         (MODULE, STEP_RANGE, range_unless_unnamed),
         (BATCH_MODULE, INIT_NEW, counted_init_new),
+        (SCHEDULER_MODULE, SCHEDULER_INIT, remembered_scheduler),
     ]
     patches += [(module, dotted, traced_replay) for module, dotted in GRAPH_REPLAYS]
     for module in NAMED_REPLAYS:
