@@ -242,19 +242,24 @@ def _flush_at_exit(timeout_s: float = 10.0) -> None:
         logger.exception("otel_stepspan: flushing step spans at exit failed")
 
 
-def flush(timeout_s: float = 10.0) -> bool:
+def flush(timeout_s: float = 10.0, *, end_timelines: bool = False) -> bool:
     """Turn every recorded step into a span and export what is pending, within ``timeout_s``.
 
-    Returns True when everything was handed to the exporters in time. Shutdown hooks and tests
-    call it; it is also called on normal interpreter exit.
+    With ``end_timelines``, the open timeline windows are ended first, so their roots are
+    exported too: for a program that is done stepping and shuts its own tracer provider down
+    (at exit this happens by itself). Returns True when everything was handed to the exporters
+    in time. Shutdown hooks and tests call it; it is also called on normal interpreter exit.
     """
     deadline = time.monotonic() + timeout_s
     ok = True
     for timer in list(_state.gpu_timers):
         ok = timer.drain(max(0.0, deadline - time.monotonic())) and ok
     if _process_sink is not None:
-        ok = _process_sink.flush(max(0.0, deadline - time.monotonic())) and ok
+        ok = _process_sink.flush(max(0.0, deadline - time.monotonic()), end_timelines=end_timelines) and ok
     for sink in list(_state.sinks_by_provider.values()):
+        if end_timelines:
+            ok = sink.drain(max(0.0, deadline - time.monotonic())) and ok
+            sink.close_timeline()
         ok = sink.flush(max(0.0, deadline - time.monotonic())) and ok
     return ok
 

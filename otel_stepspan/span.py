@@ -110,6 +110,7 @@ def traced_forward(
     return decorate
 
 
-def flush(timeout_s: float = 10.0) -> bool:
-    """Export every step span still pending; see :func:`otel_stepspan.runtime.flush`."""
-    return runtime.flush(timeout_s)
+def flush(timeout_s: float = 10.0, *, end_timelines: bool = False) -> bool:
+    """Export every step span still pending (and, with ``end_timelines``, the roots of the open
+    timeline windows); see :func:`otel_stepspan.runtime.flush`."""
+    return runtime.flush(timeout_s, end_timelines=end_timelines)

@@ -155,7 +155,9 @@ def test_no_request_content_reaches_a_span(default_run):
             assert set(span.attributes) == REQUEST_KEYS and not span.links
         for link in span.links:
             assert set(link.attributes) == LINK_KEYS and link.attributes["request.id"].isdigit()
-    assert len(everything) == len(spans) + SMALL_WORKLOAD.requests  # nothing else was written
+    roots = {span.span_id for span in everything if span.name == "timeline"}
+    assert roots and all(step.parent_span_id in roots for step in spans)  # every window's root written
+    assert len(everything) == len(spans) + SMALL_WORKLOAD.requests + len(roots)  # nothing else
     for line in (cwd / "spans.jsonl").read_text().splitlines():
         for resource_spans in json.loads(line)["resourceSpans"]:
             for scope_spans in resource_spans["scopeSpans"]:

@@ -61,7 +61,7 @@ def request_steps(spans: Iterable[StepSpan], key: str) -> list[RequestStep]:
             RequestStep(
                 span,
                 str(link.attributes.get("forward.request.work") or "?"),
-                tokens if isinstance(tokens, int) else 0,
+                tokens if isinstance(tokens, int) and tokens >= 0 else 0,  # -1: unknown
                 str(link.attributes.get("request.id") or ""),
                 link.trace_id,
             ),

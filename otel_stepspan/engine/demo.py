@@ -233,7 +233,7 @@ class _Tracing:
         """Export what is pending everywhere; close the local file."""
         import otel_stepspan
 
-        ok = otel_stepspan.flush(30.0)
+        ok = otel_stepspan.flush(30.0, end_timelines=True)  # the last window's root too
         ok = self.file_processor.force_flush(30_000) and ok
         self.file_processor.shutdown()
         return ok

@@ -189,7 +189,9 @@ class Exporter:
     def _request(self, seq: int, what: str, built_so_far: list) -> None:
         self._enqueue(built_so_far)
         built_so_far.clear()
-        if what == "flush":
+        if what == "end_timelines":
+            self._enqueue(self.builder.close_all())
+        if what in ("flush", "end_timelines"):
             with self.cond:
                 self.flush_requests.append((seq, self.failed))
                 self.cond.notify_all()

@@ -16,8 +16,9 @@ Messages, each a tuple whose first item says what it is:
 - ``(STATIC, static_id, attributes)``: attributes shared by many steps (a runner's
   ``engine.*``), sent once, before the first step that names them.
 - ``(DROPPED, total)``: steps the engine dropped because the pipe was full, so far.
-- ``(REQUEST, seq, what)``: ``"flush"`` (export everything received so far now) or ``"stats"``;
-  answered on the status pipe with one frame holding a dict that carries ``seq``.
+- ``(REQUEST, seq, what)``: ``"flush"`` (export everything received so far now),
+  ``"end_timelines"`` (the same, after ending the open timeline window) or ``"stats"``; answered
+  on the status pipe with one frame holding a dict that carries ``seq``.
 """
 
 from __future__ import annotations

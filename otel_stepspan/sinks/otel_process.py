@@ -337,12 +337,13 @@ class ExporterProcessSink:
                 found = answer
         return found
 
-    def flush(self, timeout_s: float) -> bool:
+    def flush(self, timeout_s: float, end_timelines: bool = False) -> bool:
         """Hand every recorded step to the exporter and wait until it has exported them (or
-        ``timeout_s`` passed). Spans it could not deliver yet stay queued there, not lost."""
+        ``timeout_s`` passed). Spans it could not deliver yet stay queued there, not lost. With
+        ``end_timelines``, the exporter ends the open timeline window first."""
         if not self._started:
             return not self._queue
-        answer = self._ask("flush", timeout_s)
+        answer = self._ask("end_timelines" if end_timelines else "flush", timeout_s)
         return bool(answer and answer.get("flushed"))
 
     def exporter_stats(self, timeout_s: float = 2.0) -> dict[str, int]:

@@ -52,6 +52,8 @@ class ReceivedSpan:
     status_code: int
     status_message: str
     events: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
+    #: (trace id, span id, attributes) of each span link.
+    links: tuple[tuple[str, str, dict[str, Any]], ...] = field(default=())
 
 
 def flatten(request: trace_service_pb2.ExportTraceServiceRequest) -> list[ReceivedSpan]:
@@ -78,6 +80,10 @@ def flatten(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Receiv
                         events=tuple(
                             (event.name, {kv.key: _any_value(kv.value) for kv in event.attributes})
                             for event in span.events
+                        ),
+                        links=tuple(
+                            (link.trace_id.hex(), link.span_id.hex(), {kv.key: _any_value(kv.value) for kv in link.attributes})
+                            for link in span.links
                         ),
                     )
                 )
@@ -109,7 +115,7 @@ class OtlpReceiver:
         self.keep_requests = keep_requests
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.span_count = 0  # every span, timeline roots included
-        self.step_count = 0  # step spans only
+        self.step_count = 0  # step spans only (those with forward.mode)
         self.rejected = 0
         self._lock = threading.Condition()
         self._requested_port = port
@@ -133,12 +139,18 @@ class OtlpReceiver:
         if self.delay_s:
             time.sleep(self.delay_s)
         count = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
-        roots = sum(1 for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans if s.name == ROOT_NAME)
+        steps = sum(
+            1
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for s in ss.spans
+            if any(kv.key == "forward.mode" for kv in s.attributes)
+        )
         with self._lock:
             if self.keep_requests:
                 self.requests.append(request)
             self.span_count += count
-            self.step_count += count - roots
+            self.step_count += steps
             self._lock.notify_all()
         return "ok"
 
