@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from otel_stepspan.otlp_json import iter_step_spans
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 import compose  # noqa: E402
@@ -85,16 +87,11 @@ def demo(up):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    local = [json.loads(line) for line in (up / "spans.jsonl").read_text().splitlines()]
     pass_ids, modes = set(), {}
-    for document in local:
-        for resource_spans in document["resourceSpans"]:
-            for scope_spans in resource_spans["scopeSpans"]:
-                for span in scope_spans["spans"]:
-                    attributes = {a["key"]: a["value"] for a in span["attributes"]}
-                    pass_ids.add(int(attributes["forward.pass_id"]["intValue"]))
-                    mode = attributes["forward.mode"]["stringValue"]
-                    modes[mode] = modes.get(mode, 0) + 1
+    # The step spans (the file also holds the demo's request spans and the timeline roots).
+    for step in iter_step_spans(up / "spans.jsonl"):
+        pass_ids.add(step.attributes["forward.pass_id"])
+        modes[step.mode] = modes.get(step.mode, 0) + 1
     return {"started_ns": started_ns, "pass_ids": pass_ids, "modes": modes}
 
 
