@@ -59,7 +59,7 @@ What a traced forward step costs, measured side by side with the baselines it re
 of each benchmark ({machine}), printed as is; reproduce with:
 
 ```bash
-.venv/bin/python benchmarks/bench_engine_stall.py{flag}  # ~6 min
+.venv/bin/python benchmarks/bench_engine_stall.py{flag}  # ~9 min
 .venv/bin/python benchmarks/bench_overhead.py{flag}      # ~1 min
 .venv/bin/python benchmarks/bench_throughput.py{flag}    # ~2 min
 .venv/bin/python benchmarks/bench_memory.py{flag}        # ~1 min
@@ -80,7 +80,9 @@ How and why: [`benchmarks/README.md`](../benchmarks/README.md).
 `ModelRunner.forward` waiting for "the GPU" with the GIL released (`--gpu`: a real CUDA kernel and
 `torch.cuda.synchronize()`), paced at 50 to 2,000 steps/s; export configured only by
 `OTEL_EXPORTER_OTLP_ENDPOINT` into a real OTLP receiver in another process, blocks of export off
-and on interleaved. *Wake*: from the end of the GPU wait to the engine thread running Python
+and on interleaved; the engine thread pinned to CPU 0, the receiver and the exporter process to
+the other CPU (both variants alike: a serving host has cores to spare, and the question is the
+engine's GIL). *Wake*: from the end of the GPU wait to the engine thread running Python
 again; *work*: the scheduler work's wall time; *late*: how far steps started behind schedule.
 *in-process* (reference): an SDK provider with a BatchSpanProcessor and the OTLP exporter set up
 in the engine process. Then CPU per exported span, steps back to back, every process counted
