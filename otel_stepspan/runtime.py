@@ -436,7 +436,7 @@ def wrap_method(
             # OpenTelemetry alone: capture, call, queue. No label, no StepInfo on this thread.
             try:
                 parent = _get_current()
-                if _suppressed(parent):
+                if parent and _suppressed(parent):  # an empty context (the usual one) is not
                     return method(self, batch, *args, **kwargs)
                 captured = capture(self, batch)
             except Exception:  # a batch that cannot be read: the general path labels it unknown

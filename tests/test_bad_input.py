@@ -126,3 +126,22 @@ def test_timeline_variables_are_read():
         {"OTEL_STEPSPAN_TIMELINE": "off", "OTEL_STEPSPAN_TIMELINE_STEPS": "7", "OTEL_STEPSPAN_TIMELINE_SECONDS": "2.5"}
     ).timeline
     assert (timeline.enabled, timeline.max_steps, timeline.max_seconds) == (False, 7, 2.5)
+
+
+@pytest.mark.parametrize(
+    "lens, expected",
+    [
+        ([3, 1, 0], [3, 1, 0]),
+        ([3, -1], None),
+        ([3, 1.0], None),
+        ([3, True], None),
+        ([3, None], None),
+        ([3, "1"], None),
+        ((2, 5), [2, 5]),
+        ([], []),
+    ],
+)
+def test_a_cpu_length_list_is_taken_only_when_every_entry_is_a_count(lens, expected):
+    from otel_stepspan.integrations._read import cpu_int_list
+
+    assert cpu_int_list(lens) == expected

@@ -40,6 +40,16 @@ def cpu_int_list(value: Any) -> Optional[list[int]]:
         items = value.tolist()
     else:
         return None
+    if type(items) is list and items:
+        # The usual case, a list of Python ints, checked by two C loops rather than a Python one
+        # (this runs on the engine thread for every extend-shaped step): a sum that is an int
+        # means every entry is one (a float, a NumPy number, a string or None would change its
+        # type or raise), a minimum of 0 or more that none is negative; a bool is no count.
+        try:
+            if type(sum(items)) is int and min(items) >= 0 and bool not in map(type, items):
+                return items
+        except TypeError:
+            pass
     numbers = []
     for item in items:
         number = as_count(item)

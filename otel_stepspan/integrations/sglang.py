@@ -425,18 +425,28 @@ def _runner_facts(runner: Any, engine_name: str = "sglang") -> _RunnerFacts:
     return facts
 
 
-def _capture_for(engine_name: str) -> Any:
-    """The engine-thread capture of ``ModelRunner.forward`` for runners named ``engine_name``."""
+def _capture_for(engine_name: str) -> tuple[Callable[[Any, Any], Captured], Callable[[Any], dict]]:
+    """The engine-thread capture of ``ModelRunner.forward`` for runners named ``engine_name``,
+    and the runner's static attributes: the facts the capture looked up serve the attributes
+    asked for right after it, without a second look-up."""
+    last: list = [None]
 
     def capture_forward(runner: Any, forward_batch: Any) -> Captured:
         counter = getattr(runner, "forward_pass_id", None)
         facts = _facts_by_runner.get(id(runner))
         if facts is None or facts.runner() is not runner:
             facts = _runner_facts(runner, engine_name)
+        last[0] = facts
         # sglang increments forward_pass_id first thing in forward(): this step's id is the next.
         return capture(forward_batch, facts.is_draft_worker, counter + 1 if type(counter) is int else None)
 
-    return capture_forward
+    def runner_attributes(runner: Any) -> dict[str, AttributeValue]:
+        facts = last[0]
+        if facts is None or facts.runner() is not runner:
+            facts = _runner_facts(runner, engine_name)
+        return facts.attributes
+
+    return capture_forward, runner_attributes
 
 
 _labels: dict[tuple, str] = {}
@@ -463,10 +473,8 @@ def traced_forward(forward: Any, *, engine_name: str = "sglang") -> Any:
     """``ModelRunner.forward`` with a step span; what the instrumentor installs. Engines built
     on sglang's runner shape (the reference engine) pass their own ``engine_name``."""
 
-    def runner_attributes(runner: Any) -> dict[str, AttributeValue]:
-        return _runner_facts(runner, engine_name).attributes
-
-    return runtime.wrap_method(forward, _capture_for(engine_name), finish, runner_attributes, label_of)
+    capture_forward, runner_attributes = _capture_for(engine_name)
+    return runtime.wrap_method(forward, capture_forward, finish, runner_attributes, label_of)
 
 
 # -- the scheduler's count of running decodes, carried to the forward ----------------------------
