@@ -246,10 +246,15 @@ def print_report(summary: RequestSummary, steps: Sequence[RequestStep], out: IO[
     if summary.queued_ms is not None:
         parts.append(f"queued {summary.queued_ms:.1f} ms")
     for phase in summary.phases:
-        bs = "" if phase.batch_min is None else f", bs {phase.batch_min}-{phase.batch_max}"
+        bs = ""
+        if phase.batch_min is not None:
+            bs = f", bs {phase.batch_min}" + ("" if phase.batch_min == phase.batch_max else f"-{phase.batch_max}")
+        times = (
+            f"{phase.p50_ms:.2f} ms" if phase.steps == 1 else f"p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms"
+        )
         parts.append(
-            f"{phase.work} {phase.step_ms:.1f} ms ({phase.steps} steps, {phase.tokens} tokens{bs}, "
-            f"p50 {phase.p50_ms:.2f} ms, p99 {phase.p99_ms:.2f} ms)"
+            f"{phase.work} {phase.step_ms:.1f} ms ({phase.steps} step{'s' if phase.steps != 1 else ''}, "
+            f"{phase.tokens} tokens{bs}, {times})"
         )
     parts.append(f"between steps {summary.between_steps_ms:.1f} ms")
     out.write(f"where the time went: {summary.wall_ms:.1f} ms = " + " + ".join(parts) + "\n")
