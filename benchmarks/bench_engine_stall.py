@@ -75,16 +75,10 @@ def _pin_away_from_the_engine(engine_pid: int) -> None:
     if len(cpus) < 2:
         return
     os.sched_setaffinity(0, {cpus[0]})  # this (the engine) thread
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if b"otel_stepspan.exporter" in argv and str(engine_pid).encode() in argv:
-            os.sched_setaffinity(int(entry), set(cpus[1:]))
+    from otel_stepspan.testing.processes import exporter_pids
+
+    for pid in exporter_pids(engine_pid):
+        os.sched_setaffinity(pid, set(cpus[1:]))
 
 
 def worker_paced(args: argparse.Namespace) -> dict:

@@ -25,6 +25,7 @@ from otel_stepspan.exporter import encode, wire
 from otel_stepspan.exporter.spans import SpanBuilder
 from otel_stepspan.sinks.otel_process import exporter_environment
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
+from otel_stepspan.testing.processes import exporter_pids
 from otel_stepspan.version import __version__
 
 PROGRAMS = Path(__file__).parent / "programs"
@@ -247,21 +248,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _exporters_of(engine_pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if b"otel_stepspan.exporter" in argv and str(engine_pid).encode() in argv:
-            found.append(int(entry))
-    return found
-
-
 def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     alive = pids
@@ -284,7 +270,7 @@ def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivere
         try:
             _read_until(program, "done 600")
             time.sleep(1.0)
-            exporters = _exporters_of(program.pid)
+            exporters = exporter_pids(program.pid)
             assert len(exporters) == 1
             assert exporters[0] not in _children(program.pid)  # detached from the engine's tree
             if how == "kill_process_tree":  # as sglang's Engine.shutdown() does
