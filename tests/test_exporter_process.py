@@ -390,3 +390,26 @@ def test_retries_back_off_while_new_spans_keep_arriving(monkeypatch):
     # 0.1, 0.2, 0.4, 0.8 s (+-20%) fit in two seconds: about 5 attempts, never hundreds.
     assert 3 <= len(in_the_first_two_seconds) <= 8, len(in_the_first_two_seconds)
     assert exporter.failed > 0 and exporter.queue_full > 0
+
+
+def test_a_step_the_pipe_cannot_carry_is_counted_as_failed_and_said_once(caplog):
+    """An attribute value marshal cannot carry (an engine's own object in ``extra``) costs those
+    steps, counted, with one log line: never an exception into the engine."""
+    from otel_stepspan import StepInfo
+    from otel_stepspan.sinks.otel_process import ExporterProcessSink
+
+    sink = ExporterProcessSink()
+    sink._start = lambda: None  # no exporter process: the frame is what is checked
+    sink._started = True
+    read_fd, write_fd = os.pipe()
+    sink._fd = write_fd
+    try:
+        now = time.time_ns()
+        for i in range(3):  # 2 ms apart: each one written at once
+            end = now + 2_000_000 * i
+            sink.submit(None, StepInfo("decode", 1, 0, 1, 0, 1), {}, None, end - 1000, end, None, {"x": object()})
+        assert sink.failed_total == 3 and sink.emitted_total == 0
+        assert sum("could not hand step spans" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

@@ -109,7 +109,7 @@ class ExporterProcessSink:
         self._seq = 0
         self._started = False
         self._broken = False
-        self.exporter_pid: Optional[int] = None
+        self._write_failed = False
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -174,6 +174,7 @@ class ExporterProcessSink:
         a thread that finds the pipe busy leaves its steps for the next write."""
         if not self._lock.acquire(blocking=wait):
             return
+        messages: list = []
         try:
             self._last_write_ns = _time_ns()
             queue = self._queue
@@ -195,8 +196,14 @@ class ExporterProcessSink:
                     self._unsent += wire.frame(messages)
                     self.emitted_total += steps
             self._send_unsent()
-        except Exception:
-            logger.exception("otel_stepspan: could not hand step spans to the exporter process")
+        except Exception:  # e.g. a value marshal cannot carry: those steps are lost, counted
+            self.failed_total += sum(1 for m in messages if m[0] == _STEP)
+            if not self._write_failed:
+                self._write_failed = True
+                logger.exception(
+                    "otel_stepspan: could not hand step spans to the exporter process; further "
+                    "failures are counted in stats()['failed']"
+                )
         finally:
             self._lock.release()
 
