@@ -329,7 +329,7 @@ def begin(
         if sink is None and not profiling and not nvtx:
             return None
         context = _get_current()
-        if _suppressed(context):
+        if context and _suppressed(context):
             return None
         try:
             captured = capture(*capture_args)
@@ -436,7 +436,7 @@ def wrap_method(
             # OpenTelemetry alone: capture, call, queue. No label, no StepInfo on this thread.
             try:
                 parent = _get_current()
-                if parent and _suppressed(parent):  # an empty context (the usual one) is not
+                if parent and _suppressed(parent):  # an empty context, the usual one, is not
                     return method(self, batch, *args, **kwargs)
                 captured = capture(self, batch)
             except Exception:  # a batch that cannot be read: the general path labels it unknown
@@ -455,7 +455,8 @@ def wrap_method(
         if sink is None and profiling and not state.nvtx:
             # The profiler alone: the label now, one record_function range around the call.
             try:
-                if _suppressed(_get_current()):
+                context = _get_current()
+                if context and _suppressed(context):
                     return method(self, batch, *args, **kwargs)
                 captured = capture(self, batch)
                 if type(captured) is StepInfo:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from ..ids import random_bits
 from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, unknown_step
@@ -69,6 +70,16 @@ def _export_queues(provider: Any) -> list:
         if isinstance(queue, deque) and queue.maxlen and isinstance(getattr(batch, "_shutdown", None), bool):
             found.append((batch, queue, queue.maxlen - 1))
     return found
+
+
+def _has_parent(context: Any) -> bool:
+    """Whether a step's context holds a valid span to be its parent. Read straight from the
+    context (``trace.get_current_span`` costs several calls on every step); an empty context, the
+    usual case with no span around the forward, has none."""
+    if not context:
+        return False
+    span = context.get(_SPAN_KEY)
+    return span is not None and span.get_span_context().is_valid
 
 
 def _entropy_id_generator() -> Any:
@@ -270,10 +281,7 @@ class DeferredSpanSink:
                     )
                     for link in kept
                 ]
-            # An empty context (the usual case: no span around the forward) has no parent to keep.
-            if self.timeline_settings.enabled and (
-                not parent or not trace.get_current_span(parent).get_span_context().is_valid
-            ):
+            if self.timeline_settings.enabled and not _has_parent(parent):
                 parent = self._timeline_parent(info, start_ns, end_ns, static_attributes)
             span = self.tracer.start_span(
                 name,
