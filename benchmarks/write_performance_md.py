@@ -135,7 +135,7 @@ schedule; *lost, uncounted* = steps - received - losses reported by `otel_stepsp
 ## Memory over a million steps
 
 `bench_memory.py`: OpenTelemetry on, every step exported into an exporter that drops it; RSS
-after `otel_stepspan.flush()` at each mark (0 = after a 10,000-step warm-up). Then steps with no
+after `otel_stepspan.flush()` at each mark (0 = after a 50,000-step warm-up). Then steps with no
 waiting at all: the step queue stays at its bound and every drop is counted.
 
 {body(between(memory, "### RSS").replace("### Overload", "**Overload**"))}
