@@ -92,8 +92,7 @@ class Exporter:
         self.cond = threading.Condition()
         self.input_done = False
         self.flush_requests: list[tuple[int, int]] = []  # (seq, spans failed when asked)
-        # Counters. ``received`` counts spans queued; the rest say what became of spans.
-        self.received = 0
+        # What became of the step spans (timeline roots are counted apart).
         self.exported = 0
         self.failed = 0
         self.queue_full = 0
@@ -179,7 +178,6 @@ class Exporter:
                     self.queue.append(span)
                 elif room > 0:
                     self.queue.append(span)
-                    self.received += 1
                     room -= 1
                 else:
                     self.queue_full += 1
