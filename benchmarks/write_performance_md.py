@@ -1,8 +1,8 @@
-"""Run the four benchmarks and write their tables to ``docs/performance.md``.
+"""Run the five benchmarks and write their tables to ``docs/performance.md``.
 
 Usage::
 
-    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~10 min)
+    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~15 min)
     .venv/bin/python benchmarks/write_performance_md.py --quick    # short runs, to try it out
 
 Each benchmark's output is kept verbatim (its tables and goal verdicts); this only arranges it.
@@ -50,6 +50,7 @@ def main() -> int:
     throughput = run("bench_throughput.py", args.quick)
     memory = run("bench_memory.py", args.quick)
     stall = run("bench_engine_stall.py", args.quick)
+    vllm_step = run("bench_vllm_step.py", args.quick)
     stall_tables = stall.split("\n", 1)[1]  # without its header line
     machine = overhead.splitlines()[0].split(":", 1)[1].split("; otel_stepspan")[0].strip()
     flag = " --quick" if args.quick else ""
@@ -63,9 +64,10 @@ of each benchmark ({machine}), printed as is; reproduce with:
 .venv/bin/python benchmarks/bench_overhead.py{flag}      # ~1 min
 .venv/bin/python benchmarks/bench_throughput.py{flag}    # ~2 min
 .venv/bin/python benchmarks/bench_memory.py{flag}        # ~1 min
+.venv/bin/python benchmarks/bench_vllm_step.py{flag}     # ~1 min
 ```
 
-(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all four and rewrites
+(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all five and rewrites
 this page.) Two export paths are measured: with export configured by the `OTEL_*` variables,
 steps go to an exporter process of their own (`bench_engine_stall.py`, `bench_throughput.py`);
 when the engine set up its own SDK tracer provider, step spans are made through it, in the
@@ -139,6 +141,16 @@ after `otel_stepspan.flush()` at each mark (0 = after a 50,000-step warm-up). Th
 waiting at all: the step queue stays at its bound and every drop is counted.
 
 {body(between(memory, "### RSS").replace("### Overload", "**Overload**"))}
+
+## Classifying a vLLM step, by batch size
+
+`bench_vllm_step.py`: with export configured by the `OTEL_*` variables, a vLLM step is classified
+on the engine thread as it ends, the one part of a traced vLLM step that grows with the batch.
+*describe*: what the adapter does (a well-formed step of a current layout counted in bulk with
+C-level builtins); *request by request*: the same step counted per request in Python, as
+malformed steps and old layouts are. *links on*: request tracing, one span link per request.
+
+{body(between(vllm_step, "| kind"))}
 """
     out = out.replace("**Overload**", "\n**Overload**")
     with open(DOC, "w") as f:

@@ -506,6 +506,70 @@ def test_counts_follow_the_contract_and_agree_with_vllm_but_for_recomputes(step)
         assert info.prefill_seqs > ctx_reqs and info.decode_seqs < gen_reqs
 
 
+@st.composite
+def bulk_batches(draw):
+    """Steps down to the corners the bulk count must get right: new and cached requests computing
+    one token (or none besides draft tokens) in their prompt, requests in neither list, requests
+    listed but not scheduled, draft tokens for some, trace contexts for some, and now and then a
+    malformed value."""
+    ids = [f"r{i}" for i in range(draw(st.integers(1, 40)))]
+    tokens = {r: draw(st.sampled_from([1, 1, 1, 2, 4, 7, 300])) for r in ids}
+    place = {r: draw(st.sampled_from(["new", "cached", "cached", "neither"])) for r in ids}
+    new = tuple(new_req(r, tokens[r]) for r in ids if place[r] == "new")
+    cached = [r for r in ids if place[r] == "cached"] + draw(st.lists(st.just("gone"), max_size=1))
+    outputs = [draw(st.sampled_from([0, 0, 1, 5])) for _ in cached]
+    spec = {r: [9] * draw(st.integers(0, min(3, tokens[r]))) for r in ids if draw(st.booleans())} if draw(
+        st.booleans()) else {}
+    corner = draw(st.sampled_from(["none"] * 8 + ["bool count", "negative output", "short outputs", "int id",
+                                                  "too many drafts", "drafts of nobody", "drafts not a list"]))
+    if corner == "bool count":
+        tokens[ids[0]] = True
+    elif corner == "negative output" and outputs:
+        outputs[0] = -1
+    elif corner == "short outputs" and outputs:
+        outputs.pop()
+    elif corner == "int id" and cached:
+        cached[0] = 7
+    elif corner == "too many drafts":
+        spec[ids[0]] = [9] * (tokens[ids[0]] + 1)
+    elif corner == "drafts of nobody":
+        spec["nobody"] = [9]
+    elif corner == "drafts not a list":
+        spec[ids[0]] = 3
+    step = scheduler_output(tokens, new=new, cached=CachedRequestData(
+        cached, set(), [[]] * len(cached), {}, [None] * len(cached), [0] * len(cached), outputs), spec=spec)
+    traced = draw(st.booleans())
+    return with_context(step, announced={r: (n + 1, n + 2, n % 2) for n, r in enumerate(ids)
+                                         if traced and n % 3 != 2}) if traced else step
+
+
+@settings(max_examples=800, deadline=None)
+@given(bulk_batches())
+def test_the_bulk_count_agrees_with_counting_request_by_request(step):
+    """Well-formed steps are counted with C-level builtins over the batch (4-5x less at 256
+    requests); counting each request in Python, as malformed ones are, must give the same step,
+    links included, or the bulk count must decline."""
+    vllm._request_contexts = {}
+    captured = vllm.capture(step)
+    scheduled, spec = captured.num_scheduled_tokens, captured.scheduled_spec_decode_tokens
+    bulk = vllm._classify_in_bulk(captured, scheduled, spec, captured.total_num_scheduled_tokens)
+    each = vllm._classify_each(captured, list(scheduled.items()), captured.total_num_scheduled_tokens, spec)
+    cached = step.scheduled_cached_reqs
+    malformed = (any(type(n) is bool for n in scheduled.values())
+                 or any(type(o) is not int or o < 0 for o in cached.num_output_tokens)
+                 or len(cached.num_output_tokens) != len(cached.req_ids)
+                 or any(type(r) is not str for r in cached.req_ids)
+                 or any(r not in scheduled or not isinstance(d, list) or len(d) > scheduled[r]
+                        for r, d in spec.items()))
+    if malformed:
+        assert bulk is None
+        return
+    assert bulk == each
+    assert bulk.links == each.links
+    assert [type(link) for link in bulk.links or ()] == [type(link) for link in each.links or ()]
+    assert vllm.finish(captured) == each
+
+
 def test_a_request_recomputed_after_preemption_is_prefill_work_where_vllm_says_decode():
     """As seen on vLLM's CPU build with a small KV cache: a resumed request (output tokens, nothing
     computed) recomputes 127 tokens next to a running decode."""

@@ -83,6 +83,8 @@ edited, so a step finished late still reads the table it was captured with.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import re
 import sys
 import weakref
@@ -438,13 +440,100 @@ def _classify(c: Captured) -> StepInfo:
     scheduled = c.num_scheduled_tokens
     if not isinstance(scheduled, Mapping):
         return _with_context(c, "idle", 0, 0, 0, 0, 0, []) if total == 0 else unknown_step()
-    items = list(scheduled.items())  # one C-level copy: no Python code runs while it is made
+    if not scheduled or total == 0:
+        # vLLM runs no forward when nothing is scheduled.
+        return _with_context(c, "idle", 0, 0, 0, 0, 0, [])
+    spec = c.scheduled_spec_decode_tokens
+    if len(scheduled) >= _BULK_FROM and c.legacy is None and type(scheduled) is dict and (
+            not spec or type(spec) is dict):
+        counted = _classify_in_bulk(c, scheduled, spec or {}, total)
+        if counted is not None:
+            return counted
+    return _classify_each(c, list(scheduled.items()), total, spec)
+
+
+#: From this many requests a step is counted in bulk: below it, the checks cost more than they save.
+_BULK_FROM = 8
+
+
+def _all_of_type(values: Any, kind: type) -> bool:
+    """Whether every value is exactly of ``kind`` (no subclass: a bool is not a count), in C."""
+    return not values or set(map(type, values)) == {kind}
+
+
+def _classify_in_bulk(c: Captured, scheduled: dict, spec: dict, total: Optional[int]) -> Optional[StepInfo]:
+    """A well-formed step of a current layout, counted with C-level builtins over the batch
+    instead of Python per request (4-5x less at 256 requests; ``benchmarks/bench_vllm_step.py``).
+    None when any value is not as vLLM makes it: then :func:`_classify_each` counts the step. The
+    two agree on every step both count (a test compares them on random batches).
+
+    The rule is :func:`_classify_each`'s: a request computing more than one non-speculative token
+    is prompt work; of the others, the new ones and the cached ones with no output token yet are
+    too, and the rest decode."""
+    req_ids, counts = list(scheduled), list(scheduled.values())  # vLLM never edits the dict
+    new_ids, cached_ids, outputs = c.new_req_ids, c.cached_req_ids, c.cached_num_output_tokens
+    if not (len(req_ids) == len(counts) and type(new_ids) is tuple and type(cached_ids) in (list, tuple)
+            and type(outputs) in (list, tuple) and len(cached_ids) == len(outputs)
+            and _all_of_type(counts, int) and _all_of_type(new_ids, str) and _all_of_type(cached_ids, str)
+            and _all_of_type(outputs, int)):
+        return None
+    if min(counts) < 1 or (outputs and min(outputs) < 0):
+        return None
+    computed: dict = scheduled  # per request, its non-speculative tokens
+    if spec:
+        spec_ids, drafts = list(spec), list(spec.values())
+        if len(spec_ids) != len(drafts) or not set(map(type, drafts)) <= {list, tuple}:
+            return None
+        spec_counts = list(map(scheduled.get, spec_ids))
+        if None in spec_counts:  # draft tokens for a request not scheduled: let the slow path judge
+            return None
+        non_speculative = list(map(operator.sub, spec_counts, map(len, drafts)))
+        if min(non_speculative) < 0:
+            return None
+        computed = dict(scheduled)
+        computed.update(zip(spec_ids, non_speculative))
+    values = list(computed.values())
+    candidates = set(new_ids)
+    if 0 in outputs:
+        candidates.update(itertools.compress(cached_ids, map(operator.not_, outputs)))
+    # Requests computing at most one token that are prompt work all the same.
+    short_prompts = {req_id for req_id in candidates if computed.get(req_id, 2) < 2} if candidates else set()
+    short_prompt_tokens = sum(map(computed.__getitem__, short_prompts))
+    batch_size, ones = len(values), values.count(1)
+    at_most_one = ones + values.count(0)
+    prefill_seqs = batch_size - at_most_one + len(short_prompts)
+    extend_tokens = sum(values) - ones + short_prompt_tokens
+    decode_seqs = at_most_one - len(short_prompts)
+    num_tokens = total if total is not None else sum(counts)
+    links = _links(c.request_contexts, req_ids, counts, computed, short_prompts, spec)
+    if spec:
+        mode = "verify"
+    else:
+        mode = "mixed" if prefill_seqs and decode_seqs else "prefill" if prefill_seqs else "decode"
+    return _with_context(c, mode, batch_size, extend_tokens, decode_seqs, prefill_seqs, num_tokens, links)
+
+
+def _links(contexts: Optional[dict], req_ids: list, counts: list, computed: dict, short_prompts: set,
+           spec: dict) -> list[RequestLink]:
+    """One link per request that came with a trace context, as :func:`_classify_each` makes it."""
+    if not contexts:
+        return []
+    links = []
+    make = tuple.__new__  # RequestLink's own constructor, without its Python-level __new__
+    for req_id, count, context in zip(req_ids, counts, map(contexts.get, req_ids)):
+        if context is not None:
+            if spec and spec.get(req_id):
+                work = "verify"
+            else:
+                work = "prefill" if computed[req_id] > 1 or req_id in short_prompts else "decode"
+            links.append(make(RequestLink, (req_id, context[0], context[1], context[2], work, count)))
+    return links
+
+
+def _classify_each(c: Captured, items: list, total: Optional[int], spec: Any) -> StepInfo:
+    """Any step, request by request in Python: draft tokens, old layouts, malformed values."""
     contexts = c.request_contexts
     links: list[RequestLink] = []
-    if not items or total == 0:
-        # vLLM runs no forward when nothing is scheduled.
-        return _with_context(c, "idle", 0, 0, 0, 0, 0, links)
-    spec = c.scheduled_spec_decode_tokens
     drafts_of = spec if isinstance(spec, Mapping) else {}
     new_ids = _new_request_ids(c.new_req_ids)
     phases = _cached_phases(c)

@@ -142,7 +142,7 @@ class ExporterProcessSink:
                 _parent_ids(parent) if parent else None,
                 exception_event(error) if error is not None else None,
                 dict(extra) if extra else None,
-                None if info.links is None else [tuple(link) for link in info.links],
+                None if info.links is None else list(map(tuple, info.links)),  # marshal takes plain tuples
                 info.queued_requests,
                 info.kv_tokens,
             )
