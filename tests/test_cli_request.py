@@ -39,6 +39,13 @@ SCHEDULE = [
 @pytest.fixture
 def spans_file(tmp_path, monkeypatch):
     """A spans file from a run of SCHEDULE; returns (path, {request id: trace id hex}, t0)."""
+    return write_run(tmp_path, monkeypatch)
+
+
+def write_run(tmp_path, monkeypatch, engine_ids=None):
+    """A run of SCHEDULE written as a spans file; ``engine_ids`` renames the requests as the
+    engine names them (the links' ``request.id``)."""
+    engine_ids = engine_ids or {"a": "a", "b": "b"}
     path = tmp_path / "spans.jsonl"
     provider = TracerProvider(resource=Resource.create({"service.name": "engine-x"}))
     exporter = OtlpJsonFileExporter(path)
@@ -55,7 +62,8 @@ def spans_file(tmp_path, monkeypatch):
     sink = runtime.otel_sink()
     for i, row in enumerate(SCHEDULE):
         links = tuple(
-            RequestLink(rid, contexts[rid].trace_id, contexts[rid].span_id, 1, work, tokens) for rid, work, tokens in row
+            RequestLink(engine_ids[rid], contexts[rid].trace_id, contexts[rid].span_id, 1, work, tokens)
+            for rid, work, tokens in row
         )
         decodes = sum(1 for _, work, _ in row if work == "decode")
         prefills = [tokens for _, work, tokens in row if work == "prefill"]
@@ -112,6 +120,34 @@ def test_a_request_by_request_id_gives_the_same_steps_and_the_table_says_it_plai
     assert "step[prefill bs=2 toks=56]" in rows[0]
     assert "where the time went: 60.0 ms = queued 5.0 ms" in out
     assert "preempted" not in out  # b never did prompt work after decoding
+
+
+def test_the_id_a_client_gave_vllm_finds_the_engine_request(tmp_path, monkeypatch, capsys):
+    """vLLM's engine core names a request by the client's id, a dash and 8 hex characters; the id
+    the client knows finds it, in ``request`` and in ``search --request``."""
+    path, traces, _ = write_run(tmp_path, monkeypatch, {"a": "cmpl-7-1f2e3d4c", "b": "cmpl-8-00aa11bb"})
+    code, out, _ = _run(capsys, "request", "cmpl-8", "--file", str(path), "--all")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [line.split()[2] for line in rows] == ["prefill", "decode", "decode", "decode", "decode"]
+    assert "cmpl-8-00aa11bb" in out
+    code, out, _ = _run(capsys, "search", "--file", str(path), "--request", "cmpl-8", "--json", "--limit", "0")
+    assert [json.loads(line)["attributes"]["forward.pass_id"] for line in out.splitlines()] == [
+        i for i, row in enumerate(SCHEDULE, 1) if any(rid == "b" for rid, _, _ in row)
+    ]
+    # A prefix that is not the engine's form finds nothing.
+    code, out, err = _run(capsys, "request", "cmpl", "--file", str(path))
+    assert code == 0 and out == "" and "is the engine tracing requests" in err
+
+
+def test_a_client_id_naming_two_engine_requests_is_refused_with_both_named(tmp_path, monkeypatch, capsys):
+    path, _, _ = write_run(tmp_path, monkeypatch, {"a": "chat-1-aaaaaaaa", "b": "chat-1-bbbbbbbb"})
+    code, out, err = _run(capsys, "request", "chat-1", "--file", str(path))
+    assert code == 2 and out == ""
+    assert "names 2 engine requests (chat-1-aaaaaaaa, chat-1-bbbbbbbb)" in err
+    code, out, _ = _run(capsys, "request", "chat-1-bbbbbbbb", "--file", str(path), "--all")
+    assert code == 0
+    assert len([line for line in out.splitlines() if line.split() and line.split()[0].isdigit()]) == 5
 
 
 def test_long_decode_runs_fold_unless_every_step_is_asked_for(spans_file, capsys):

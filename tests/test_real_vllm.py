@@ -576,10 +576,14 @@ def test_otel_stepspan_request_finds_the_steps_the_scheduler_scheduled_for_each_
             assert report["queued_ms"] is not None and report["queued_ms"] >= 0
     if name == "in_process_traced":
         assert recomputed, "no traced request was preempted and recomputed"
-    # The same request by its request id (vLLM's engine-core id, as the links name it).
-    first = next(iter(traced.values()))
-    by_id = _request_report(run, _internal_id(run, first))
-    assert by_id["steps"] == _request_report(run, first.split("-")[1])["steps"]
+    # The same request by its request id (vLLM's engine-core id, as the links name it), and by
+    # the id the client gave vLLM.
+    client_id, first = next(iter(traced.items()))
+    by_trace = _request_report(run, first.split("-")[1])["steps"]
+    assert _request_report(run, _internal_id(run, first))["steps"] == by_trace
+    assert _internal_id(run, first) != client_id
+    by_client_id = _request_report(run, client_id)
+    assert by_client_id["steps"] == by_trace and by_client_id["request_id"] == _internal_id(run, first)
 
 
 @pytest.mark.parametrize("name", TRACED + UNTRACED)

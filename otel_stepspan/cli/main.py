@@ -80,7 +80,9 @@ how the request is found: every step span links to the trace context of each tra
 computed (link attributes request.id, forward.request.work = prefill | decode | verify,
 forward.request.tokens). With a trace id, the request's own trace is read first (when the engine
 exports its request spans to the same place), which bounds the search and gives the request's
-start: the time queued before its first step. With a request id, the --since window is searched.
+start: the time queued before its first step. With a request id, the --since window is searched;
+the id a client gave vLLM also finds the engine's own id for it (the client's id, a dash and 8
+hex characters), unless it names several engine requests (then they are listed).
 
 output: one row per step (AT_MS: since the request started; WORK and TOKENS: what the step did
 for this request; STEP: the step's label and batch size), runs of decode steps folded unless
@@ -411,7 +413,7 @@ def _write_plot(command: str, draw: Callable[[], None], path: str) -> int:
 def _request(args: argparse.Namespace) -> int:
     from ._filters import filter_from_args
     from ._sources import SourceError, load_request
-    from .request import plot_report, print_report, summarise
+    from .request import AmbiguousRequestId, plot_report, print_report, summarise
     from ..settings import read_settings
 
     try:
@@ -422,7 +424,7 @@ def _request(args: argparse.Namespace) -> int:
             search_depth=args.search_depth,
             timeline_s=read_settings().timeline.max_seconds,
         )
-    except SourceError as exc:
+    except (SourceError, AmbiguousRequestId) as exc:
         print(f"otel-stepspan request: {exc}", file=sys.stderr)
         return 2
     if not steps:

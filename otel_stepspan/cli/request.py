@@ -14,6 +14,7 @@ Pure: :func:`request_steps` and :func:`summarise` work on spans from anywhere; t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Optional, Sequence
 
@@ -39,20 +40,57 @@ class RequestStep:
     request_trace_id: str
 
 
-def link_to(span: StepSpan, key: str) -> Optional[SpanLink]:
-    """The link of step ``span`` to the request ``key`` (a trace id, else a request id), if any."""
+class AmbiguousRequestId(ValueError):
+    """A client's request id that names several engine requests (see :func:`link_to`)."""
+
+    def __init__(self, key: str, request_ids: Sequence[str]) -> None:
+        self.request_ids = sorted(request_ids)
+        shown = ", ".join(self.request_ids[:5]) + (" ..." if len(self.request_ids) > 5 else "")
+        super().__init__(f"request id {key} names {len(self.request_ids)} engine requests ({shown}): give one of them")
+
+
+def _engine_form(key: str) -> "re.Pattern[str]":
+    """vLLM's engine-core request id: the id the client gave, a dash and 8 hex characters."""
+    return re.compile(re.escape(key) + r"-[0-9a-f]{8}")
+
+
+def link_to(span: StepSpan, key: str, *, exact: bool = False) -> Optional[SpanLink]:
+    """The link of step ``span`` to the request ``key``, if any: a trace id names the request's
+    trace; any other key its ``request.id``, or, unless ``exact``, vLLM's engine-core form of it
+    (the client's id, a dash and 8 hex characters), so the id a client sent finds its steps."""
     if is_trace_id(key):
         wanted = key.lower()
         return next((link for link in span.links if link.trace_id == wanted), None)
-    return next((link for link in span.links if link.attributes.get("request.id") == key), None)
+    for link in span.links:
+        request_id = link.attributes.get("request.id")
+        if request_id == key:
+            return link
+    if exact:
+        return None
+    engine_form = _engine_form(key)
+    return next((link for link in span.links
+                 if isinstance(link.attributes.get("request.id"), str)
+                 and engine_form.fullmatch(link.attributes["request.id"])), None)
 
 
 def request_steps(spans: Iterable[StepSpan], key: str) -> list[RequestStep]:
     """The steps that computed the request ``key`` (a trace id or a request id), oldest first,
-    each once."""
+    each once. A request id matches exactly; only where nothing does, vLLM's engine-core form of
+    it, and then it must name one request (else :class:`AmbiguousRequestId`)."""
+    steps = [span for span in spans if "forward.mode" in span.attributes]
+    found = _steps_linked(steps, key, exact=True)
+    if not found and not is_trace_id(key):
+        found = _steps_linked(steps, key, exact=False)
+        request_ids = {r.request_id for r in found}
+        if len(request_ids) > 1:
+            raise AmbiguousRequestId(key, list(request_ids))
+    return found
+
+
+def _steps_linked(spans: Iterable[StepSpan], key: str, exact: bool) -> list[RequestStep]:
     found: dict[tuple[str, str], RequestStep] = {}
     for span in spans:
-        link = link_to(span, key) if "forward.mode" in span.attributes else None
+        link = link_to(span, key, exact=exact)
         if link is None:
             continue
         tokens = link.attributes.get("forward.request.tokens")
