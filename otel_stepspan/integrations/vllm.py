@@ -444,16 +444,11 @@ def _classify(c: Captured) -> StepInfo:
         # vLLM runs no forward when nothing is scheduled.
         return _with_context(c, "idle", 0, 0, 0, 0, 0, [])
     spec = c.scheduled_spec_decode_tokens
-    if len(scheduled) >= _BULK_FROM and c.legacy is None and type(scheduled) is dict and (
-            not spec or type(spec) is dict):
+    if c.legacy is None and type(scheduled) is dict and (not spec or type(spec) is dict):
         counted = _classify_in_bulk(c, scheduled, spec or {}, total)
         if counted is not None:
             return counted
     return _classify_each(c, list(scheduled.items()), total, spec)
-
-
-#: From this many requests a step is counted in bulk: below it, the checks cost more than they save.
-_BULK_FROM = 8
 
 
 def _all_of_type(values: Any, kind: type) -> bool:
