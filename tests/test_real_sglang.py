@@ -80,6 +80,8 @@ class Run:
     #: (sglang's request spans and the step spans) as an OTLP/JSON lines file.
     client_traces: dict[str, dict] = field(default_factory=dict)
     spans_file: Optional[Path] = None
+    #: When the driver called ``Engine.shutdown()`` (time.time_ns()).
+    shutdown_ns: Optional[int] = None
 
 
 def _truth(folder: Path) -> list[dict]:
@@ -130,6 +132,8 @@ def run_engine(
     short: bool = False,
     prompt_shutdown: bool = False,
     trace_requests: bool = False,
+    sglang_export_delay: Optional[int] = 100,
+    busy_seconds: float = 0.0,
 ) -> Run:
     """Run the driver; unless ``prompt_shutdown``, keep the engine up until every recorded forward's
     span has arrived, so that what is compared is labelling, not delivery at shutdown.
@@ -154,6 +158,8 @@ def run_engine(
         argv.append("--annotations")
     if short:
         argv.append("--short")
+    if busy_seconds:
+        argv += ["--busy-seconds", str(busy_seconds)]
     if not prompt_shutdown:
         argv += ["--wait-for", str(ready)]
     requests_out = workdir / "requests.json"
@@ -166,7 +172,9 @@ def run_engine(
             )
         if trace_requests:
             argv += ["--trace-endpoint", f"127.0.0.1:{receiver.port}", "--requests-out", str(requests_out)]
-            env.update(SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS="100", OTEL_STEPSPAN_TIMELINE_SECONDS="1")
+            env["OTEL_STEPSPAN_TIMELINE_SECONDS"] = "1"
+            if sglang_export_delay is not None:  # None: sglang's own default (500 ms)
+                env["SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS"] = str(sglang_export_delay)
         with open(workdir / "log.txt", "w") as log:
             process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
             try:
@@ -200,6 +208,7 @@ def run_engine(
         log=text,
         client_traces=json.loads(requests_out.read_text()) if trace_requests else {},
         spans_file=workdir / "spans.jsonl" if trace_requests else None,
+        shutdown_ns=int((workdir / "shutdown-ns").read_text()),
     )
 
 
@@ -421,6 +430,24 @@ def test_no_step_span_is_lost_when_the_engine_shuts_down_right_after_its_last_re
     assert run.truth, "no forward ran"
     assert sorted(s.attributes[PASS_ID_KEY] for s in run.spans) == [r["pass_id"] for r in run.truth]
     assert mismatches(run) == []
+
+
+def test_with_sglang_tracing_requests_a_prompt_shutdown_loses_no_step_that_ended_a_second_before(
+    engine_python, tiny_model, tmp_path
+):
+    """With ``enable_trace`` the step spans go through sglang's own tracer provider in the
+    scheduler process, on sglang's own batch delay (500 ms unless set): a script that shuts the
+    engine down right after its last request loses at most the steps of its last moments, as
+    sglang loses its own request spans, and never a step that ended a second or more before."""
+    run = run_engine(engine_python, tiny_model, tmp_path / "run", instrumented=True, prompt_shutdown=True,
+                     trace_requests=True, sglang_export_delay=None, short=True, busy_seconds=3.0)
+    arrived = {s.attributes[PASS_ID_KEY] for s in run.spans}
+    settled = [r["pass_id"] for r in run.truth if r["ended_ns"] <= run.shutdown_ns - 1_000_000_000]
+    print(f"{len(run.truth)} forwards, {len(settled)} ended 1 s or more before the shutdown, "
+          f"{len(arrived)} step spans arrived")
+    assert len(settled) >= 10, "too few steps ended a second before the shutdown for the check to mean much"
+    assert [pass_id for pass_id in settled if pass_id not in arrived] == []
+    assert arrived <= {r["pass_id"] for r in run.truth}
 
 
 # -- sglang's own classes on the paths this machine cannot run end to end --------------------------

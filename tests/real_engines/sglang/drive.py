@@ -17,6 +17,10 @@ Workloads, in one engine session (each request is greedy, ``ignore_eos``):
   3. a long request decoding while two more join it (``enable_mixed_chunk``): a new prompt, and
      one identical to a finished one, all but its last token cached in the radix tree (it extends
      by one token, like the decodes it is mixed with).
+
+With ``--busy-seconds``, short requests then follow one another for that long (rid ``busy-N``).
+Before ``Engine.shutdown()`` the driver writes the time (``time.time_ns()``) to ``shutdown-ns``
+beside ``--out``.
 """
 
 import argparse
@@ -81,13 +85,25 @@ async def join_running(engine, outputs):
     await joined
 
 
-async def workloads(engine, short):
+async def keep_busy(engine, seconds, outputs):
+    """Short requests one after another for ``seconds``: the last seconds of a script that
+    shuts the engine down right after its last request."""
+    deadline, index = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        sampling = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+        out = await engine.async_generate(input_ids=prompt(50 + index, 10), sampling_params=sampling, rid=f"busy-{index}")
+        outputs[f"busy-{index}"] = out["output_ids"]
+        index += 1
+
+
+async def workloads(engine, short, busy_seconds=0.0):
     outputs = {}
     await asyncio.gather(generate(engine, "pair_a", outputs), generate(engine, "pair_b", outputs))
-    if short:
-        return outputs
-    await asyncio.gather(generate(engine, "chunked", outputs), generate(engine, "behind_chunked", outputs))
-    await join_running(engine, outputs)
+    if not short:
+        await asyncio.gather(generate(engine, "chunked", outputs), generate(engine, "behind_chunked", outputs))
+        await join_running(engine, outputs)
+    if busy_seconds:
+        await keep_busy(engine, busy_seconds, outputs)
     return outputs
 
 
@@ -99,6 +115,8 @@ def main():
     parser.add_argument("--profile-dir")
     parser.add_argument("--annotations", action="store_true")
     parser.add_argument("--short", action="store_true", help="workload 1 only")
+    parser.add_argument("--busy-seconds", type=float, default=0.0,
+                        help="then short requests one after another for this long")
     parser.add_argument("--wait-for", help="before shutting down, wait until this file exists")
     parser.add_argument("--trace-endpoint", help="sglang traces requests, spans to this OTLP/gRPC host:port")
     parser.add_argument("--requests-out", help="with --trace-endpoint: each request's client trace context")
@@ -137,7 +155,7 @@ def main():
             record_shapes=False,
             detailed_annotations=args.annotations,
         )
-    outputs = engine.loop.run_until_complete(workloads(engine, args.short))
+    outputs = engine.loop.run_until_complete(workloads(engine, args.short, args.busy_seconds))
     if args.profile_dir:
         engine.stop_profile()
     with open(args.out, "w") as handle:
@@ -146,6 +164,8 @@ def main():
         deadline = time.monotonic() + 120
         while not os.path.exists(args.wait_for) and time.monotonic() < deadline:
             time.sleep(0.05)
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "shutdown-ns"), "w") as handle:
+        handle.write(str(time.time_ns()))  # sglang SIGKILLs its scheduler process from here on
     engine.shutdown()
 
 

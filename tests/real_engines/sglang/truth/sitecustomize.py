@@ -17,6 +17,7 @@ a scheduler killed by ``Engine.shutdown()`` loses none.
 
 import json
 import os
+import time
 
 _DIR = os.environ.get("SGLANG_TRUTH_DIR")
 _PROMPT_ROWS = "_truth_prompt_rows"
@@ -76,6 +77,7 @@ def _record_forwards(forward_batch_generation):
         }
         record.update(_scheduler_context())
         result = forward_batch_generation(self, batch, *args, **kwargs)
+        record["ended_ns"] = time.time_ns()  # after the forward (and its step span) ended
         record["pass_id"] = self.model_runner.forward_pass_id
         record.update(_parallel_ranks())
         if not out:
