@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_engine_stall.py            # full run (~9 min on 2 cores)
+    .venv/bin/python benchmarks/bench_engine_stall.py            # full run (~12 min on 2 cores)
     .venv/bin/python benchmarks/bench_engine_stall.py --quick    # a short run (~1.5 min)
 
 An LLM engine's scheduler loop is Python: per step it does some scheduling work holding the GIL,
@@ -23,6 +23,9 @@ engine's GIL, not this machine's two cores taken in turns. Variants, each in pro
 own, blocks interleaved (off, on, off, on, ...):
 
 * ``off``: no export configured (the wrapper's off path);
+* ``off again``: the same a second time, in its own blocks: the A/A control. Its ratios to
+  ``off`` (printed as ``info`` lines) show how far two identical variants stray apart on this
+  machine, the resolution against which the goals are judged;
 * ``on``: export configured only by ``OTEL_EXPORTER_OTLP_ENDPOINT`` (gRPC) into a real OTLP
   receiver in another process: the exporter process path;
 * ``in-process`` (at 200 steps/s only, for reference): an SDK provider set by the "engine" with a
@@ -49,6 +52,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+#: The A/A control: export off run a second time, compared with the first like export on is.
+CONTROL = "off again"
 #: (steps/s, GIL-holding work ms, GPU wait ms, seconds per variant in a full run): the wait fills
 #: most of the slot, as a decode does, leaving slack to catch up after a hiccup of the machine;
 #: the seconds give every rate thousands of steps, so that p99.9 is not one step's noise.
@@ -300,20 +305,22 @@ def paced(receiver: Receiver, quick: bool, rates: tuple = RATES) -> tuple[list[l
     rows, checks, ok = [], [], True
     for rate, work_ms, wait_ms, full_seconds in rates:
         seconds = 4.0 if quick else full_seconds
-        variants = ["off", "on"] + (["in-process"] if rate == 200 else [])
+        # "off again": export off a second time, the A/A control. How far it strays from "off"
+        # is how finely this machine can tell two identical variants apart.
+        variants = ["off", "on", CONTROL] + (["in-process"] if rate == 200 else [])
         pooled: dict[str, dict[str, list[float]]] = {v: {"wake": [], "work": [], "late": []} for v in variants}
         steps = {v: 0 for v in variants}
         for block in range(blocks):
             for variant in variants if block % 2 == 0 else reversed(variants):
                 before = receiver.ask("count")["spans"]
                 out = run_worker(
-                    "paced", variant, receiver.endpoint, rate=rate, seconds=seconds / blocks,
+                    "paced", "off" if variant == CONTROL else variant, receiver.endpoint, rate=rate, seconds=seconds / blocks,
                     work_ms=work_ms, wait_ms=wait_ms,
                 )
                 for key in ("wake", "work", "late"):
                     pooled[variant][key] += out[key]
                 steps[variant] += out["steps"]
-                if variant != "off":  # every step, warm-up included, must arrive
+                if variant not in ("off", CONTROL):  # every step, warm-up included, must arrive
                     got = receiver.ask(f"wait {before + out['stats']['emitted']} 30")["spans"] - before
                     if got != out["stats"]["emitted"] or out["stats"]["dropped"]:
                         ok = False
@@ -329,7 +336,7 @@ def paced(receiver: Receiver, quick: bool, rates: tuple = RATES) -> tuple[list[l
                 f"{pct(data['late'], 0.99) * 1e3:.2f}",
             ]
             rows.append(row)
-            if variant == "on":
+            if variant in ("on", CONTROL):
                 off_wake = [w * 1e6 for w in base["wake"]]
                 ratios = {
                     "p99": pct(wake, 0.99) / pct(off_wake, 0.99),
@@ -337,6 +344,12 @@ def paced(receiver: Receiver, quick: bool, rates: tuple = RATES) -> tuple[list[l
                     "max": max(wake) / max(off_wake),
                     "work": statistics.mean(data["work"]) / statistics.mean(base["work"]),
                 }
+                if variant == CONTROL:
+                    checks.append(
+                        f"info {rate}/s control, export off again / off: wake p99 {ratios['p99']:.2f}, "
+                        f"p99.9 {ratios['p99.9']:.2f}, max {ratios['max']:.2f}, work {ratios['work']:.3f}"
+                    )
+                    continue
                 for name, target in (("p99", 1.1), ("p99.9", 1.1), ("max", 2.0), ("work", 1.02)):
                     verdict = "PASS" if ratios[name] <= target else "FAIL"
                     checks.append(f"{verdict} {rate}/s wake {name} on/off = {ratios[name]:.2f} (goal <= {target})"

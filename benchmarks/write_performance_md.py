@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~15 min)
+    .venv/bin/python benchmarks/write_performance_md.py            # full runs (~18 min)
     .venv/bin/python benchmarks/write_performance_md.py --quick    # short runs, to try it out
 
 Each benchmark's output is kept verbatim (its tables and goal verdicts); this only arranges it.
@@ -60,7 +60,7 @@ What a traced forward step costs, measured side by side with the baselines it re
 of each benchmark ({machine}), printed as is; reproduce with:
 
 ```bash
-.venv/bin/python benchmarks/bench_engine_stall.py{flag}  # ~9 min
+.venv/bin/python benchmarks/bench_engine_stall.py{flag}  # ~12 min
 .venv/bin/python benchmarks/bench_overhead.py{flag}      # ~1 min
 .venv/bin/python benchmarks/bench_throughput.py{flag}    # ~2 min
 .venv/bin/python benchmarks/bench_memory.py{flag}        # ~1 min
@@ -86,8 +86,9 @@ and on interleaved; the engine thread pinned to CPU 0, the receiver and the expo
 the other CPU (both variants alike: a serving host has cores to spare, and the question is the
 engine's GIL). *Wake*: from the end of the GPU wait to the engine thread running Python
 again; *work*: the scheduler work's wall time; *late*: how far steps started behind schedule.
-*in-process* (reference): an SDK provider with a BatchSpanProcessor and the OTLP exporter set up
-in the engine process. Then CPU per exported span, steps back to back, every process counted
+*off again*: export off a second time, the A/A control; its ratios to *off* (the `info` lines)
+show how far two identical variants stray apart on this machine. *in-process* (reference): an
+SDK provider with a BatchSpanProcessor and the OTLP exporter set up in the engine process. Then CPU per exported span, steps back to back, every process counted
 (the engine and its exporter process; not the receiver).
 
 {body(stall_tables)}
