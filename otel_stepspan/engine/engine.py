@@ -178,18 +178,9 @@ class Engine:
     # -- building a batch ------------------------------------------------------------------
 
     def build_batch(self, plan: StepPlan) -> ForwardBatch:
-        """The ForwardBatch of ``plan``, allocating the KV slots its new tokens go to, with its
-        requests and the scheduler's context marked on it."""
-        batch = idle_batch(self.device) if plan.mode == IDLE else self._model_inputs(plan)
-        rows = [req.trace for req in plan.reqs] if self.request_tracer is not None else None
-        mark_requests(batch, rows, len(self.scheduler.waiting), self.kv_tokens_in_use())
-        return batch
-
-    def kv_tokens_in_use(self) -> int:
-        pool = self.runner.token_to_kv_pool
-        return pool.size - pool.available()
-
-    def _model_inputs(self, plan: StepPlan) -> ForwardBatch:
+        """The ForwardBatch of ``plan``, allocating the KV slots its new tokens go to."""
+        if plan.mode == IDLE:
+            return idle_batch(self.device)
         runner = self.runner
         rows: list[int] = []
         input_ids: list[int] = []
@@ -269,7 +260,11 @@ class Engine:
         clock, scheduler, runner = self.clock, self.scheduler, self.runner
         plan = scheduler.schedule(now)
         batch = self.build_batch(plan)
+        # The step's requests and the scheduler's context, marked on the batch for its step span
+        # (as the sglang instrumentor marks sglang's) and kept for the step's stats.
         queued, kv_tokens = len(scheduler.waiting), self.kv_tokens_in_use()
+        mark_requests(batch, [req.trace for req in plan.reqs] if self.request_tracer is not None else None,
+                      queued, kv_tokens)
         start = clock.now()
         output = runner.forward(batch)
         duration = clock.now() - start
@@ -295,6 +290,10 @@ class Engine:
             kv_tokens,
         )
         return stat, batch
+
+    def kv_tokens_in_use(self) -> int:
+        pool = self.runner.token_to_kv_pool
+        return pool.size - pool.available()
 
     # -- request tracing ---------------------------------------------------------------------
 
