@@ -38,6 +38,7 @@ Besides ``ModelRunner.forward`` the instrumentor patches, each for one reason:
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import operator
 import sys
@@ -537,11 +538,7 @@ def remembered_scheduler(init: Any) -> Any:
             pass
         return init(self, *args, **kwargs)
 
-    init_remembering_its_thread.__wrapped__ = init  # type: ignore[attr-defined]
-    init_remembering_its_thread.__name__ = getattr(init, "__name__", "__init__")
-    init_remembering_its_thread.__qualname__ = getattr(init, "__qualname__", "__init__")
-    init_remembering_its_thread.__doc__ = getattr(init, "__doc__", None)
-    return init_remembering_its_thread
+    return functools.update_wrapper(init_remembering_its_thread, init, updated=())
 
 
 def _step_context(batch: Any, runner: Any) -> tuple[Any, Optional[int], Optional[int]]:
