@@ -23,6 +23,14 @@ def as_count(value: Any) -> Optional[int]:
     return None
 
 
+def are_counts(values: Any, at_least: int = 0) -> bool:
+    """Whether every entry of a list or tuple is a plain Python int of ``at_least`` or more,
+    checked by C loops rather than a Python one, for lists read on the engine thread every step.
+    Exactly ``int``: a bool is no count, and a NumPy number or an int subclass gives False, left
+    to a look at each entry (:func:`as_count`)."""
+    return not values or (set(map(type, values)) == {int} and min(values) >= at_least)
+
+
 def _is_cpu_tensor(value: Any) -> bool:
     device = getattr(value, "device", None)
     return getattr(device, "type", None) == "cpu" and callable(getattr(value, "tolist", None))
@@ -40,16 +48,8 @@ def cpu_int_list(value: Any) -> Optional[list[int]]:
         items = value.tolist()
     else:
         return None
-    if type(items) is list and items:
-        # The usual case, a list of Python ints, checked by two C loops rather than a Python one
-        # (this runs on the engine thread for every extend-shaped step): a sum that is an int
-        # means every entry is one (a float, a NumPy number, a string or None would change its
-        # type or raise), a minimum of 0 or more that none is negative; a bool is no count.
-        try:
-            if type(sum(items)) is int and min(items) >= 0 and bool not in map(type, items):
-                return items
-        except TypeError:
-            pass
+    if type(items) is list and are_counts(items):
+        return items  # the usual case (this runs on the engine thread for every extend-shaped step)
     numbers = []
     for item in items:
         number = as_count(item)

@@ -94,7 +94,7 @@ from typing import Any, Callable, Collection, NamedTuple, Optional
 from .. import runtime
 from ..step import UNKNOWN, AttributeValue, RequestLink, StepInfo, engine_attributes, unknown_step
 from ._instrumentor import EngineInstrumentor, is_patched, patch_when_imported, unpatch
-from ._read import as_count
+from ._read import are_counts, as_count
 
 MODULE_V1 = "vllm.v1.worker.gpu_model_runner"
 MODULE_V2 = "vllm.v1.worker.gpu.model_runner"
@@ -452,7 +452,7 @@ def _classify(c: Captured) -> StepInfo:
 
 
 def _all_of_type(values: Any, kind: type) -> bool:
-    """Whether every value is exactly of ``kind`` (no subclass: a bool is not a count), in C."""
+    """Whether every value is exactly of ``kind``, checked in C."""
     return not values or set(map(type, values)) == {kind}
 
 
@@ -469,10 +469,8 @@ def _classify_in_bulk(c: Captured, scheduled: dict, spec: dict, total: Optional[
     new_ids, cached_ids, outputs = c.new_req_ids, c.cached_req_ids, c.cached_num_output_tokens
     if not (len(req_ids) == len(counts) and type(new_ids) is tuple and type(cached_ids) in (list, tuple)
             and type(outputs) in (list, tuple) and len(cached_ids) == len(outputs)
-            and _all_of_type(counts, int) and _all_of_type(new_ids, str) and _all_of_type(cached_ids, str)
-            and _all_of_type(outputs, int)):
-        return None
-    if min(counts) < 1 or (outputs and min(outputs) < 0):
+            and are_counts(counts, at_least=1) and are_counts(outputs) and _all_of_type(new_ids, str)
+            and _all_of_type(cached_ids, str)):
         return None
     computed: dict = scheduled  # per request, its non-speculative tokens
     if spec:
