@@ -367,6 +367,7 @@ def iter_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
                 for span in scope_spans.get("spans") or ():
                     start = _int(span.get("startTimeUnixNano"))
                     end = _int(span.get("endTimeUnixNano"))
+                    attributes = _attributes(span.get("attributes") or ())
                     yield StepSpan(
                         trace_id=normalize_id(span.get("traceId")),
                         span_id=normalize_id(span.get("spanId")),
@@ -375,18 +376,46 @@ def iter_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
                         start_ns=start,
                         end_ns=end,
                         duration_ns=max(0, end - start),
-                        attributes=_attributes(span.get("attributes") or ()),
+                        attributes=attributes,
                         parent_span_id=normalize_id(span.get("parentSpanId")),
-                        links=tuple(
-                            SpanLink(
-                                normalize_id(link.get("traceId")),
-                                normalize_id(link.get("spanId")),
-                                _attributes(link.get("attributes") or ()),
-                            )
-                            for link in span.get("links") or ()
-                            if isinstance(link, Mapping)
+                        links=_with_request_arrays(
+                            tuple(
+                                SpanLink(
+                                    normalize_id(link.get("traceId")),
+                                    normalize_id(link.get("spanId")),
+                                    _attributes(link.get("attributes") or ()),
+                                )
+                                for link in span.get("links") or ()
+                                if isinstance(link, Mapping)
+                            ),
+                            attributes,
                         ),
                     )
+
+
+#: A step's request arrays, in link order, and the link attribute each one restores.
+_REQUEST_ARRAYS = (
+    ("forward.request_ids", "request.id"),
+    ("forward.request_work", "forward.request.work"),
+    ("forward.request_tokens", "forward.request.tokens"),
+)
+
+
+def _with_request_arrays(links: tuple[SpanLink, ...], attributes: Mapping[str, Any]) -> tuple[SpanLink, ...]:
+    """The step's links with their attributes restored from the step's request arrays where a
+    store dropped them (Jaeger keeps a link's ids only). The arrays follow the links' order; when
+    their length is not the links' (a store that reordered or lost links), nothing is guessed."""
+    if not links or all(link.attributes for link in links):
+        return links
+    arrays = [(attributes.get(array), key) for array, key in _REQUEST_ARRAYS]
+    if not all(isinstance(values, tuple) and len(values) == len(links) for values, _ in arrays):
+        return links
+    return tuple(
+        link if link.attributes else SpanLink(
+            link.trace_id, link.span_id, {key: values[index] for values, key in arrays}  # type: ignore[index]
+        )
+        for index, link in enumerate(links)
+    )
 
 
 def iter_step_spans(doc_or_lines: Any) -> Iterator[StepSpan]:

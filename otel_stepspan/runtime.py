@@ -146,6 +146,7 @@ def _decide_sink(state: _State) -> Optional[Sink]:
             max_pending=state.settings.max_pending,
             timeline=state.settings.timeline,
             link_limit=state.settings.link_limit,
+            requests=state.settings.requests,
         )
         state.sinks_by_provider[id(provider)] = sink
     return sink
@@ -271,8 +272,9 @@ def stats() -> dict[str, int]:
     process now); and for the exports this package does itself (the exporter process, or a
     provider built here from the variables): ``exported``, ``export_failed`` (refused, or given
     up on), ``export_queue_full`` (no room in the export queue), ``exporter_pending`` (queued
-    in the exporter process, still to be sent) and ``exporter_cpu_ns`` (CPU the exporter process
-    has used). Asking the exporter process takes a round trip (at most 2 s)."""
+    in the exporter process, still to be sent), ``exporter_cpu_ns`` (CPU the exporter process
+    has used), ``timelines_exported`` and ``requests_exported`` (timeline roots and request
+    reports it sent). Asking the exporter process takes a round trip (at most 2 s)."""
     from .sinks.otel_provider import health
 
     sinks: list[Any] = list(_state.sinks_by_provider.values())
@@ -289,6 +291,7 @@ def stats() -> dict[str, int]:
         "exporter_pending": 0,
         "exporter_cpu_ns": 0,
         "timelines_exported": 0,
+        "requests_exported": 0,
     }
     if _process_sink is not None:
         for key, value in _process_sink.exporter_stats().items():

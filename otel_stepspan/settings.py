@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
+from .request_tally import DEFAULT_IDLE_SECONDS, RequestSettings
 from .step import DEFAULT_LINK_LIMIT
 from .timeline import DEFAULT_SECONDS, DEFAULT_STEPS, TimelineSettings
 
@@ -35,6 +36,7 @@ class Settings:
     otlp_only: bool = False  # the exporters asked for are OTLP alone
     timeline: TimelineSettings = field(default_factory=TimelineSettings)
     link_limit: int = DEFAULT_LINK_LIMIT
+    requests: RequestSettings = field(default_factory=RequestSettings)
 
     @property
     def otel_wanted(self) -> bool:
@@ -83,6 +85,19 @@ def read_timeline_settings(environ: Mapping[str, str], problems: list[str]) -> T
     )
 
 
+def read_request_settings(environ: Mapping[str, str], problems: list[str]) -> RequestSettings:
+    """``OTEL_STEPSPAN_REQUEST_SPANS`` (on/off) and ``_IDLE_SECONDS`` (see
+    :mod:`.request_tally`); a request span links to as many windows as a step to requests."""
+    raw = environ.get("OTEL_STEPSPAN_REQUEST_SPANS", "").strip().lower()
+    if raw and raw not in _TRUE | _FALSE:
+        problems.append(f"OTEL_STEPSPAN_REQUEST_SPANS={raw!r} is not 'on' or 'off'; using 'on'")
+    return RequestSettings(
+        enabled=raw not in _FALSE,
+        idle_seconds=_positive(environ, "OTEL_STEPSPAN_REQUEST_IDLE_SECONDS", DEFAULT_IDLE_SECONDS, float, problems),
+        max_places=link_limit(environ, []),
+    )
+
+
 def link_limit(environ: Mapping[str, str], problems: list[str]) -> int:
     """Request links per step span: ``OTEL_SPAN_LINK_COUNT_LIMIT``, as for the SDK's spans."""
     return int(_positive(environ, "OTEL_SPAN_LINK_COUNT_LIMIT", DEFAULT_LINK_LIMIT, int, problems))
@@ -108,5 +123,6 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         max_pending=max_pending,
         timeline=timeline,
         link_limit=link_limit(env, problems),
+        requests=read_request_settings(env, problems),
         problems=tuple(problems),
     )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, TypeVar, Union
 
 AttributeValue = Union[str, int]
+#: A span attribute as the sinks set it: a scalar, or a tuple of them (the request arrays).
+SpanValue = Union[str, int, tuple]
 
 #: The value an integer attribute takes when the engine did not expose the count. The keys are
 #: always present (so Jaeger tag search and span metrics can rely on them); the label shows ``?``.
@@ -150,7 +152,7 @@ class StepInfo:
             attrs["scheduler.kv_tokens"] = self.kv_tokens
         return attrs
 
-    def links_within(self, limit: int) -> tuple[tuple[RequestLink, ...], dict[str, AttributeValue]]:
+    def links_within(self, limit: int) -> tuple[tuple[RequestLink, ...], dict[str, SpanValue]]:
         """See :func:`links_within`."""
         return links_within(self.links, limit)
 
@@ -158,16 +160,28 @@ class StepInfo:
 LinkT = TypeVar("LinkT")
 
 
-def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[LinkT, ...], dict[str, AttributeValue]]:
-    """The links a span carries under ``limit``, and the attributes that count them:
-    ``forward.request_links`` (carried) and ``forward.request_links_dropped`` (over the limit, only
-    when some are). Nothing when the engine does not trace requests (``links`` is None)."""
+def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[LinkT, ...], dict[str, SpanValue]]:
+    """The links a span carries under ``limit``, and the step attributes that go with them.
+
+    ``forward.request_links`` counts the links carried, ``forward.request_links_dropped`` those
+    over the limit (only when some are). ``forward.request_ids``, ``forward.request_work`` and
+    ``forward.request_tokens`` repeat each carried link's attributes as arrays in link order:
+    stores that keep a link's ids but drop its attributes (Jaeger) keep these, so a request's
+    report reads the same from them as from a file (docs/spans.md). ``links`` holds
+    :class:`RequestLink` or tuples of its fields. Nothing when the engine does not trace requests
+    (``links`` is None)."""
     if links is None:
         return (), {}
     kept = tuple(links[: max(limit, 0)])
-    counts: dict[str, AttributeValue] = {"forward.request_links": len(kept)}
+    counts: dict[str, SpanValue] = {"forward.request_links": len(kept)}
     if len(links) > len(kept):
         counts["forward.request_links_dropped"] = len(links) - len(kept)
+    if kept:
+        counts["forward.request_ids"] = tuple([str(link[0]) for link in kept])  # type: ignore[index]
+        counts["forward.request_work"] = tuple([str(link[4]) for link in kept])  # type: ignore[index]
+        counts["forward.request_tokens"] = tuple([
+            link[5] if type(link[5]) is int else UNKNOWN for link in kept  # type: ignore[index]
+        ])
     return kept, counts
 
 

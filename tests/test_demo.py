@@ -40,9 +40,17 @@ CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
 SINK_KEYS = {"process.pid"}
 #: The scheduler's context and the count of request links: counts, no content.
 CONTEXT_KEYS = {"scheduler.queued_requests", "scheduler.kv_tokens", "forward.request_links"}
+#: The step's links' attributes again, as arrays in link order: request ids, work, token counts.
+ARRAY_KEYS = {"forward.request_ids", "forward.request_work", "forward.request_tokens"}
 #: A step's link to a request, and the request's own span: identifiers and counts only.
 LINK_KEYS = {"request.id", "forward.request.work", "forward.request.tokens"}
 REQUEST_KEYS = {"request.id", "request.prompt_tokens", "request.output_tokens"}
+#: The project's report in a request's trace: its id and counts of what its steps did.
+REPORT_KEYS = {
+    "request.id", "request.steps", "request.tokens", "request.recomputes", "request.in_steps_ms",
+    "request.between_steps_ms", "request.links", "request.reported", "request.prefill_steps",
+    "request.prefill_tokens", "request.decode_steps", "request.decode_tokens", "process.pid",
+}
 
 LABEL = re.compile(
     r"step\[(?:(?P<idle>idle)"
@@ -147,17 +155,30 @@ def test_the_chrome_trace_and_the_spans_agree_step_for_step(default_run):
 def test_no_request_content_reaches_a_span(default_run):
     cwd, _, spans = default_run
     for span in spans:
-        assert set(span.attributes) <= CONTRACT_KEYS | ENGINE_KEYS | SINK_KEYS | CONTEXT_KEYS
-        assert all(isinstance(v, (str, int)) for v in span.attributes.values())
+        assert set(span.attributes) <= CONTRACT_KEYS | ENGINE_KEYS | SINK_KEYS | CONTEXT_KEYS | ARRAY_KEYS
+        assert all(isinstance(v, (str, int)) for k, v in span.attributes.items() if k not in ARRAY_KEYS)
+        if not span.links:
+            assert not ARRAY_KEYS & set(span.attributes)
+            continue
+        ids, work, tokens = (span.attributes[key] for key in ("forward.request_ids", "forward.request_work",
+                                                              "forward.request_tokens"))
+        assert [link.attributes["request.id"] for link in span.links] == list(ids) and all(i.isdigit() for i in ids)
+        assert set(work) <= {"prefill", "decode"} and all(isinstance(t, int) for t in tokens)
     everything = list(iter_spans(cwd / "spans.jsonl"))
     for span in everything:
         if span.name == "request":
             assert set(span.attributes) == REQUEST_KEYS and not span.links
+        if span.name == "request.steps":
+            assert set(span.attributes) <= REPORT_KEYS and span.attributes["request.id"].isdigit()
+            assert all(not link.attributes for link in span.links)
+            continue
         for link in span.links:
             assert set(link.attributes) == LINK_KEYS and link.attributes["request.id"].isdigit()
     roots = {span.span_id for span in everything if span.name == "timeline"}
     assert roots and all(step.parent_span_id in roots for step in spans)  # every window's root written
-    assert len(everything) == len(spans) + SMALL_WORKLOAD.requests + len(roots)  # nothing else
+    reports = [span for span in everything if span.name == "request.steps"]
+    assert len(reports) == SMALL_WORKLOAD.requests  # each request reported once
+    assert len(everything) == len(spans) + 2 * SMALL_WORKLOAD.requests + len(roots)  # nothing else
     for line in (cwd / "spans.jsonl").read_text().splitlines():
         for resource_spans in json.loads(line)["resourceSpans"]:
             for scope_spans in resource_spans["scopeSpans"]:

@@ -58,6 +58,8 @@ def test_a_step_span_encodes_as_the_sdk_encodes_the_same_span(monkeypatch):
         "forward.decode_seqs": 4, "forward.prefill_seqs": 4, "forward.num_tokens": 260,
         "forward.label": "step[mixed bs=8 ext=256 dec=4]", "forward.pass_id": 17,
         "forward.request_links": 2, "scheduler.queued_requests": 3, "scheduler.kv_tokens": 4096,
+        "forward.request_ids": ("req-1", "req-2"), "forward.request_work": ("prefill", "decode"),
+        "forward.request_tokens": (256, 1),
         "engine.name": "sglang", "engine.tp_rank": 1, "forward.gpu_time_ms": 1.5, "process.pid": 4321,
     }
     sdk_span = ReadableSpan(

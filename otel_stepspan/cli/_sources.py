@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..otlp_json import StepSpan, iter_spans, iter_step_spans
+from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
 from ._filters import DEFAULT_SINCE_NS, StepFilter, go_duration
 from .jaeger import JaegerClient, JaegerError, is_jaeger_own
 from .request import RequestStep, is_trace_id, request_root, request_steps
@@ -33,9 +34,10 @@ def load_request(
     """The steps of request ``key`` (a trace id or a request id) and, when it can be found, the
     root span of the request's own trace.
 
-    From Jaeger: with a trace id, the request's trace is fetched first; its root span bounds the
-    time to search (widened by ``timeline_s``, since a step's timeline trace starts before the
-    step). With a request id, or when the engine does not export its request spans to this
+    From Jaeger: with a trace id, the request's trace is fetched first. When it holds the
+    request's report (a ``request.steps`` span), the step traces it links to are read, and only
+    those. Otherwise its root span bounds the time to search (widened by ``timeline_s``, since a
+    step's timeline trace starts before the step). With a request id, or when the engine does not export its request spans to this
     Jaeger, the ``--since`` window is searched; the steps' links then name the request's trace.
     Every step trace of the window is read and the steps linking to the request kept.
     """
@@ -50,7 +52,17 @@ def load_request(
         return request_root(list(iter_spans(client.get_trace(trace_id))), trace_id)
 
     try:
-        root = root_of(key.lower()) if is_trace_id(key) else None
+        request_trace: list[StepSpan] = []
+        if is_trace_id(key):
+            request_trace = list(iter_spans(client.get_trace(key.lower())))
+            linked = _linked_step_traces(request_trace)
+            if linked:
+                _verbose(args, f"the request's report links to {len(linked)} step traces: reading those")
+                spans = [span for trace_id in linked for span in iter_spans(client.get_trace(trace_id))]
+                steps = request_steps(step_filter.apply(s for s in spans if "forward.mode" in s.attributes), key)
+                if steps:
+                    return steps, request_root(request_trace, key.lower())
+        root = request_root(request_trace, key.lower()) if is_trace_id(key) else None
         window = step_filter
         if root is not None:
             margin = int((timeline_s + 1.0) * 1e9)
@@ -65,6 +77,16 @@ def load_request(
         for url in client.requested:
             _verbose(args, f"GET {url}")
     return steps, root
+
+
+def _linked_step_traces(request_trace: list[StepSpan]) -> list[str]:
+    """The traces holding a request's steps, from its ``request.steps`` spans' links (each to a
+    timeline window, or a step outside one), in order; none when there is no report yet or a
+    report could not link every place (then the steps are searched for)."""
+    reports = [span for span in request_trace if span.name == REQUEST_SPAN_NAME]
+    if not reports or any(span.attributes.get("request.links_dropped") for span in reports):
+        return []
+    return list(dict.fromkeys(link.trace_id for span in reports for link in span.links))
 
 
 def load_timelines(

@@ -31,7 +31,7 @@ from collections import deque
 from typing import Any, Mapping, Optional
 
 from . import encode, wire
-from .spans import RootSpan, SpanBuilder
+from .spans import RequestSpan, RootSpan, SpanBuilder
 from .transport import ConfigError, Sent, sender_from_environment
 
 _REPORT_INTERVAL_S = 10.0
@@ -98,6 +98,7 @@ class Exporter:
         self.queue_full = 0
         self.engine_dropped = 0
         self.timelines_exported = 0
+        self.requests_exported = 0
         self._reported = (0, 0, 0)
         self._last_report = time.monotonic()
         self._refusal_said = False
@@ -167,14 +168,14 @@ class Exporter:
 
     def _enqueue(self, spans: list) -> None:
         """Queue encoded spans for export. Step spans beyond OTEL_BSP_MAX_QUEUE_SIZE are refused
-        and counted; a timeline root (one per window) is always taken, so that no window's steps
-        are left without it."""
+        and counted; a timeline root (one per window) or a request's report is always taken, so
+        that no window's steps are left without it and no request without its report."""
         if not spans:
             return
         with self.cond:
             room = self.max_queue - len(self.queue)
             for span in spans:
-                if type(span) is RootSpan:
+                if isinstance(span, RootSpan):
                     self.queue.append(span)
                 elif room > 0:
                     self.queue.append(span)
@@ -203,9 +204,10 @@ class Exporter:
             "exported": self.exported,
             "export_failed": self.failed,
             "export_queue_full": self.queue_full,
-            "exporter_pending": sum(1 for span in self.queue if type(span) is not RootSpan),
+            "exporter_pending": sum(1 for span in self.queue if not isinstance(span, RootSpan)),
             "not_sampled": self.builder.not_sampled,
             "timelines_exported": self.timelines_exported,
+            "requests_exported": self.requests_exported,
             "exporter_cpu_ns": time.process_time_ns(),
         }
         try:
@@ -249,10 +251,12 @@ class Exporter:
             sent = self.sender.send(encode.export_request(self.builder.resource, self.builder.scope, batch))
             last_export = time.monotonic()
             roots = sum(1 for span in batch if type(span) is RootSpan)
+            reports = sum(1 for span in batch if type(span) is RequestSpan)
             if sent.ok:
                 attempt = 0
-                self.exported += len(batch) - roots - sent.rejected
+                self.exported += len(batch) - roots - reports - sent.rejected
                 self.timelines_exported += roots
+                self.requests_exported += reports
                 self.failed += sent.rejected
                 if not self.queue:
                     self._answer_flushes()
@@ -313,7 +317,7 @@ class Exporter:
 
     def _give_up(self, sent: Sent) -> None:
         with self.cond:
-            left = sum(1 for span in self.queue if type(span) is not RootSpan)
+            left = sum(1 for span in self.queue if not isinstance(span, RootSpan))
             self.queue.clear()
         self.failed += left
         _say(

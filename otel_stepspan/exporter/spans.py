@@ -12,16 +12,23 @@ import threading
 from typing import Any, Iterator, Mapping, Optional
 
 from ..ids import random_bits
+from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
+from ..request_tally import RequestLedger, RequestTally, sampled
 from ..step import link_attributes, links_within, make_step
-from ..settings import link_limit, read_timeline_settings
+from ..settings import link_limit, read_request_settings, read_timeline_settings
 from ..timeline import ROOT_NAME, Timeline, Window
 from ..version import __version__
 from . import encode
 
 
-
 class RootSpan(bytes):
-    """An encoded timeline root: queued and exported like a step span, but not counted as one."""
+    """An encoded span that is not a step (a timeline root): queued and exported like a step
+    span, but not counted as one."""
+
+
+class RequestSpan(RootSpan):
+    """An encoded request report (:mod:`otel_stepspan.request_tally`): not a step either."""
+
 _SAMPLED = 0x01
 _DEFAULT_SAMPLERS = ("", "parentbased_always_on", "always_on")
 
@@ -58,6 +65,9 @@ class SpanBuilder:
         )
         self._root_name = encode.name_field(ROOT_NAME)
         self.link_limit = link_limit(environ, self.problems)
+        request_settings = read_request_settings(environ, self.problems)
+        self._ledger = RequestLedger(request_settings) if request_settings.enabled else None
+        self._request_name = encode.name_field(REQUEST_SPAN_NAME)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -92,16 +102,42 @@ class SpanBuilder:
             return list(self._build(record))
 
     def close_due(self, now_ns: int) -> list[bytes]:
-        """The root of the timeline window whose time is up, if any."""
+        """The root of the timeline window whose time is up, if any, and the reports of the
+        requests no step has computed for a while."""
         with self._lock:
             window = self._timeline.close_due(now_ns) if self._timeline is not None else None
-            return [self._root(window)] if window is not None and window.sampled else []
+            spans: list[bytes] = [self._root(window)] if window is not None and window.sampled else []
+            if self._ledger is not None:
+                spans += self._reports(self._ledger.due(now_ns), "idle")
+            return spans
 
     def close_all(self) -> list[bytes]:
-        """The root of the open timeline window (the engine is gone)."""
+        """The root of the open timeline window and the report of every request still open (the
+        engine is gone, or done stepping)."""
         with self._lock:
             window = self._timeline.close() if self._timeline is not None else None
-            return [self._root(window)] if window is not None and window.sampled else []
+            spans: list[bytes] = [self._root(window)] if window is not None and window.sampled else []
+            if self._ledger is not None:
+                spans += self._reports(self._ledger.close(), "end")
+            return spans
+
+    def _reports(self, tallies: list[RequestTally], reason: str) -> list[bytes]:
+        """The ``request.steps`` span of each request, in the request's own trace, a child of
+        its span; linked to the windows (or steps) that computed it."""
+        spans: list[bytes] = []
+        for tally in sampled(tallies):
+            links = b"".join(
+                encode.link(trace_id, span_id, encode.FLAG_HAS_IS_REMOTE | _SAMPLED, {})
+                for trace_id, span_id in tally.places
+            )
+            if tally.places_dropped:
+                links += encode.dropped_links(tally.places_dropped)
+            spans.append(RequestSpan(encode.span(
+                tally.trace_id, random_bits(64), tally.span_id, self._request_name, tally.start_ns, tally.end_ns,
+                encode.span_attributes(tally.attributes(reason)) + self._pid_attribute,
+                encode.FLAG_HAS_IS_REMOTE | encode.FLAG_IS_REMOTE | _SAMPLED, links,
+            )))
+        return spans
 
     def _root(self, window: Window) -> RootSpan:
         attributes = encode.span_attributes(window.attributes()) + self._statics.get(window.static_id, b"")
@@ -150,6 +186,12 @@ class SpanBuilder:
             trace_id, parent_span_id = random_bits(128), None
             trace_flags = self._sample(trace_id, None, text_name) if self._sampler is not None else _SAMPLED
             flags = encode.FLAG_HAS_IS_REMOTE
+        span_id = random_bits(64)
+        if self._ledger is not None and links:
+            place = None
+            if trace_flags & _SAMPLED:
+                place = (trace_id, parent_span_id if self._timeline is not None and parent is None else span_id)
+            yield from self._reports(self._ledger.add(start_ns, end_ns, links, place), "evicted")
         if not trace_flags & _SAMPLED:
             self.not_sampled += 1
             return
@@ -168,7 +210,7 @@ class SpanBuilder:
                 f"{exception.get('exception.type', '')}: {exception.get('exception.message', '')}"
             )
         yield encode.span(
-            trace_id, random_bits(64), parent_span_id, name, start_ns, end_ns, attributes,
+            trace_id, span_id, parent_span_id, name, start_ns, end_ns, attributes,
             flags | _SAMPLED, tail,
         )
 

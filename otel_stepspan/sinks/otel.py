@@ -27,6 +27,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from ..ids import random_bits
+from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
+from ..request_tally import RequestLedger, RequestSettings, RequestTally, sampled
 from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, unknown_step
 from ..timeline import ROOT_NAME, Timeline, TimelineSettings, Window
 from .otel_provider import health as export_health
@@ -108,11 +110,16 @@ class DeferredSpanSink:
         max_pending: int = 65536,
         timeline: Optional[TimelineSettings] = None,
         link_limit: int = DEFAULT_LINK_LIMIT,
+        requests: Optional[RequestSettings] = None,
     ) -> None:
         self.provider = provider
         self.link_limit = link_limit
         self.timeline_settings = timeline if timeline is not None else TimelineSettings()
         self._timeline: Optional[Timeline] = None
+        self.request_settings = requests if requests is not None else RequestSettings()
+        self._ledger = RequestLedger(self.request_settings) if self.request_settings.enabled else None
+        # Guards the timeline and the request ledger: the span thread feeds both, while a flush
+        # or exit on another thread closes them.
         self._timeline_lock = threading.Lock()
         self.tracer = provider.get_tracer("otel_stepspan", __version__)
         if hasattr(self.tracer, "id_generator"):
@@ -202,13 +209,39 @@ class DeferredSpanSink:
         root.end(end_time=window.end_ns)
 
     def close_timeline(self, due_only: bool = False) -> None:
-        """End the open window's root: when its time is up (``due_only``), or now (exit)."""
+        """End the open window's root, and report the traced requests: when the window's time
+        is up and the requests idle (``due_only``), or all of them now (exit)."""
         with self._timeline_lock:
-            if self._timeline is None:
-                return
-            window = self._timeline.close_due(time.time_ns()) if due_only else self._timeline.close()
-            if window is not None:
-                self._end_root(window)
+            now_ns = time.time_ns()
+            if self._timeline is not None:
+                window = self._timeline.close_due(now_ns) if due_only else self._timeline.close()
+                if window is not None:
+                    self._end_root(window)
+            if self._ledger is not None:
+                self._report(self._ledger.due(now_ns) if due_only else self._ledger.close(), "idle" if due_only else "end")
+
+    def _report(self, tallies: list[RequestTally], reason: str) -> None:
+        """The ``request.steps`` span of each request (:mod:`otel_stepspan.request_tally`), in
+        the request's own trace, a child of its span; linked to the windows (or steps) that
+        computed it."""
+        for tally in sampled(tallies):
+            try:
+                parent = trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+                    tally.trace_id, tally.span_id, True, trace.TraceFlags(tally.trace_flags & 0xFF)
+                )))
+                attributes = tally.attributes(reason)
+                attributes["process.pid"] = self._pid
+                links = [
+                    trace.Link(trace.SpanContext(trace_id, span_id, False, trace.TraceFlags(trace.TraceFlags.SAMPLED)))
+                    for trace_id, span_id in tally.places
+                ]
+                span = self.tracer.start_span(
+                    REQUEST_SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, attributes=attributes, links=links,
+                    start_time=tally.start_ns,
+                )
+                span.end(end_time=tally.end_ns)
+            except Exception:
+                self.failed_total += 1
 
     def _after_fork_in_child(self) -> None:
         # The parent's thread does not exist in the child and the parent exports its own
@@ -222,6 +255,9 @@ class DeferredSpanSink:
         self._started = False
         self.dropped_total = self.emitted_total = self.failed_total = 0
         self._dropped_reported = 0
+        self._timeline_lock = threading.Lock()
+        self._timeline = None
+        self._ledger = RequestLedger(self.request_settings) if self.request_settings.enabled else None
 
     def _run(self) -> None:
         while True:
@@ -281,7 +317,8 @@ class DeferredSpanSink:
                     )
                     for link in kept
                 ]
-            if self.timeline_settings.enabled and not _has_parent(parent):
+            in_window = self.timeline_settings.enabled and not _has_parent(parent)
+            if in_window:
                 parent = self._timeline_parent(info, start_ns, end_ns, static_attributes)
             span = self.tracer.start_span(
                 name,
@@ -298,10 +335,24 @@ class DeferredSpanSink:
                 span.set_status(Status(StatusCode.ERROR, f"{event['exception.type']}: {event['exception.message']}"))
             span.end(end_time=end_ns)
             self.emitted_total += 1
+            if self._ledger is not None and info.links:
+                self._count_requests(span, in_window, start_ns, end_ns, info.links)
         except Exception:
             self.failed_total += 1
             if self.failed_total == 1:
                 logger.exception("otel_stepspan: could not create a step span; further failures are counted")
+
+    def _count_requests(self, span: Any, in_window: bool, start_ns: int, end_ns: int, links: Any) -> None:
+        """Count the step for each request it computed; it can be found at its window's root,
+        or at the step itself outside a window (nowhere when the sampler dropped it)."""
+        context = span.get_span_context()
+        place = None
+        if context.trace_flags.sampled:
+            parent = getattr(span, "parent", None)
+            place = (context.trace_id, parent.span_id if in_window and parent is not None else context.span_id)
+        with self._timeline_lock:
+            evicted = self._ledger.add(start_ns, end_ns, links, place)  # type: ignore[union-attr]
+            self._report(evicted, "evicted")
 
     def _report_drops(self) -> None:
         now = time.monotonic()
