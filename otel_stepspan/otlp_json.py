@@ -368,6 +368,9 @@ def iter_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
                     start = _int(span.get("startTimeUnixNano"))
                     end = _int(span.get("endTimeUnixNano"))
                     attributes = _attributes(span.get("attributes") or ())
+                    for array, _ in _REQUEST_ARRAYS:
+                        if array in attributes:
+                            attributes[array] = _array(attributes[array])
                     yield StepSpan(
                         trace_id=normalize_id(span.get("traceId")),
                         span_id=normalize_id(span.get("spanId")),
@@ -401,18 +404,31 @@ _REQUEST_ARRAYS = (
 )
 
 
+def _array(value: Any) -> Any:
+    """An array attribute as a tuple: as OTLP carries it, or as the JSON text a store that has
+    no array type keeps instead (Jaeger's span model turns ``["a","b"]`` into that string)."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        return tuple(parsed) if isinstance(parsed, list) else value
+    return value
+
+
 def _with_request_arrays(links: tuple[SpanLink, ...], attributes: Mapping[str, Any]) -> tuple[SpanLink, ...]:
     """The step's links with their attributes restored from the step's request arrays where a
-    store dropped them (Jaeger keeps a link's ids only). The arrays follow the links' order; when
+    store dropped them (Jaeger keeps a link's ids, and adds ``opentracing.ref_type``). The arrays follow the links' order; when
     their length is not the links' (a store that reordered or lost links), nothing is guessed."""
-    if not links or all(link.attributes for link in links):
+    if not links or all("request.id" in link.attributes for link in links):
         return links
     arrays = [(attributes.get(array), key) for array, key in _REQUEST_ARRAYS]
     if not all(isinstance(values, tuple) and len(values) == len(links) for values, _ in arrays):
         return links
     return tuple(
-        link if link.attributes else SpanLink(
-            link.trace_id, link.span_id, {key: values[index] for values, key in arrays}  # type: ignore[index]
+        link if "request.id" in link.attributes else SpanLink(
+            link.trace_id, link.span_id,
+            {**link.attributes, **{key: values[index] for values, key in arrays}},  # type: ignore[index]
         )
         for index, link in enumerate(links)
     )
