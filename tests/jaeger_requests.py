@@ -5,6 +5,7 @@ from the run's spans file."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,6 +14,9 @@ from typing import Iterable
 from otel_stepspan.cli.jaeger import JaegerClient
 from otel_stepspan.cli.main import main as cli_main
 from otel_stepspan.otlp_json import StepSpan, iter_otlp_documents, iter_spans, otlp_json_to_request
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import backends  # noqa: E402,F401  (scripts/backends.py: LocalBackends for the tests that import this)
 
 
 def replay(spans_file: Path, otlp_http_endpoint: str) -> int:

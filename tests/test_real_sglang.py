@@ -33,6 +33,9 @@ from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
 from otel_stepspan.cli.main import main as cli_main
 from otel_stepspan.otlp_json import iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
+from backends_support import requires_go
+from jaeger_requests import assert_reports_lead_to_the_windows_of_their_steps, backends, replay, wait_until_stored
+from jaeger_requests import request_report as jaeger_report
 from timelines import assert_steps_form_timelines
 
 pytestmark = pytest.mark.engines
@@ -100,12 +103,14 @@ def _trace(folder: Path) -> list[dict]:
 def _wait_for_steps(receiver: OtlpReceiver, count: int, timeout_s: float, in_timelines: bool = False) -> None:
     """Until ``count`` step spans arrived (spans with ``forward.mode``: sglang's own request
     spans arrive at the same receiver) and, with ``in_timelines``, timeline roots counting them
-    all, or the timeout."""
+    all and the report (``request.steps``) of every request they link to, or the timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        steps = len(receiver.steps())
+        steps = receiver.steps()
         counted = sum(r.attributes.get("timeline.steps", 0) for r in receiver.timelines()) if in_timelines else count
-        if steps >= count and counted >= count:
+        linked = {rid for s in steps for rid in s.attributes.get("forward.request_ids", ())} if in_timelines else set()
+        reported = {s.attributes.get("request.id") for s in receiver.spans() if s.name == "request.steps"}
+        if len(steps) >= count and counted >= count and linked <= reported:
             return
         time.sleep(0.2)
 
@@ -173,6 +178,7 @@ def run_engine(
         if trace_requests:
             argv += ["--trace-endpoint", f"127.0.0.1:{receiver.port}", "--requests-out", str(requests_out)]
             env["OTEL_STEPSPAN_TIMELINE_SECONDS"] = "1"
+            env["OTEL_STEPSPAN_REQUEST_IDLE_SECONDS"] = "1"  # reports before the shutdown
             if sglang_export_delay is not None:  # None: sglang's own default (500 ms)
                 env["SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS"] = str(sglang_export_delay)
         with open(workdir / "log.txt", "w") as log:
@@ -399,6 +405,31 @@ def test_the_request_id_finds_the_same_steps_as_the_trace_id(runs):
     client = run.client_traces["chunked"]
     by_trace, by_id = request_report(run.spans_file, client["trace_id"]), request_report(run.spans_file, "chunked")
     assert [s["span_id"] for s in by_id["steps"]] == [s["span_id"] for s in by_trace["steps"]]
+
+
+@pytest.fixture(scope="module")
+def jaeger(tmp_path_factory):
+    """The real Collector and Jaeger (scripts/backends.py), for what a user reads from Jaeger."""
+    with backends.LocalBackends(tmp_path_factory.mktemp("sglang-jaeger")) as stack:
+        yield stack
+
+
+@pytest.mark.backends
+@requires_go
+def test_each_requests_report_from_jaeger_equals_the_one_from_the_spans_file(runs, jaeger, capsys):
+    """Every span sglang and the steps sent (request tracing on) goes to the real Collector and
+    Jaeger, which drops link attributes: ``otel-stepspan request`` from Jaeger is still the
+    report from the spans file, by trace id and by request id, and each request's trace holds its
+    ``request.steps`` span linked to exactly the windows of its steps."""
+    run = runs["overlap"]
+    replay(run.spans_file, jaeger.otlp_http_endpoint)
+    held = wait_until_stored(jaeger.jaeger_url, run.spans_file)
+    source = ("--jaeger", jaeger.jaeger_url, "--since", "1h")
+    for name, client in run.client_traces.items():
+        from_file = jaeger_report(capsys, client["trace_id"], "--file", str(run.spans_file))
+        assert jaeger_report(capsys, client["trace_id"], *source) == from_file, name
+        assert jaeger_report(capsys, name, *source) == {**from_file, "key": name}
+        assert_reports_lead_to_the_windows_of_their_steps(held, client["trace_id"])
 
 
 def test_without_request_tracing_no_step_links_to_a_request(runs):
