@@ -42,7 +42,7 @@ class RequestSettings:
     max_places: int = 128
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestTally:
     """One traced request's steps so far."""
 
@@ -103,30 +103,29 @@ class RequestLedger:
         """Count one step for each request it links to (``RequestLink`` fields: request id,
         trace id, span id, flags, work, tokens). ``place`` is where the step can be found (its
         window's root, or the step itself), None when the step was not sampled. Returns the
-        requests reported early to stay under :data:`MAX_OPEN`."""
+        requests reported early to stay under :data:`MAX_OPEN`.
+
+        Runs once per link of every step where the spans are made: plain loads and stores only."""
         if not links:
             return []
         evicted: list[RequestTally] = []
-        duration = max(0, end_ns - start_ns)
-        for link in links:
-            request_id, trace_id, span_id, flags, work, tokens = link[:6]
-            key = str(request_id)
-            tally = self._open.get(key)
+        duration = end_ns - start_ns if end_ns > start_ns else 0
+        tallies = self._open
+        for request_id, trace_id, span_id, flags, work, tokens in links:
+            tally = tallies.get(request_id)
             if tally is None:
-                if len(self._open) >= MAX_OPEN:
+                if len(tallies) >= MAX_OPEN:
                     evicted.append(self._evict_idlest())
-                tally = RequestTally(key, trace_id, span_id, flags, start_ns, end_ns)
-                self._open[key] = tally
-            tally.start_ns = min(tally.start_ns, start_ns)
-            tally.end_ns = max(tally.end_ns, end_ns)
+                tally = tallies[request_id] = RequestTally(str(request_id), trace_id, span_id, flags, start_ns, end_ns)
+            elif end_ns > tally.end_ns:
+                tally.end_ns = end_ns
             tally.steps += 1
             tally.in_steps_ns += duration
-            count = tokens if type(tokens) is int and tokens > 0 else 0
+            count = tokens if tokens.__class__ is int and tokens > 0 else 0
             tally.tokens += count
-            work = str(work) or "unknown"
             entry = tally.by_work.get(work)
             if entry is None:
-                tally.by_work[work] = [1, count]
+                tally.by_work[str(work) or "unknown"] = [1, count]
             else:
                 entry[0] += 1
                 entry[1] += count

@@ -159,6 +159,10 @@ class StepInfo:
 
 LinkT = TypeVar("LinkT")
 
+#: The step attributes that repeat the links' attributes as arrays, in link order: request ids,
+#: work, tokens (see :func:`links_within`).
+REQUEST_ARRAYS = ("forward.request_ids", "forward.request_work", "forward.request_tokens")
+
 
 def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[LinkT, ...], dict[str, SpanValue]]:
     """The links a span carries under ``limit``, and the step attributes that go with them.
@@ -177,9 +181,10 @@ def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[Li
     if len(links) > len(kept):
         counts["forward.request_links_dropped"] = len(links) - len(kept)
     if kept:
-        counts["forward.request_ids"] = tuple([str(link[0]) for link in kept])  # type: ignore[index]
-        counts["forward.request_work"] = tuple([str(link[4]) for link in kept])  # type: ignore[index]
-        counts["forward.request_tokens"] = tuple([
+        ids, work, tokens = REQUEST_ARRAYS
+        counts[ids] = tuple([str(link[0]) for link in kept])  # type: ignore[index]
+        counts[work] = tuple([str(link[4]) for link in kept])  # type: ignore[index]
+        counts[tokens] = tuple([
             link[5] if type(link[5]) is int else UNKNOWN for link in kept  # type: ignore[index]
         ])
     return kept, counts

@@ -8,6 +8,8 @@ tracing on and windows small enough that requests span several of them.
 - Every request's trace, as Jaeger returns it, holds the project's ``request.steps`` span, whose
   links lead to exactly the windows holding the request's steps; the UI's own trace API shows
   them as references.
+- The UI's search for decode steps at least the run's p90 decode duration long answers exactly
+  the windows holding such a step (through the search front, scripts/backends.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +60,8 @@ def run(tmp_path_factory):
         assert result.returncode == 0, result.stdout + result.stderr
         spans_file = workdir / "spans.jsonl"
         held = wait_until_stored(stack.jaeger_url, spans_file)
-        yield {"jaeger": stack.jaeger_url, "file": spans_file, "held": held, "requests": traced_requests(spans_file)}
+        yield {"jaeger": stack.jaeger_url, "direct": stack.jaeger_direct_url, "file": spans_file, "held": held,
+               "requests": traced_requests(spans_file)}
 
 
 def test_a_requests_report_from_jaeger_equals_the_one_from_the_spans_file(run, capsys):
@@ -93,3 +98,27 @@ def test_the_jaeger_ui_shows_the_reports_links_as_references(run):
     assert [r["spanID"] for r in parent] == [held[0].parent_span_id]
     tags = {t["key"]: t["value"] for t in report["tags"]}
     assert tags["request.steps"] > 0 and tags["request.id"] in run["requests"]
+
+
+def _ui_search(base: str, **params: str) -> set[str]:
+    """The trace ids of the Jaeger UI's search (GET /api/traces, as the UI sends it)."""
+    now_us = time.time_ns() // 1000
+    query = {"service": SERVICE, "start": str(now_us - 3600 * 10**6), "end": str(now_us + 60 * 10**6),
+             "lookback": "1h", "limit": "1000", **params}
+    with urllib.request.urlopen(f"{base}/api/traces?{urllib.parse.urlencode(query)}", timeout=60) as response:
+        return {trace["traceID"] for trace in json.loads(response.read())["data"]}
+
+
+def test_the_uis_search_for_slow_decodes_answers_exactly_the_windows_holding_one(run):
+    """At the run's p90 decode duration (as Jaeger keeps it, in microseconds): the windows holding
+    a decode at least that long, all of them and no other. Jaeger alone (Badger) matches the tag
+    and the duration on any two spans of a window; the search front makes it one span."""
+    decodes = [s for spans in run["held"].values() for s in spans if s.attributes.get("forward.mode") == "decode"]
+    durations_us = sorted(s.duration_ns // 1000 for s in decodes)
+    p90_us = durations_us[int(0.9 * (len(durations_us) - 1))]
+    expected = {s.trace_id for s in decodes if s.duration_ns // 1000 >= p90_us}
+    windows = {s.trace_id for spans in run["held"].values() for s in spans if s.name == "timeline"}
+    assert expected and expected < windows, "every window holds a slow decode: the test would prove nothing"
+    conditions = {"tags": json.dumps({"forward.mode": "decode"}), "minDuration": f"{p90_us}us"}
+    assert _ui_search(run["jaeger"], **conditions) == expected
+    assert _ui_search(run["direct"], **conditions) > expected  # the per-trace answer the front corrects

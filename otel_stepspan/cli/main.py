@@ -78,9 +78,11 @@ examples:
 _REQUEST_EPILOG = _SOURCE_HELP + """
 how the request is found: every step span links to the trace context of each traced request it
 computed (link attributes request.id, forward.request.work = prefill | decode | verify,
-forward.request.tokens). With a trace id, the request's own trace is read first (when the engine
-exports its request spans to the same place), which bounds the search and gives the request's
-start: the time queued before its first step. With a request id, the --since window is searched;
+forward.request.tokens; from Jaeger, which drops link attributes, the step's arrays
+forward.request_ids / _work / _tokens). With a trace id, the request's own trace is read first
+(when the engine exports its request spans to the same place): its request.steps report names
+the windows to read (else its start and end bound the search), and its start gives the time
+queued before its first step. With a request id, the --since window is searched;
 the id a client gave vLLM also finds the engine's own id for it (the client's id, a dash and 8
 hex characters), unless it names several engine requests (then they are listed).
 

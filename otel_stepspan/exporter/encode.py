@@ -96,14 +96,30 @@ def any_value(value: Any) -> bytes:
 _key_cache: dict[str, bytes] = {}
 
 
-def key_value(key: str, value: Any) -> bytes:
-    """A ``KeyValue`` message (without its field tag)."""
+def _key(key: str) -> bytes:
     encoded_key = _key_cache.get(key)
     if encoded_key is None:
         encoded_key = _length_delimited(b"\x0a", key.encode("utf-8", "replace"))
         if len(_key_cache) < 4096:
             _key_cache[key] = encoded_key
-    return encoded_key + _length_delimited(b"\x12", any_value(value))
+    return encoded_key
+
+
+def key_value(key: str, value: Any) -> bytes:
+    """A ``KeyValue`` message (without its field tag)."""
+    return _key(key) + _length_delimited(b"\x12", any_value(value))
+
+
+def array_item(value: Any) -> bytes:
+    """One element of an ``ArrayValue`` (its ``values`` field), encoded on its own so that a
+    caller can keep it and join it into many arrays (:func:`span_array_attribute`)."""
+    return _length_delimited(b"\x0a", any_value(value))
+
+
+def span_array_attribute(key: str, items: Sequence[bytes]) -> bytes:
+    """A span attribute whose value is an array of elements made by :func:`array_item`."""
+    value = _length_delimited(b"\x2a", b"".join(items))
+    return _length_delimited(_SPAN_ATTRIBUTE, _key(key) + _length_delimited(b"\x12", value))
 
 
 def attributes(tag: bytes, items: Iterable[tuple[str, Any]]) -> bytes:

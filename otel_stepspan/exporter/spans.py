@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional
 from ..ids import random_bits
 from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
 from ..request_tally import RequestLedger, RequestTally, sampled
-from ..step import link_attributes, links_within, make_step
+from ..step import REQUEST_ARRAYS, UNKNOWN, link_attributes, make_step
 from ..settings import link_limit, read_request_settings, read_timeline_settings
 from ..timeline import ROOT_NAME, Timeline, Window
 from ..version import __version__
@@ -29,7 +29,11 @@ class RootSpan(bytes):
 class RequestSpan(RootSpan):
     """An encoded request report (:mod:`otel_stepspan.request_tally`): not a step either."""
 
+
 _SAMPLED = 0x01
+#: Links kept encoded (a request's link changes only with its work or tokens): about the
+#: requests of a few large batches; cleared when full.
+_LINK_CACHE_SIZE = 16384
 _DEFAULT_SAMPLERS = ("", "parentbased_always_on", "always_on")
 
 
@@ -68,6 +72,7 @@ class SpanBuilder:
         request_settings = read_request_settings(environ, self.problems)
         self._ledger = RequestLedger(request_settings) if request_settings.enabled else None
         self._request_name = encode.name_field(REQUEST_SPAN_NAME)
+        self._link_cache: dict[tuple, tuple[bytes, bytes, bytes, bytes]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -121,6 +126,42 @@ class SpanBuilder:
                 spans += self._reports(self._ledger.close(), "end")
             return spans
 
+    def _request_links(self, links: Optional[list]) -> tuple[bytes, bytes]:
+        """(the step's encoded ``forward.request_*`` attributes, its encoded links and dropped
+        count): what :func:`otel_stepspan.step.links_within` gives the in-process sink, encoded
+        from parts kept per link. A request is linked the same way step after step while it
+        decodes, so each link is encoded once, not once per step."""
+        if links is None:
+            return b"", b""
+        kept = links[: max(self.link_limit, 0)]
+        cache = self._link_cache
+        parts = [cache.get(link) or self._link_parts(link) for link in kept]
+        counts: dict[str, int] = {"forward.request_links": len(kept)}
+        encoded_links = b"".join([part[0] for part in parts])
+        if len(links) > len(kept):
+            counts["forward.request_links_dropped"] = len(links) - len(kept)
+            encoded_links += encode.dropped_links(len(links) - len(kept))
+        attributes = encode.span_attributes(counts)
+        if parts:
+            for index, key in enumerate(REQUEST_ARRAYS, 1):
+                attributes += encode.span_array_attribute(key, [part[index] for part in parts])
+        return attributes, encoded_links
+
+    def _link_parts(self, link: tuple) -> tuple[bytes, bytes, bytes, bytes]:
+        """One link, encoded, and its elements of the three request arrays."""
+        request_id, trace_id, span_id, flags, work, tokens = link
+        parts = (
+            encode.link(trace_id, span_id, (flags & 0xFF) | encode.FLAG_HAS_IS_REMOTE | encode.FLAG_IS_REMOTE,
+                        link_attributes(request_id, work, tokens)),
+            encode.array_item(str(request_id)),
+            encode.array_item(str(work)),
+            encode.array_item(tokens if type(tokens) is int else UNKNOWN),
+        )
+        if len(self._link_cache) >= _LINK_CACHE_SIZE:
+            self._link_cache.clear()
+        self._link_cache[link] = parts
+        return parts
+
     def _reports(self, tallies: list[RequestTally], reason: str) -> list[bytes]:
         """The ``request.steps`` span of each request, in the request's own trace, a child of
         its span; linked to the windows (or steps) that computed it."""
@@ -153,7 +194,9 @@ class SpanBuilder:
         ) = record
         text_name, name, shape_attributes = self._shape(mode, bs, ext, dec, pre, ntok)
         attributes = shape_attributes
-        kept_links, per_step = links_within(links, self.link_limit)
+        link_attributes_, encoded_links = self._request_links(links)
+        attributes += link_attributes_
+        per_step: dict[str, Any] = {}
         if pass_id is not None and pass_id >= 0:
             per_step["forward.pass_id"] = pass_id
         if queued is not None and queued >= 0:
@@ -195,17 +238,9 @@ class SpanBuilder:
         if not trace_flags & _SAMPLED:
             self.not_sampled += 1
             return
-        tail = b""
+        tail = encoded_links
         if exception is not None:
-            tail += encode.event("exception", end_ns, exception)
-        for request_id, link_trace_id, link_span_id, link_flags, work, tokens in kept_links:
-            tail += encode.link(
-                link_trace_id, link_span_id, (link_flags & 0xFF) | encode.FLAG_HAS_IS_REMOTE | encode.FLAG_IS_REMOTE,
-                link_attributes(request_id, work, tokens),
-            )
-        if links is not None and len(links) > len(kept_links):
-            tail += encode.dropped_links(len(links) - len(kept_links))
-        if exception is not None:
+            tail = encode.event("exception", end_ns, exception) + tail
             tail += encode.error_status(
                 f"{exception.get('exception.type', '')}: {exception.get('exception.message', '')}"
             )
