@@ -2,14 +2,18 @@
 """Build and run the project's real backends without Docker.
 
 The OpenTelemetry Collector (built with the Collector Builder, ocb, from
-collector/builder-config.yaml) and Jaeger v2 (cmd/jaeger) are built from their Go
-modules, through the Go module proxy, into a cache directory outside git:
+collector/builder-config.yaml), Jaeger v2 (cmd/jaeger) and Prometheus (cmd/prometheus, the
+store behind Jaeger's Monitor tab) are built from their Go modules, through the Go module
+proxy, into a cache directory outside git:
 
     ${OTEL_STEPSPAN_BACKENDS_DIR:-~/.cache/otel_stepspan/backends}/<component>-<version>/
 
 The versions come from ONE place: the image tags in docker-compose.yml
-(otel/opentelemetry-collector-contrib:<X> and jaegertracing/jaeger:<Y>).
+(otel/opentelemetry-collector-contrib:<X>, jaegertracing/jaeger:<Y>, prom/prometheus:v<Z>).
 collector/builder-config.yaml is checked against the collector tag.
+The search front (jaeger/search_front, this repository's own Go program, standard library only)
+is built from its source into search-front-<source hash>/ there, so an edit rebuilds it; it
+stands on Jaeger's UI port in front of Jaeger's query port (`run` and LocalBackends too).
 
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
@@ -17,12 +21,13 @@ CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py validate   # `otelcol validate` on every collector config
     python scripts/backends.py secrets    # CA, server certificate, token in collector/secrets/
     python scripts/backends.py run [--secured] [--data-dir DIR]
-                                          # Jaeger (Badger) + collector on 127.0.0.1; Ctrl-C stops;
-                                          # spans and the collector's queue stay in DIR
+                                          # Jaeger (Badger) + collector + Prometheus on 127.0.0.1;
+                                          # Ctrl-C stops; spans, the collector's queue and the
+                                          # metrics stay in DIR
 
 From Python (e.g. pytest):
-    paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path}
-    with LocalBackends(workdir) as stack: ...   # both on free ports, state under workdir;
+    paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path, "prometheus": Path}
+    with LocalBackends(workdir) as stack: ...   # all three on free ports, state under workdir;
                                                 # stop, kill (SIGKILL) and start each again
     write_local_collector_config(src, dst, ...) # the project's config, local endpoints only
 
@@ -50,6 +55,13 @@ Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
     (/api/v3/*, /api/*) are complete.
   * Docker Compose v2 (scripts/compose.py) is built the same way: its go.mod has an
     exclude block, which `go install` refuses as it refuses replace directives.
+  * Prometheus v3.X.Y is the Go module github.com/prometheus/prometheus v0.(300+X).Y (no /v3
+    path); `go list -m -versions` lists up to v0.316.0 (3.16.0, pinned and built here; the
+    module's VERSION file is checked). Built the same way (no replace directives, but the same throw-away module
+    keeps one path for all three), with -tags remove_all_sd: cold, about 45 s of downloads and
+    2 min 45 s of compiling on 2 cores (after the Collector and Jaeger, whose Go build cache
+    it shares); 50 MiB. Without the builtinassets tag its web UI pages are absent; the HTTP
+    API (/api/v1/*), which Jaeger's Monitor tab queries, is complete.
 """
 
 from __future__ import annotations
@@ -82,6 +94,13 @@ COLLECTOR_CONFIG = COLLECTOR_DIR / "config.yaml"
 SECURED_CONFIG = COLLECTOR_DIR / "secured.yaml"
 SECRETS_DIR = COLLECTOR_DIR / "secrets"
 JAEGER_CONFIG = REPO_ROOT / "jaeger" / "config.yaml"
+# The search front (jaeger/search_front/main.go): Jaeger's query port with the UI's trace
+# search made exact per span; built from this source, no module outside the standard library.
+SEARCH_FRONT_DIR = REPO_ROOT / "jaeger" / "search_front"
+# Its image in docker-compose.yml: no registry holds it; scripts/compose.py imports the Go-built
+# binary under this tag, and `docker compose up` builds jaeger/search_front/Dockerfile without it.
+SEARCH_FRONT_IMAGE = "otel_stepspan/search-front:local"
+PROMETHEUS_CONFIG = REPO_ROOT / "prometheus" / "prometheus.yml"
 BUILDER_CONFIG = COLLECTOR_DIR / "builder-config.yaml"
 
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
@@ -91,6 +110,14 @@ JAEGER_MODULE = "github.com/jaegertracing/jaeger"
 JAEGER_PACKAGE = JAEGER_MODULE + "/cmd/jaeger"
 # Jaeger releases v2.N.P as Go module tag v1.(N+63).P (v2.1.0 = v1.64.0, v2.13.0 = v1.76.0).
 JAEGER_V1_OFFSET = 63
+PROMETHEUS_IMAGE = "prom/prometheus"
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+PROMETHEUS_PACKAGE = PROMETHEUS_MODULE + "/cmd/prometheus"
+# Prometheus's own build tags: every service-discovery plugin out (plugins/plugin_*.go: the
+# cloud SDKs, Kubernetes' client); static_configs, file and http discovery stay
+# (plugins/minimum.go), and static targets are all prometheus/prometheus.yml uses. No
+# builtinassets tag: the web UI's assets are not embedded, the HTTP API (what Jaeger uses) is.
+PROMETHEUS_BUILD_TAGS = "remove_all_sd"
 
 ENV_BACKENDS_DIR = "OTEL_STEPSPAN_BACKENDS_DIR"
 ENV_GO = "OTEL_STEPSPAN_GO"
@@ -112,6 +139,7 @@ def _log(msg: str) -> None:
 class Versions:
     collector: str  # "0.155.0": image tag and ocb/component version without the "v"
     jaeger: str  # "2.13.0": Jaeger release (image tag)
+    prometheus: str  # "3.16.0": Prometheus release (image tag)
 
     @property
     def jaeger_module(self) -> str:
@@ -120,6 +148,15 @@ class Versions:
         if not m:
             raise BackendError(f"unexpected Jaeger v2 version {self.jaeger!r} in {COMPOSE_FILE}")
         return f"v1.{int(m.group(1)) + JAEGER_V1_OFFSET}.{m.group(2)}"
+
+    @property
+    def prometheus_module(self) -> str:
+        """Go module version of the Prometheus release (vX.Y.Z -> v0.(X*100+Y).Z: v3.16.0 ->
+        v0.316.0; the module cannot carry a /v3 suffix, so releases are spelled this way)."""
+        m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", self.prometheus)
+        if not m:
+            raise BackendError(f"unexpected Prometheus version {self.prometheus!r} in {COMPOSE_FILE}")
+        return f"v0.{int(m.group(1)) * 100 + int(m.group(2))}.{m.group(3)}"
 
 
 def _image_tag(text: str, image: str) -> str:
@@ -135,6 +172,7 @@ def pinned_versions(compose_file: Path = COMPOSE_FILE) -> Versions:
     v = Versions(
         collector=_image_tag(text, COLLECTOR_IMAGE).lstrip("v"),
         jaeger=_image_tag(text, JAEGER_IMAGE).lstrip("v"),
+        prometheus=_image_tag(text, PROMETHEUS_IMAGE).lstrip("v"),
     )
     _check_builder_config(v)
     return v
@@ -182,6 +220,9 @@ def binary_paths(versions: Versions | None = None) -> dict[str, Path]:
     return {
         "otelcol": (root / f"otelcol-{v.collector}" / out / name).resolve(),
         "jaeger": root / f"jaeger-{v.jaeger}-static" / "jaeger",
+        "prometheus": root / f"prometheus-{v.prometheus}-static" / "prometheus",
+        # keyed by the source's hash: an edit of the program builds a new binary
+        "search_front": root / f"search-front-{search_front_digest()[:12]}" / "search-front",
     }
 
 
@@ -276,8 +317,9 @@ def build_collector(versions: Versions | None = None, *, force: bool = False) ->
 
 
 def build_go_program(module: str, version: str, package: str, binary: Path, *,
-                     ldflags: str, what: str, check=None) -> Path:
-    """Build ``package`` of ``module@version`` into ``binary``, statically linked.
+                     ldflags: str, what: str, check=None, tags: str = "") -> Path:
+    """Build ``package`` of ``module@version`` into ``binary``, statically linked (with the
+    Go build ``tags``, comma-separated, if any).
 
     Jaeger and Docker Compose cannot be built with `go install pkg@version`: their go.mod
     files carry replace (Jaeger) or exclude (Compose) directives, which `go install` refuses.
@@ -317,8 +359,8 @@ def build_go_program(module: str, version: str, package: str, binary: Path, *,
     _run([go, "get", f"{package}@{version}"], cwd=src, env=env, what=f"go get {package}")
     _log(f"compiling {what} (a few minutes on 2 cores)")
     tmp = binary.with_name(binary.name + ".tmp")
-    _run([go, "build", "-trimpath", "-ldflags", f"-s -w {ldflags}", "-o", str(tmp), package],
-         cwd=src, env=env, what=f"go build {package}")
+    _run([go, "build", "-trimpath", *(["-tags", tags] if tags else []), "-ldflags",
+          f"-s -w {ldflags}", "-o", str(tmp), package], cwd=src, env=env, what=f"go build {package}")
     tmp.replace(binary)
     _log(f"{what} built in {time.monotonic() - t0:.0f}s: {binary} "
          f"({binary.stat().st_size / 2**20:.1f} MiB)")
@@ -346,15 +388,73 @@ def build_jaeger(versions: Versions | None = None, *, force: bool = False) -> Pa
             check=is_the_release)
 
 
-def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger"),
+def build_prometheus(versions: Versions | None = None, *, force: bool = False) -> Path:
+    """Build Prometheus (cmd/prometheus) from its Go module (if missing): the metrics store
+    behind Jaeger's Monitor tab. Without service-discovery plugins and without the web UI's
+    assets (PROMETHEUS_BUILD_TAGS); its HTTP API, which Jaeger queries, is complete."""
+    v = versions or pinned_versions()
+    binary = binary_paths(v)["prometheus"]
+
+    def is_the_release(moddir: Path) -> None:
+        found = (moddir / "VERSION").read_text(encoding="utf-8").strip()
+        if found != v.prometheus:
+            raise BackendError(f"{PROMETHEUS_MODULE}@{v.prometheus_module} is Prometheus {found}, "
+                               f"not {v.prometheus}")
+
+    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
+        if binary.is_file() and not force:
+            return binary
+        return build_go_program(
+            PROMETHEUS_MODULE, v.prometheus_module, PROMETHEUS_PACKAGE, binary,
+            what=f"Prometheus v{v.prometheus}", tags=PROMETHEUS_BUILD_TAGS,
+            ldflags=f"-X github.com/prometheus/common/version.Version={v.prometheus}",
+            check=is_the_release)
+
+
+def search_front_sources() -> list[Path]:
+    """The search front's source files (its tests excluded): what its build is keyed by."""
+    return [SEARCH_FRONT_DIR / "go.mod",
+            *sorted(p for p in SEARCH_FRONT_DIR.glob("*.go") if not p.name.endswith("_test.go"))]
+
+
+def search_front_digest() -> str:
+    return _sha256(*search_front_sources())
+
+
+def build_search_front(*, force: bool = False) -> Path:
+    """Build the search front (jaeger/search_front) when its binary for this source is missing:
+    standard library only, so no download; static (CGO_ENABLED=0) for an image FROM scratch."""
+    binary = binary_paths()["search_front"]
+    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
+        if binary.is_file() and not force:
+            return binary
+        go = find_go()
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = binary.with_name(binary.name + ".tmp")
+        t0 = time.monotonic()
+        _run([go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmp), "."],
+             cwd=SEARCH_FRONT_DIR, env=_go_env(go, {"CGO_ENABLED": "0", "GOTOOLCHAIN": "local"}),
+             what="go build the search front")
+        tmp.replace(binary)
+        _log(f"search front built in {time.monotonic() - t0:.0f}s: {binary}")
+    return binary
+
+
+def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus",
+                                                  "search_front"),
                  *, force: bool = False) -> dict[str, Path]:
-    """Build the missing binaries; return {"otelcol": Path, "jaeger": Path}."""
+    """Build the missing binaries; return {"otelcol": Path, "jaeger": Path, "prometheus": Path,
+    "search_front": Path}."""
     v = pinned_versions()
     out: dict[str, Path] = {}
     if "otelcol" in components:
         out["otelcol"] = build_collector(v, force=force)
     if "jaeger" in components:
         out["jaeger"] = build_jaeger(v, force=force)
+    if "prometheus" in components:
+        out["prometheus"] = build_prometheus(v, force=force)
+    if "search_front" in components:
+        out["search_front"] = build_search_front(force=force)
     return out
 
 
@@ -421,6 +521,8 @@ def _rewrite(src: Path, endpoints: Mapping[tuple[str, ...], str],
 COLLECTOR_QUEUE_PATH = "/var/lib/otelcol/file_storage"
 COLLECTOR_SECRETS_PATH = "/etc/otelcol-contrib/secrets"
 JAEGER_DATA_PATH = "/tmp/jaeger"
+# The collector's metrics endpoint as Prometheus reaches it on the compose network.
+COMPOSE_METRICS_TARGET = "otel-collector:8889"
 
 
 def write_local_collector_config(
@@ -495,10 +597,15 @@ class JaegerPorts:
 
 
 def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
-                        data_dir: str | os.PathLike[str], host: str = LOCALHOST) -> Path:
-    """The project's jaeger/config.yaml (Badger storage) with its endpoints on ``host`` and
-    its Badger directories under ``data_dir``; nothing else changed."""
+                        data_dir: str | os.PathLike[str], host: str = LOCALHOST,
+                        prometheus_url: str | None = None) -> Path:
+    """The project's jaeger/config.yaml (Badger storage) with its endpoints on ``host``, its
+    Badger directories under ``data_dir`` and its metric backend (the Monitor tab's) at
+    ``prometheus_url`` (default http://host:9090, where `run` puts Prometheus); nothing else
+    changed."""
     wanted = {
+        ("extensions", "jaeger_storage", "metric_backends", "*", "prometheus"):
+            prometheus_url or f"http://{host}:9090",
         ("extensions", "healthcheckv2", "http"): f"{host}:{ports.health}",
         ("extensions", "jaeger_query", "http"): f"{host}:{ports.query_http}",
         ("extensions", "jaeger_query", "grpc"): f"{host}:{ports.query_grpc}",
@@ -507,6 +614,16 @@ def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
     }
     out, _ = _rewrite(JAEGER_CONFIG, wanted, {JAEGER_DATA_PATH: str(Path(data_dir).resolve())})
     return _write(dst, out)
+
+
+def write_prometheus_config(dst: str | os.PathLike[str], collector_metrics: str) -> Path:
+    """The project's prometheus/prometheus.yml scraping ``collector_metrics`` (host:port of
+    the collector's prometheus exporter) instead of the compose service; nothing else changed
+    (the relabelling Jaeger's Monitor tab needs stays as it is)."""
+    text = PROMETHEUS_CONFIG.read_text(encoding="utf-8")
+    if text.count(COMPOSE_METRICS_TARGET) != 1:
+        raise ValueError(f"{PROMETHEUS_CONFIG}: scrape target {COMPOSE_METRICS_TARGET} not found exactly once")
+    return _write(dst, [text.replace(COMPOSE_METRICS_TARGET, collector_metrics)])
 
 
 def make_secrets(secrets_dir: str | os.PathLike[str] = SECRETS_DIR, *,
@@ -624,14 +741,15 @@ def _start(argv: list[str], log_path: Path, health_url: str, timeout: float,
 def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
                  data_dir: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None,
-                 binary: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
+                 binary: Path | None = None, timeout: float = 60.0,
+                 prometheus_url: str | None = None) -> subprocess.Popen:
     """Start Jaeger v2 with the project's config (Badger in ``data_dir``, by default
     workdir/jaeger_data) on 127.0.0.1; returns once it is healthy. Starting it again with the
     same directories finds every span it stored before. ``env`` adds variables
-    (JAEGER_RETENTION)."""
+    (JAEGER_RETENTION); the Monitor tab queries ``prometheus_url`` (see write_jaeger_config)."""
     workdir = Path(workdir)
     _check_free([ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc, ports.health])
-    config = write_jaeger_config(workdir / "jaeger.yaml", ports,
+    config = write_jaeger_config(workdir / "jaeger.yaml", ports, prometheus_url=prometheus_url,
                                  data_dir=data_dir or workdir / "jaeger_data")
     binary = binary or ensure_built(("jaeger",))["jaeger"]
     return _start([str(binary), f"--config={config}"], workdir / "jaeger.log",
@@ -650,6 +768,31 @@ def start_collector(config: str | os.PathLike[str], health_port: int, *,
     binary = binary or ensure_built(("otelcol",))["otelcol"]
     argv = [str(binary), f"--config={config}", *(f"--config={c}" for c in extra_configs)]
     return _start(argv, config.with_suffix(".log"), f"http://{LOCALHOST}:{health_port}/", timeout, env)
+
+
+def start_prometheus(workdir: str | os.PathLike[str], port: int, collector_metrics: str, *,
+                     binary: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
+    """Start Prometheus with the project's config, scraping ``collector_metrics`` (host:port),
+    its API on 127.0.0.1:``port`` and its data in workdir/prometheus_data (kept 2 days, as in
+    docker-compose.yml); returns once /-/ready answers."""
+    workdir = Path(workdir)
+    _check_free([port])
+    config = write_prometheus_config(workdir / "prometheus.yml", collector_metrics)
+    binary = binary or ensure_built(("prometheus",))["prometheus"]
+    argv = [str(binary), f"--config.file={config}", f"--web.listen-address={LOCALHOST}:{port}",
+            f"--storage.tsdb.path={workdir / 'prometheus_data'}", "--storage.tsdb.retention.time=2d"]
+    return _start(argv, workdir / "prometheus.log", f"http://{LOCALHOST}:{port}/-/ready", timeout)
+
+
+def start_search_front(port: int, jaeger_url: str, log_path: Path, *, factor: int | None = None,
+                       binary: Path | None = None, timeout: float = 30.0) -> subprocess.Popen:
+    """Start the search front on 127.0.0.1:``port`` in front of Jaeger's query port at
+    ``jaeger_url``; returns once /api/services answers through it (so Jaeger must be up)."""
+    _check_free([port])
+    binary = binary or build_search_front()
+    argv = [str(binary), f"-listen={LOCALHOST}:{port}", f"-jaeger={jaeger_url}",
+            *([f"-factor={factor}"] if factor else [])]
+    return _start(argv, log_path, f"http://{LOCALHOST}:{port}/api/services", timeout)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -676,7 +819,10 @@ class LocalBackends:
     (Badger files, the collector's queue) under one directory, each process stoppable, killable
     and restartable on the same ports and state: what `run` serves, and what the fault tests
     break. ``collector_env`` and ``jaeger_env`` add variables to their environments (memory
-    limits, retention)."""
+    limits, retention). Prometheus runs beside them (``start()`` starts it last), scraping the
+    collector's span metrics, as the store of Jaeger's Monitor tab (``prometheus_url``).
+    ``jaeger_url`` is the search front (jaeger/search_front) in front of Jaeger's query port,
+    started with Jaeger; ``jaeger_direct_url`` is Jaeger's own port."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, secured: bool = False,
                  collector_env: Mapping[str, str] | None = None,
@@ -687,13 +833,16 @@ class LocalBackends:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.binaries = dict(binaries or ensure_built())
-        spare = free_ports(10)
-        self.jaeger_ports = JaegerPorts(spare[0], spare[1], ports.get("jaeger_ui") or spare[2], spare[3], spare[4])
+        spare = free_ports(11)
+        self.jaeger_ports = JaegerPorts(spare[0], spare[1], spare[2], spare[3], spare[4])
+        # The port users know as Jaeger's (UI and API) is the search front's, in front of Jaeger.
+        self.front_port = ports.get("jaeger_ui") or free_port()
         self.otlp_grpc = ports.get("otlp_grpc") or spare[5]
         self.otlp_http = ports.get("otlp_http") or spare[6]
         self.metrics = ports.get("metrics") or spare[7]
         self.health = ports.get("health") or spare[8]
         self.internal_metrics = spare[9]
+        self.prometheus_port = ports.get("prometheus") or spare[10]
         self.secured = secured
         self.collector_env = dict(collector_env or {})
         self.jaeger_env = dict(jaeger_env or {})
@@ -706,6 +855,8 @@ class LocalBackends:
                                                     self.workdir / "secrets"),) if secured else ()
         self.jaeger: subprocess.Popen | None = None
         self.collector: subprocess.Popen | None = None
+        self.prometheus: subprocess.Popen | None = None
+        self.front: subprocess.Popen | None = None
 
     @property
     def scheme(self) -> str:
@@ -721,6 +872,12 @@ class LocalBackends:
 
     @property
     def jaeger_url(self) -> str:
+        """Jaeger's UI and query API as users reach them: through the search front."""
+        return f"http://{LOCALHOST}:{self.front_port}"
+
+    @property
+    def jaeger_direct_url(self) -> str:
+        """Jaeger's own query port, without the front (to show what the front changes)."""
         return f"http://{LOCALHOST}:{self.jaeger_ports.query_http}"
 
     @property
@@ -731,9 +888,18 @@ class LocalBackends:
     def internal_metrics_url(self) -> str:
         return f"http://{LOCALHOST}:{self.internal_metrics}/metrics"
 
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.prometheus_port}"
+
     def start_jaeger(self) -> None:
         self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, env=self.jaeger_env,
-                                   binary=self.binaries["jaeger"])
+                                   binary=self.binaries["jaeger"], prometheus_url=self.prometheus_url)
+        # The search front outlives Jaeger's restarts, as a reverse proxy would (502 meanwhile).
+        if self.front is None or self.front.poll() is not None:
+            self.front = start_search_front(
+                self.front_port, self.jaeger_direct_url, self.workdir / "search_front.log",
+                binary=self.binaries.get("search_front"))
 
     def start_collector(self) -> None:
         self.collector = start_collector(
@@ -741,17 +907,23 @@ class LocalBackends:
             env=self.collector_env,
             other_ports=(self.otlp_grpc, self.otlp_http, self.metrics, self.internal_metrics))
 
+    def start_prometheus(self) -> None:
+        self.prometheus = start_prometheus(self.workdir, self.prometheus_port,
+                                           f"{LOCALHOST}:{self.metrics}",
+                                           binary=self.binaries["prometheus"])
+
     def start(self) -> "LocalBackends":
         self.start_jaeger()
         try:
             self.start_collector()
+            self.start_prometheus()
         except BaseException:
             self.close()
             raise
         return self
 
     def close(self) -> None:
-        for proc in (self.collector, self.jaeger):
+        for proc in (self.prometheus, self.collector, self.front, self.jaeger):
             if proc is not None:
                 stop(proc)
 
@@ -793,14 +965,16 @@ def compose_schema() -> Path:
 def _cmd_paths(_: argparse.Namespace) -> int:
     v = pinned_versions()
     print(f"collector {v.collector} (ocb v{v.collector}); jaeger {v.jaeger} "
-          f"({JAEGER_MODULE}@{v.jaeger_module})")
+          f"({JAEGER_MODULE}@{v.jaeger_module}); prometheus {v.prometheus} "
+          f"({PROMETHEUS_MODULE}@{v.prometheus_module})")
     for name, p in binary_paths(v).items():
         print(f"{name}\t{p}\t{'built' if p.is_file() else 'missing'}")
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    for name, p in ensure_built(tuple(args.only or ("otelcol", "jaeger")), force=args.force).items():
+    for name, p in ensure_built(tuple(args.only or ("otelcol", "jaeger", "prometheus", "search_front")),
+                                force=args.force).items():
         print(f"{name}\t{p}")
     if not args.only:
         print(f"compose-schema\t{compose_schema()}")
@@ -831,17 +1005,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(args.data_dir)
     stack = LocalBackends(workdir, secured=args.secured, ports={
         "otlp_grpc": args.otlp_grpc_port, "otlp_http": args.otlp_http_port,
-        "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port})
+        "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port,
+        "prometheus": args.prometheus_port})
     with stack:
         print(f"OTLP gRPC  {stack.otlp_grpc_endpoint}\nOTLP HTTP  {stack.otlp_http_endpoint}\n"
-              f"Jaeger     {stack.jaeger_url}/api/v3/services\n"
-              f"metrics    {stack.metrics_url}\ndata, logs {workdir}", flush=True)
+              f"Jaeger     {stack.jaeger_url}/api/v3/services (UI and API, through the search front; "
+              f"Jaeger itself on {stack.jaeger_direct_url})\n"
+              f"metrics    {stack.metrics_url}\nPrometheus {stack.prometheus_url} (Jaeger's Monitor tab)\n"
+              f"data, logs {workdir}", flush=True)
         if args.secured:
             print(f"engine     OTEL_EXPORTER_OTLP_CERTIFICATE={workdir / 'secrets' / 'ca.crt'}\n"
                   f"           OTEL_EXPORTER_OTLP_HEADERS=\"authorization=Bearer%20$(cat "
                   f"{workdir / 'secrets' / 'token'})\"", flush=True)
         try:
-            while stack.jaeger.poll() is None and stack.collector.poll() is None:
+            while all(p.poll() is None for p in (stack.jaeger, stack.collector, stack.prometheus)):
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
@@ -852,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the missing binaries, print their paths")
-    b.add_argument("--only", action="append", choices=["otelcol", "jaeger"])
+    b.add_argument("--only", action="append", choices=["otelcol", "jaeger", "prometheus", "search_front"])
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     b.set_defaults(func=_cmd_build)
     sub.add_parser("paths", help="print binary paths, build nothing").set_defaults(func=_cmd_paths)
@@ -862,12 +1039,13 @@ def main(argv: list[str] | None = None) -> int:
     se = sub.add_parser("secrets", help="make a CA, a server certificate and a token (kept if present)")
     se.add_argument("--dir", default=str(SECRETS_DIR))
     se.set_defaults(func=_cmd_secrets)
-    r = sub.add_parser("run", help="run Jaeger (Badger) + collector on 127.0.0.1 until Ctrl-C")
+    r = sub.add_parser("run", help="run Jaeger (Badger) + collector + Prometheus on 127.0.0.1 until Ctrl-C")
     r.add_argument("--otlp-grpc-port", type=int, default=4317)
     r.add_argument("--otlp-http-port", type=int, default=4318)
     r.add_argument("--metrics-port", type=int, default=8889)
     r.add_argument("--health-port", type=int, default=13133)
     r.add_argument("--jaeger-ui-port", type=int, default=16686)
+    r.add_argument("--prometheus-port", type=int, default=9090)
     r.add_argument("--data-dir", default=str(data_dir()),
                    help="Badger files, the collector's queue, logs (kept between runs; "
                         "default $OTEL_STEPSPAN_DATA_DIR or ~/.local/share/otel_stepspan/backends)")

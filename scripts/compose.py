@@ -10,12 +10,14 @@ What a new user would do, made repeatable (for CI, and for anyone without Docker
 2. Docker Compose v2, built from its Go module (github.com/docker/compose/v2, pinned below)
    into the cache: `go install` refuses it (its go.mod has an exclude block), so it is built
    through a throw-away module (scripts/backends.py, build_go_program).
-3. The two images, tagged exactly as docker-compose.yml pins them, built FROM scratch out of
-   the Go-built release binaries of scripts/backends.py (`docker import` of a file tree made
-   here, no Dockerfile, no registry): the same entrypoint, user, environment and volume as the
-   published images, and for Jaeger a static busybox (Debian's busybox-static) for the `wget`
-   its health check runs. The registry images cannot be pulled here; these are the same
-   releases, built from source.
+3. The images (Collector, Jaeger, Prometheus), tagged exactly as docker-compose.yml pins them,
+   built FROM scratch out of the Go-built release binaries of scripts/backends.py (`docker
+   import` of a file tree made here, no Dockerfile, no registry): the same entrypoint, user,
+   environment and volume as the published images, and for Jaeger and Prometheus a static
+   busybox (Debian's busybox-static) for the `wget` their health checks run. The registry images cannot be pulled here; these are the same
+   releases, built from source. The search front's image (the project's own program,
+   jaeger/search_front) is made the same way from its Go-built binary, under the tag
+   docker-compose.yml names; `docker compose up` would otherwise build its Dockerfile.
 
 Everything goes to ${OTEL_STEPSPAN_BACKENDS_DIR:-~/.cache/otel_stepspan/backends}, outside git.
 
@@ -208,7 +210,11 @@ class Image:
 def images() -> list[Image]:
     """The images docker-compose.yml pins, as the published ones are laid out: Jaeger's binary
     at /cmd/jaeger/jaeger-linux, user 10001, JAEGER_LISTEN_HOST=0.0.0.0, /tmp as its volume;
-    the collector's at /otelcol-contrib, user 10001, its config in /etc/otelcol-contrib."""
+    the collector's at /otelcol-contrib, user 10001, its config in /etc/otelcol-contrib;
+    Prometheus's at /bin/prometheus, user nobody (65534), /prometheus (its data) as its volume,
+    writable by that user (mode 1777, as Jaeger's /tmp), busybox for its health check's wget;
+    the search front's (this repository's program) at /search-front, user 10001, no shell: its
+    health check is its own -probe."""
     v = backends.pinned_versions()
     paths = backends.binary_paths(v)
     box = busybox()
@@ -226,7 +232,20 @@ def images() -> list[Image]:
         dirs={"/etc": 0o755, "/etc/otelcol-contrib": 0o755},
         entrypoint=["/otelcol-contrib"], cmd=["--config", "/etc/otelcol-contrib/config.yaml"],
         user="10001:10001")
-    return [jaeger, collector]
+    prometheus = Image(
+        f"{backends.PROMETHEUS_IMAGE}:v{v.prometheus}",
+        {"/bin/prometheus": paths["prometheus"], "/bin/busybox": box,
+         "/etc/prometheus/prometheus.yml": backends.PROMETHEUS_CONFIG},
+        links={"/bin/wget": "busybox"},
+        dirs={"/bin": 0o755, "/etc": 0o755, "/etc/prometheus": 0o755, "/prometheus": 0o1777},
+        entrypoint=["/bin/prometheus"],
+        cmd=["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"],
+        user="65534", volume="/prometheus")
+    # The project's own program: the same layout as jaeger/search_front/Dockerfile builds.
+    search_front = Image(
+        backends.SEARCH_FRONT_IMAGE, {"/search-front": paths["search_front"]},
+        entrypoint=["/search-front"], user="10001")
+    return [jaeger, collector, prometheus, search_front]
 
 
 def prepare() -> Path:

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,3 +147,25 @@ def wait_stored(jaeger_url: str, service: str, since_ns: int, expected: int, tim
         if got.unique >= expected or time.monotonic() > deadline:
             return got
         time.sleep(2.0)
+
+
+def monitor_series(jaeger_url: str, service: str, metric: str = "calls",
+                   **params: str) -> dict[str, list[list[float]]]:
+    """What Jaeger's Monitor tab asks for its operations table, as the UI asks it:
+    GET /api/metrics/<metric> (calls, latencies, errors) for the INTERNAL spans of ``service``,
+    grouped by operation, over the last 10 minutes. Returns {operation: one list of point
+    values per series of that operation}; series without an operation label (span_name)
+    come back under ""."""
+    query = {"service": service, "spanKind": "internal", "groupByOperation": "true",
+             "endTs": str(time.time_ns() // 10**6), "lookback": str(10 * 60 * 1000),
+             "step": str(60 * 1000), "ratePer": str(10 * 60 * 1000), **params}
+    url = f"{jaeger_url}/api/metrics/{metric}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        family = json.load(response)
+    series: dict[str, list] = {}
+    for metric_ in family.get("metrics", []):
+        labels = {label["name"]: label["value"] for label in metric_["labels"]}
+        assert labels.get("service_name") == service, labels
+        series.setdefault(labels.get("operation", ""), []).append(
+            [point["gaugeValue"]["doubleValue"] for point in metric_["metricPoints"]])
+    return series

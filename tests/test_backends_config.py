@@ -105,3 +105,36 @@ def test_compose_file_and_builder_config_pin_one_collector_release():
     modules = [m["gomod"] for kind in ("receivers", "processors", "exporters", "connectors", "extensions")
                for m in builder[kind]]
     assert {m.split()[1] for m in modules} == {f"v{versions.collector}"}
+
+
+def test_local_prometheus_config_changes_only_the_scrape_target(tmp_path):
+    local = backends.write_prometheus_config(tmp_path / "p.yml", "127.0.0.1:3001")
+    assert _changed(backends.PROMETHEUS_CONFIG, local) == [
+        ('      - targets: ["otel-collector:8889"]', '      - targets: ["127.0.0.1:3001"]')]
+    job, = yaml.safe_load(local.read_text())["scrape_configs"]
+    # what names the Monitor tab's rows: span_name from forward_mode, on the connector's series
+    rules = {r["replacement"]: r for r in job["metric_relabel_configs"]}
+    assert set(rules) == {"step[$1]", "(not a step)"}
+    assert all(r["target_label"] == "span_name" for r in rules.values())
+
+
+def test_jaeger_queries_the_prometheus_that_compose_and_run_start(tmp_path):
+    compose_file = yaml.safe_load((backends.REPO_ROOT / "docker-compose.yml").read_text())
+    assert f"prom/prometheus:v{backends.pinned_versions().prometheus}" == compose_file["services"]["prometheus"]["image"]
+    assert "profiles" not in compose_file["services"]["prometheus"]  # started by a plain `up`
+    config = yaml.safe_load(backends.JAEGER_CONFIG.read_text())
+    name = config["extensions"]["jaeger_query"]["storage"]["metrics"]
+    prometheus = config["extensions"]["jaeger_storage"]["metric_backends"][name]["prometheus"]
+    assert prometheus["endpoint"] == "http://prometheus:9090"
+    assert config["extensions"]["jaeger_query"]["enable_tracing"] is False
+    local = backends.write_jaeger_config(tmp_path / "j.yaml", backends.JaegerPorts(1, 2, 3, 4, 5),
+                                         data_dir=tmp_path, prometheus_url="http://127.0.0.1:3002")
+    local_config = yaml.safe_load(local.read_text())
+    assert local_config["extensions"]["jaeger_storage"]["metric_backends"][name]["prometheus"] == {
+        **prometheus, "endpoint": "http://127.0.0.1:3002"}
+
+
+def test_prometheus_release_maps_to_its_go_module_version():
+    versions = backends.Versions(collector="0.165.0", jaeger="2.13.0", prometheus="3.16.0")
+    assert versions.prometheus_module == "v0.316.0"
+    assert backends.Versions("0.165.0", "2.13.0", "3.5.1").prometheus_module == "v0.305.1"

@@ -162,6 +162,7 @@ def test_compose_pins_the_built_releases():
     versions = backends.pinned_versions()
     assert f"otel/opentelemetry-collector-contrib:{versions.collector}" in images
     assert f"jaegertracing/jaeger:{versions.jaeger}" in images
+    assert f"prom/prometheus:v{versions.prometheus}" in images
 
 
 def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, engine_run):

@@ -31,7 +31,7 @@ from otel_stepspan.otlp_json import iter_step_spans
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 import compose  # noqa: E402
-from backends_support import EngineRun, requires_go, stored, wait_stored  # noqa: E402
+from backends_support import EngineRun, monitor_series, requires_go, stored, wait_stored  # noqa: E402
 
 pytestmark = [
     pytest.mark.backends,
@@ -54,7 +54,7 @@ def _compose(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _ports_free() -> None:
-    for port in (4317, 4318, 8889, 13133, 16686):
+    for port in (4317, 4318, 8889, 9090, 13133, 16686):
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -129,6 +129,18 @@ def test_search_by_mode_finds_the_decode_steps(demo):
     assert all(row["label"].startswith("step[decode bs=") for row in rows)
 
 
+def test_the_ui_port_is_the_search_front(demo):
+    """127.0.0.1:16686 answers Jaeger's API through search-front; Jaeger publishes nothing."""
+    _holds_the_demo(demo)
+    with urllib.request.urlopen(f"{JAEGER}/api/services", timeout=10) as response:
+        assert SERVICE in json.loads(response.read())["data"]
+    rows = [json.loads(line) for line in _compose("ps", "--format", "json").stdout.splitlines() if line.strip()]
+    published = {row["Service"]: {p["PublishedPort"] for p in row.get("Publishers") or [] if p.get("PublishedPort")}
+                 for row in rows}
+    assert published["search-front"] == {16686}
+    assert published["jaeger"] == set()
+
+
 def test_span_metrics_by_mode_on_the_published_port(demo):
     _holds_the_demo(demo)
     deadline = time.monotonic() + 60
@@ -140,6 +152,23 @@ def test_span_metrics_by_mode_on_the_published_port(demo):
             break
         time.sleep(2)
     assert {m for m in demo["modes"] if any(f'forward_mode="{m}"' in line for line in ours)} == set(demo["modes"])
+
+
+def test_monitor_tab_lists_the_demo_steps_by_mode(demo):
+    """Jaeger's Monitor tab through compose: Jaeger asks the Prometheus service, which scrapes the
+    collector; one call-rate row per mode the demo ran (plus the timeline roots' row)."""
+    _holds_the_demo(demo)
+    expected = {f"step[{mode}]" for mode in demo["modes"]} | {"(not a step)"}
+    deadline = time.monotonic() + 90
+    while True:
+        series = monitor_series(JAEGER, SERVICE, "calls")
+        if set(series) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert set(series) == expected
+    assert all(len(per_op) == 1 for per_op in series.values()), series
+    with urllib.request.urlopen(f"{JAEGER}/api/services", timeout=10) as response:
+        assert "jaeger" not in json.load(response)["data"]  # no self-tracing
 
 
 def test_jaeger_restart_and_sigkill_keep_every_step(demo):

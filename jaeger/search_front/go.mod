@@ -1,0 +1,3 @@
+module otel_stepspan/search_front
+
+go 1.22
