@@ -598,11 +598,13 @@ class JaegerPorts:
 
 def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
                         data_dir: str | os.PathLike[str], host: str = LOCALHOST,
-                        prometheus_url: str | None = None) -> Path:
+                        prometheus_url: str | None = None,
+                        ui_assets: str | os.PathLike[str] | None = None) -> Path:
     """The project's jaeger/config.yaml (Badger storage) with its endpoints on ``host``, its
     Badger directories under ``data_dir`` and its metric backend (the Monitor tab's) at
     ``prometheus_url`` (default http://host:9090, where `run` puts Prometheus); nothing else
-    changed."""
+    changed, but for ``ui_assets``: a built jaeger-ui (the directory holding its index.html) for
+    Jaeger to serve, since a Jaeger built from its Go module serves a placeholder page."""
     wanted = {
         ("extensions", "jaeger_storage", "metric_backends", "*", "prometheus"):
             prometheus_url or f"http://{host}:9090",
@@ -613,6 +615,12 @@ def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
         ("receivers", "otlp", "protocols", "http"): f"{host}:{ports.otlp_http}",
     }
     out, _ = _rewrite(JAEGER_CONFIG, wanted, {JAEGER_DATA_PATH: str(Path(data_dir).resolve())})
+    if ui_assets is not None:
+        assets = Path(ui_assets).resolve()
+        if not (assets / "index.html").is_file():
+            raise BackendError(f"{assets}: no index.html (give the directory a jaeger-ui build wrote)")
+        at = out.index("  jaeger_query:\n") + 1
+        out[at:at] = ["    ui:\n", f"      assets_path: {json.dumps(str(assets))}\n"]
     return _write(dst, out)
 
 
@@ -742,7 +750,8 @@ def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
                  data_dir: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None,
                  binary: Path | None = None, timeout: float = 60.0,
-                 prometheus_url: str | None = None) -> subprocess.Popen:
+                 prometheus_url: str | None = None,
+                 ui_assets: str | os.PathLike[str] | None = None) -> subprocess.Popen:
     """Start Jaeger v2 with the project's config (Badger in ``data_dir``, by default
     workdir/jaeger_data) on 127.0.0.1; returns once it is healthy. Starting it again with the
     same directories finds every span it stored before. ``env`` adds variables
@@ -750,7 +759,7 @@ def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
     workdir = Path(workdir)
     _check_free([ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc, ports.health])
     config = write_jaeger_config(workdir / "jaeger.yaml", ports, prometheus_url=prometheus_url,
-                                 data_dir=data_dir or workdir / "jaeger_data")
+                                 data_dir=data_dir or workdir / "jaeger_data", ui_assets=ui_assets)
     binary = binary or ensure_built(("jaeger",))["jaeger"]
     return _start([str(binary), f"--config={config}"], workdir / "jaeger.log",
                   f"http://{LOCALHOST}:{ports.health}/status", timeout, env)
@@ -828,8 +837,10 @@ class LocalBackends:
                  collector_env: Mapping[str, str] | None = None,
                  jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
-                 binaries: "Mapping[str, Path] | None" = None) -> None:
+                 binaries: "Mapping[str, Path] | None" = None,
+                 ui_assets: str | os.PathLike[str] | None = None) -> None:
         ports = dict(ports or {})
+        self.ui_assets = ui_assets
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.binaries = dict(binaries or ensure_built())
@@ -894,7 +905,8 @@ class LocalBackends:
 
     def start_jaeger(self) -> None:
         self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, env=self.jaeger_env,
-                                   binary=self.binaries["jaeger"], prometheus_url=self.prometheus_url)
+                                   binary=self.binaries["jaeger"], prometheus_url=self.prometheus_url,
+                                   ui_assets=self.ui_assets)
         # The search front outlives Jaeger's restarts, as a reverse proxy would (502 meanwhile).
         if self.front is None or self.front.poll() is not None:
             self.front = start_search_front(
@@ -1001,12 +1013,20 @@ def data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "otel_stepspan" / "backends"
 
 
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(args.data_dir)
+    # Ctrl-C, `kill` and a service manager's SIGTERM all stop the backends it started; SIGINT is
+    # set explicitly because a shell starting this in the background (`... &`) ignores it.
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     stack = LocalBackends(workdir, secured=args.secured, ports={
         "otlp_grpc": args.otlp_grpc_port, "otlp_http": args.otlp_http_port,
         "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port,
-        "prometheus": args.prometheus_port})
+        "prometheus": args.prometheus_port}, ui_assets=args.ui_assets)
     with stack:
         print(f"OTLP gRPC  {stack.otlp_grpc_endpoint}\nOTLP HTTP  {stack.otlp_http_endpoint}\n"
               f"Jaeger     {stack.jaeger_url}/api/v3/services (UI and API, through the search front; "
@@ -1049,6 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data-dir", default=str(data_dir()),
                    help="Badger files, the collector's queue, logs (kept between runs; "
                         "default $OTEL_STEPSPAN_DATA_DIR or ~/.local/share/otel_stepspan/backends)")
+    r.add_argument("--ui-assets", metavar="DIR",
+                   help="a built jaeger-ui to serve (the directory with its index.html, e.g. "
+                        "packages/jaeger-ui/build of the jaeger-ui repository after npm ci && npm run "
+                        "build); without it the Go-built Jaeger serves a placeholder page, the API is whole")
     r.add_argument("--secured", action="store_true",
                    help="OTLP over TLS with a bearer token (secrets made in DATA_DIR/secrets)")
     r.set_defaults(func=_cmd_run)

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -138,3 +139,20 @@ def test_prometheus_release_maps_to_its_go_module_version():
     versions = backends.Versions(collector="0.165.0", jaeger="2.13.0", prometheus="3.16.0")
     assert versions.prometheus_module == "v0.316.0"
     assert backends.Versions("0.165.0", "2.13.0", "3.5.1").prometheus_module == "v0.305.1"
+
+
+def test_a_built_jaeger_ui_is_served_when_given_and_a_wrong_directory_is_refused(tmp_path):
+    """`backends.py run --ui-assets DIR`: Jaeger's query extension serves DIR instead of the
+    placeholder page a Jaeger built from its Go module has."""
+    assets = tmp_path / "build"
+    assets.mkdir()
+    (assets / "index.html").write_text("<html></html>")
+    ports = backends.JaegerPorts(1, 2, 3, 4, 5)
+    local = backends.write_jaeger_config(tmp_path / "j.yaml", ports, data_dir=tmp_path / "data", ui_assets=assets)
+    query = yaml.safe_load(local.read_text())["extensions"]["jaeger_query"]
+    assert query["ui"] == {"assets_path": str(assets.resolve())}
+    assert query["http"] == {"endpoint": "127.0.0.1:3"}
+    plain = yaml.safe_load(backends.write_jaeger_config(tmp_path / "p.yaml", ports, data_dir=tmp_path).read_text())
+    assert "ui" not in plain["extensions"]["jaeger_query"]
+    with pytest.raises(backends.BackendError, match="no index.html"):
+        backends.write_jaeger_config(tmp_path / "x.yaml", ports, data_dir=tmp_path, ui_assets=tmp_path / "data")

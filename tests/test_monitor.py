@@ -95,20 +95,34 @@ def test_prometheus_counts_every_step_by_mode_exactly(stack, run):
     assert set(by_mode) == set(got)
 
 
+def _shown(points: list) -> bool:
+    """A value the Monitor tab draws: a number above zero (Jaeger sends "NaN" where Prometheus
+    had no increase to compute a rate or a quantile from)."""
+    return any(isinstance(v, (int, float)) and v == v and v > 0 for v in points)
+
+
+def _steps_shown(series: dict, run) -> bool:
+    steps = _expected_operations(run) - {NOT_A_STEP}
+    return set(series) >= steps and all(_shown(points) for op in steps for points in series[op])
+
+
 def test_monitor_tab_lists_one_call_rate_series_per_mode(stack, run):
-    series = _poll(lambda: monitor_series(stack.jaeger_url, SERVICE, "calls"),
-                   lambda s: set(s) >= _expected_operations(run))
+    series = _poll(lambda: monitor_series(stack.jaeger_url, SERVICE, "calls"), lambda s: _steps_shown(s, run))
     assert set(series) == _expected_operations(run)
     assert all(len(per_op) == 1 for per_op in series.values()), series  # one series per mode
     for operation, (points,) in series.items():
-        assert points and all(v >= 0 for v in points), (operation, points)
+        assert points and all(v >= 0 for v in points if v == v), (operation, points)
+    assert _steps_shown(series, run), series  # a rate the tab draws, for every mode
 
 
 def test_monitor_tab_lists_one_latency_series_per_mode(stack, run):
     series = _poll(lambda: monitor_series(stack.jaeger_url, SERVICE, "latencies", quantile="0.95"),
-                   lambda s: set(s) >= _expected_operations(run))
+                   lambda s: _steps_shown(s, run))
     assert set(series) == _expected_operations(run)
     assert all(len(per_op) == 1 for per_op in series.values()), series
+    assert _steps_shown(series, run), series  # a p95 in ms, not NaN, for every mode
+    p95 = {op: max(v for v in points if v == v) for op, (points,) in series.items() if op != NOT_A_STEP}
+    assert all(0 < ms < 10_000 for ms in p95.values()), p95  # the histogram's range, in ms
 
 
 def test_monitor_tab_has_no_internal_series_for_a_service_that_sent_nothing(stack, run):
