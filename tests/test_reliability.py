@@ -76,7 +76,9 @@ def _run_through_outages(extra_env: dict[str, str]) -> tuple[dict, list, list, s
             if stay_up is None:
                 break
             time.sleep(stay_up)
-            receivers[-1].stop()  # the collector goes away mid-run...
+            # The collector goes away mid-run (shutting down: what it received it answers, so
+            # that "arrived" and "counted exported" can be held equal)...
+            receivers[-1].stop(grace_s=2.0)
             gone = time.time_ns()
             time.sleep(stay_down)  # ... and comes back
         out, err = program.communicate(timeout=90)

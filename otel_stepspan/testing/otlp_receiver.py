@@ -288,11 +288,14 @@ class OtlpReceiver:
         self._thread = threading.Thread(target=server.serve_forever, name="otlp-http-receiver", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: Optional[float] = None) -> None:
+        """Stop serving. With ``grace_s``, exports already received are answered first (a
+        collector shutting down); without, they are cut off unanswered (a crash), and their
+        senders count as lost spans that did arrive here."""
         if self._server is None:
             return
         if self.protocol == "grpc":
-            self._server.stop(grace=None)
+            self._server.stop(grace=grace_s).wait()
         else:
             self._server.shutdown()
             self._server.server_close()
