@@ -72,3 +72,13 @@ def pytest_runtest_makereport(item, call):
     ):
         report.outcome = "failed"
         report.longrepr = f"real-backend or real-engine test skipped in CI: {report.longrepr}"
+
+
+@pytest.fixture(scope="module")
+def jaeger_stack(tmp_path_factory):
+    """The real Collector, Jaeger and Prometheus (scripts/backends.py, LocalBackends) for one test
+    module: what a user reads from Jaeger."""
+    from jaeger_requests import backends
+
+    with backends.LocalBackends(tmp_path_factory.mktemp("jaeger")) as stack:
+        yield stack

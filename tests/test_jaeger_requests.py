@@ -21,15 +21,11 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-import backends  # noqa: E402
-from backends_support import requires_go  # noqa: E402
-from jaeger_requests import (  # noqa: E402
+from backends_support import requires_go
+from jaeger_requests import (
     assert_reports_lead_to_the_windows_of_their_steps,
     request_report,
     traced_requests,
@@ -42,26 +38,25 @@ SERVICE = "otel-stepspan-requests"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("jaeger-requests")
-    with backends.LocalBackends(workdir) as stack:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        env.update({
-            "OTEL_SERVICE_NAME": SERVICE,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": stack.otlp_grpc_endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "200",
-            "OTEL_STEPSPAN_TIMELINE_STEPS": "8",  # many windows: several per request, not all slow
-        })
-        result = subprocess.run(
-            [sys.executable, "-m", "otel_stepspan.cli", "demo", "--requests", "12", "--no-profiler", "--quiet",
-             "--out-dir", str(workdir)],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        spans_file = workdir / "spans.jsonl"
-        held = wait_until_stored(stack.jaeger_url, spans_file)
-        yield {"jaeger": stack.jaeger_url, "direct": stack.jaeger_direct_url, "file": spans_file, "held": held,
-               "requests": traced_requests(spans_file)}
+def run(jaeger_stack, tmp_path_factory):
+    workdir, stack = tmp_path_factory.mktemp("jaeger-requests"), jaeger_stack
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update({
+        "OTEL_SERVICE_NAME": SERVICE,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": stack.otlp_grpc_endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "OTEL_STEPSPAN_TIMELINE_STEPS": "8",  # many windows: several per request, not all slow
+    })
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_stepspan.cli", "demo", "--requests", "12", "--no-profiler", "--quiet",
+         "--out-dir", str(workdir)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    spans_file = workdir / "spans.jsonl"
+    held = wait_until_stored(stack.jaeger_url, spans_file)
+    return {"jaeger": stack.jaeger_url, "direct": stack.jaeger_direct_url, "file": spans_file, "held": held,
+           "requests": traced_requests(spans_file)}
 
 
 def test_a_requests_report_from_jaeger_equals_the_one_from_the_spans_file(run, capsys):

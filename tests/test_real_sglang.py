@@ -34,7 +34,7 @@ from otel_stepspan.cli.main import main as cli_main
 from otel_stepspan.otlp_json import iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 from backends_support import requires_go
-from jaeger_requests import assert_reports_lead_to_the_windows_of_their_steps, backends, replay, wait_until_stored
+from jaeger_requests import assert_reports_lead_to_the_windows_of_their_steps, replay, wait_until_stored
 from jaeger_requests import request_report as jaeger_report
 from timelines import assert_steps_form_timelines
 
@@ -407,24 +407,17 @@ def test_the_request_id_finds_the_same_steps_as_the_trace_id(runs):
     assert [s["span_id"] for s in by_id["steps"]] == [s["span_id"] for s in by_trace["steps"]]
 
 
-@pytest.fixture(scope="module")
-def jaeger(tmp_path_factory):
-    """The real Collector and Jaeger (scripts/backends.py), for what a user reads from Jaeger."""
-    with backends.LocalBackends(tmp_path_factory.mktemp("sglang-jaeger")) as stack:
-        yield stack
-
-
 @pytest.mark.backends
 @requires_go
-def test_each_requests_report_from_jaeger_equals_the_one_from_the_spans_file(runs, jaeger, capsys):
+def test_each_requests_report_from_jaeger_equals_the_one_from_the_spans_file(runs, jaeger_stack, capsys):
     """Every span sglang and the steps sent (request tracing on) goes to the real Collector and
     Jaeger, which drops link attributes: ``otel-stepspan request`` from Jaeger is still the
     report from the spans file, by trace id and by request id, and each request's trace holds its
     ``request.steps`` span linked to exactly the windows of its steps."""
     run = runs["overlap"]
-    replay(run.spans_file, jaeger.otlp_http_endpoint)
-    held = wait_until_stored(jaeger.jaeger_url, run.spans_file)
-    source = ("--jaeger", jaeger.jaeger_url, "--since", "1h")
+    replay(run.spans_file, jaeger_stack.otlp_http_endpoint)
+    held = wait_until_stored(jaeger_stack.jaeger_url, run.spans_file)
+    source = ("--jaeger", jaeger_stack.jaeger_url, "--since", "1h")
     for name, client in run.client_traces.items():
         from_file = jaeger_report(capsys, client["trace_id"], "--file", str(run.spans_file))
         assert jaeger_report(capsys, client["trace_id"], *source) == from_file, name

@@ -57,7 +57,7 @@ from otel_stepspan import otlp_json
 from otel_stepspan.cli.main import main as cli_main
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 from backends_support import requires_go
-from jaeger_requests import assert_reports_lead_to_the_windows_of_their_steps, backends, replay, wait_until_stored
+from jaeger_requests import assert_reports_lead_to_the_windows_of_their_steps, replay, wait_until_stored
 from jaeger_requests import request_report as jaeger_report
 from timelines import assert_steps_form_timelines
 
@@ -589,25 +589,18 @@ def test_otel_stepspan_request_finds_the_steps_the_scheduler_scheduled_for_each_
     assert by_client_id["steps"] == by_trace and by_client_id["request_id"] == _internal_id(run, first)
 
 
-@pytest.fixture(scope="module")
-def jaeger(tmp_path_factory):
-    """The real Collector and Jaeger (scripts/backends.py), for what a user reads from Jaeger."""
-    with backends.LocalBackends(tmp_path_factory.mktemp("vllm-jaeger")) as stack:
-        yield stack
-
-
 @pytest.mark.backends
 @requires_go
 @pytest.mark.parametrize("name", TRACED)
-def test_each_requests_report_from_jaeger_equals_the_one_from_the_spans_file(runs, jaeger, name, capsys):
+def test_each_requests_report_from_jaeger_equals_the_one_from_the_spans_file(runs, jaeger_stack, name, capsys):
     """Every span of the run (its steps and vLLM's own request spans) goes to the real Collector
     and Jaeger, which drops link attributes: ``otel-stepspan request`` from Jaeger is still the
     report from the spans file, by trace id and by vLLM's request id; each sampled request's trace
     holds its ``request.steps`` span linked to exactly the windows of its steps."""
     run = _ok(runs[name])
-    replay(run.spans_file, jaeger.otlp_http_endpoint)
-    held = wait_until_stored(jaeger.jaeger_url, run.spans_file)
-    source = ("--jaeger", jaeger.jaeger_url, "--service", name, "--since", "1h")
+    replay(run.spans_file, jaeger_stack.otlp_http_endpoint)
+    held = wait_until_stored(jaeger_stack.jaeger_url, run.spans_file)
+    source = ("--jaeger", jaeger_stack.jaeger_url, "--service", name, "--since", "1h")
     traced = {rid: tp for rid, tp in run.traceparents.items() if tp is not None}
     assert any(tp.endswith("-01") for tp in traced.values())
     for request_id, traceparent in traced.items():
