@@ -88,7 +88,7 @@ def batch_cycle() -> list[ForwardBatch]:
     return out
 
 
-# -- baselines: the label formatted inline from the batch (CONTRACT §1) ------------------------
+# -- baselines: the label formatted inline from the batch (docs/spans.md) ------------------------
 
 _MODE = {
     "EXTEND": "prefill",
@@ -132,7 +132,7 @@ def inline_label(fb: Any) -> str:
 
 
 def inline_span_args(fb: Any, pass_id: int = 1) -> tuple[str, dict]:
-    """The plain-SDK baseline's name and attributes: the keys of CONTRACT §2 the project's spans
+    """The plain-SDK baseline's name and attributes: the keys of docs/spans.md the project's spans
     carry for an sglang step (``forward.*`` with ``forward.pass_id``, ``engine.name``)."""
     mode, bs, ext, dec, pre, toks = inline_counts(fb)
     if mode == "decode":

@@ -1,4 +1,4 @@
-"""The variables that turn the sinks on (CONTRACT §3), read once per process.
+"""The variables that turn the sinks on (README.md, "Turning it on"), read once per process.
 
 Pure: reads a mapping (``os.environ`` by default) and imports nothing heavy. Engines start their
 workers with ``spawn``; each worker re-imports this module and so reads the environment it

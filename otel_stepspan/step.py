@@ -112,7 +112,7 @@ class StepInfo:
 
     @property
     def label(self) -> str:
-        """The record_function name and (by default) the span name; grammar in CONTRACT §1."""
+        """The record_function name and (by default) the span name; grammar in docs/spans.md."""
         mode = self.mode
         if mode == "idle":
             return "step[idle]"
@@ -134,7 +134,7 @@ class StepInfo:
         return f"step[{self.mode}]"
 
     def attributes(self) -> dict[str, AttributeValue]:
-        """The ``forward.*`` span attributes of CONTRACT §2; ``forward.pass_id`` only when known."""
+        """The ``forward.*`` span attributes (docs/spans.md); ``forward.pass_id`` only when known."""
         attrs: dict[str, AttributeValue] = {
             "forward.mode": self.mode,
             "forward.batch_size": _attr(self.batch_size),
@@ -236,7 +236,7 @@ def engine_attributes(
     dp_rank: Optional[int] = None,
     pp_rank: Optional[int] = None,
 ) -> dict[str, AttributeValue]:
-    """The ``engine.*`` attributes, keeping only what is known (CONTRACT §2)."""
+    """The ``engine.*`` attributes, keeping only what is known (docs/spans.md)."""
     attrs: dict[str, AttributeValue] = {}
     if name:
         attrs["engine.name"] = name

@@ -1,4 +1,4 @@
-"""CONTRACT §2's attribute keys, written out once for every test that checks a span against it
+"""The step span's attribute keys (docs/spans.md), written out once for every test that checks a span against it
 (spelled here by hand, not taken from the code under test)."""
 
 #: On every step span, whatever the engine exposed.

@@ -36,7 +36,7 @@ SMALL_WORKLOAD = WorkloadConfig(requests=16, rate=25, prompt_len=64, output_len=
 
 CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
 #: Set per span by the OTel sink (right in forked workers, where a resource built before the fork
-#: is not); not in CONTRACT §2's table, but no request content either.
+#: is not); not in docs/spans.md's table of counts, but no request content either.
 SINK_KEYS = {"process.pid"}
 #: The scheduler's context and the count of request links: counts, no content.
 CONTEXT_KEYS = {"scheduler.queued_requests", "scheduler.kv_tokens", "forward.request_links"}

@@ -242,7 +242,7 @@ def runs(engine_python, tiny_model, tmp_path_factory) -> dict[str, Run]:
 
 
 def expected_attributes(record: dict) -> dict[str, Any]:
-    """CONTRACT §1/§2 applied to one ``ScheduleBatch`` record of the truth hook."""
+    """docs/spans.md applied to one ``ScheduleBatch`` record of the truth hook."""
     mode, rows, lens = record["mode"], record["rows"], record["extend_lens"]
     if mode == "DECODE":
         counts, label = ("decode", rows, 0, rows, 0, rows), f"step[decode bs={rows}]"
@@ -340,7 +340,7 @@ def test_generated_tokens_are_the_same_with_and_without_instrumentation(runs):
 
 
 def scheduled_for_each_request(truth: list[dict]) -> dict[str, list[tuple[int, str, int]]]:
-    """(pass id, work, tokens) of every row the scheduler ran, by request id: CONTRACT §1 applied
+    """(pass id, work, tokens) of every row the scheduler ran, by request id: docs/spans.md's counting applied
     by hand to the truth records (a MIXED batch's rows after its prompt rows are the running
     decodes; a prompt row computes its extend length)."""
     steps: dict[str, list[tuple[int, str, int]]] = {}
@@ -488,7 +488,7 @@ def real_classes(engine_python) -> dict:
     return json.loads(done.stdout)
 
 
-#: CONTRACT §1 applied by hand to each case's batch (see real_classes.py):
+#: docs/spans.md's counting applied by hand to each case's batch (see real_classes.py):
 #: label, mode, batch_size, extend_tokens, decode_seqs, prefill_seqs, num_tokens (-1: unknown).
 REAL_CLASS_CASES = {
     # DP attention pads an idle rank's batch: nothing real is computed.

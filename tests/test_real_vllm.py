@@ -8,7 +8,7 @@ a tiny random-weight Llama made here, with token-id prompts (``drive.py``). The 
 recorded inside vLLM by a vLLM plugin of the tests' own (``scheduler_record``), independent of
 the adapter: for each ``Scheduler.schedule`` call, the scheduled requests and, from vLLM's own
 ``Request`` objects, how many tokens each computes and where it stands. The expected step is
-derived from those facts by CONTRACT §1's rule ("counting by what the forward computes"), written
+derived from those facts by the rule of docs/spans.md ("counting by what the forward computes"), written
 out here. Spans are received over OTLP by a receiver in this process, the engine configured only
 by ``OTEL_*`` variables.
 
@@ -70,7 +70,7 @@ DRIVER_TIMEOUT_S = 480  # all drivers together, inside pytest's own 600 s limit
 TRACED = ("run", "otel_instrument", "in_process_traced")
 UNTRACED = ("in_code", "in_process")
 
-# -- the expected step, from the scheduler's facts (CONTRACT §1) ---------------------------------
+# -- the expected step, from the scheduler's facts (docs/spans.md) ---------------------------------
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Request:
 
     @property
     def work(self) -> str:
-        """What the step did for the request (CONTRACT: counting by what the forward computes)."""
+        """What the step did for the request (docs/spans.md: counting by what the forward computes)."""
         return "verify" if self.drafts else "decode" if self.decodes else "prefill"
 
 

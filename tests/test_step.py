@@ -1,4 +1,4 @@
-"""The label grammar and the attribute table of CONTRACT §1-§2, from the pure core."""
+"""The label grammar and the attribute table of docs/spans.md, from the pure core."""
 
 from __future__ import annotations
 

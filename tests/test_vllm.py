@@ -466,7 +466,7 @@ def scheduler_outputs(draw):
 def contract_counts(step: SchedulerOutput) -> tuple[int, int, int, bool]:
     """(prompt-work requests, their non-speculative tokens, decoding requests, any recompute):
     vLLM's rule, except that a request computing more than one non-speculative token is prompt
-    work even where vLLM counts it as generation (CONTRACT §1, "counting by what the forward
+    work even where vLLM counts it as generation (docs/spans.md, "counting by what the forward
     computes")."""
     new_ids = {r.req_id for r in step.scheduled_new_reqs}
     prompt_reqs = prompt_toks = decodes = 0

@@ -1,6 +1,6 @@
 """Step records into encoded OTLP spans: names, ids, parent, sampling, attributes.
 
-The attributes are CONTRACT §2's, made from the step's counts by the pure core
+The attributes are those of docs/spans.md, made from the step's counts by the pure core
 (:class:`otel_stepspan.step.StepInfo`), plus the runner's static ones and ``process.pid`` of the
 engine process (not this one). Sampling follows ``OTEL_TRACES_SAMPLER``/``_ARG`` through the
 SDK's own samplers; with the default (``parentbased_always_on``) no sampler call is needed.

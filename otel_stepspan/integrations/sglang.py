@@ -252,7 +252,7 @@ def _extend_step(mode: str, bs: Optional[int], lens: Optional[list[int]], total:
 
 
 def finish(captured: Captured) -> StepInfo:
-    """The off-thread half: counts from the captured CPU values (CONTRACT §1), and the requests
+    """The off-thread half: counts from the captured CPU values (docs/spans.md), and the requests
     the step computed with the scheduler's context, where the batch carries them."""
     mode = captured.mode
     lens = None if mode == "idle" or mode == "decode" else cpu_int_list(captured.extend_seq_lens_cpu)
@@ -298,7 +298,7 @@ def _counted(captured: Captured, lens: Optional[list[int]]) -> StepInfo:
     if lens is None:
         return make_step(mode, bs, 0, 0, 0, total, pass_id)
     # draft, draft_extend, dllm_extend, ...: a row computing more than one token is prompt work,
-    # a row computing one is a decode (CONTRACT §1, counting by what the forward computes).
+    # a row computing one is a decode (docs/spans.md, counting by what the forward computes).
     prompt = [n for n in lens if n > 1]
     extend = sum(prompt)
     return make_step(mode, bs, extend, len(lens) - len(prompt), len(prompt), sum(lens), pass_id)
@@ -308,7 +308,7 @@ _DECODE = ("decode", 1)
 
 
 def _row_work(captured: Captured, mode: str, n: int, lens: Optional[list[int]]) -> list[tuple[str, int]]:
-    """What the step did for each of its ``n`` rows, counted as the step itself is (CONTRACT §1):
+    """What the step did for each of its ``n`` rows, counted as the step itself is (docs/spans.md):
     ``("prefill", extend length)`` for prompt work (a chunk, a cached prompt's last token, a
     recompute), ``("decode", 1)``, ``("verify", draft tokens)``. Unknown token counts are -1."""
     if mode == "decode":

@@ -1,4 +1,4 @@
-"""Find or build the tracer provider the step spans go to (CONTRACT §3).
+"""Find or build the tracer provider the step spans go to (README.md, "Turning it on").
 
 An engine (or ``opentelemetry-instrument``) that already set an SDK provider keeps it: we only
 take a tracer from it. Only when nobody set one and the standard variables ask for export do we
