@@ -33,6 +33,8 @@ from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence, Uni
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from .step import REQUEST_ARRAYS, link_attributes
+
 __all__ = [
     "OtlpJsonFileExporter",
     "SpanLink",
@@ -397,11 +399,7 @@ def iter_spans(doc_or_lines: Any) -> Iterator[StepSpan]:
 
 
 #: A step's request arrays, in link order, and the link attribute each one restores.
-_REQUEST_ARRAYS = (
-    ("forward.request_ids", "request.id"),
-    ("forward.request_work", "forward.request.work"),
-    ("forward.request_tokens", "forward.request.tokens"),
-)
+_REQUEST_ARRAYS = tuple(zip(REQUEST_ARRAYS, link_attributes("", "", 0)))
 
 
 def _array(value: Any) -> Any:
@@ -418,8 +416,9 @@ def _array(value: Any) -> Any:
 
 def _with_request_arrays(links: tuple[SpanLink, ...], attributes: Mapping[str, Any]) -> tuple[SpanLink, ...]:
     """The step's links with their attributes restored from the step's request arrays where a
-    store dropped them (Jaeger keeps a link's ids, and adds ``opentracing.ref_type``). The arrays follow the links' order; when
-    their length is not the links' (a store that reordered or lost links), nothing is guessed."""
+    store dropped them (Jaeger keeps a link's ids, and adds ``opentracing.ref_type``). The arrays
+    follow the links' order; when their length is not the links' (a store that reordered or lost
+    links), nothing is guessed."""
     if not links or all("request.id" in link.attributes for link in links):
         return links
     arrays = [(attributes.get(array), key) for array, key in _REQUEST_ARRAYS]

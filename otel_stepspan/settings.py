@@ -85,16 +85,17 @@ def read_timeline_settings(environ: Mapping[str, str], problems: list[str]) -> T
     )
 
 
-def read_request_settings(environ: Mapping[str, str], problems: list[str]) -> RequestSettings:
+def read_request_settings(environ: Mapping[str, str], problems: list[str], links: int) -> RequestSettings:
     """``OTEL_STEPSPAN_REQUEST_SPANS`` (on/off) and ``_IDLE_SECONDS`` (see
-    :mod:`.request_tally`); a request span links to as many windows as a step to requests."""
+    :mod:`.request_tally`); a request span links to as many windows as a step to requests
+    (``links``, the link limit read by :func:`link_limit`)."""
     raw = environ.get("OTEL_STEPSPAN_REQUEST_SPANS", "").strip().lower()
     if raw and raw not in _TRUE | _FALSE:
         problems.append(f"OTEL_STEPSPAN_REQUEST_SPANS={raw!r} is not 'on' or 'off'; using 'on'")
     return RequestSettings(
         enabled=raw not in _FALSE,
         idle_seconds=_positive(environ, "OTEL_STEPSPAN_REQUEST_IDLE_SECONDS", DEFAULT_IDLE_SECONDS, float, problems),
-        max_places=link_limit(environ, []),
+        max_places=links,
     )
 
 
@@ -113,6 +114,7 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         span_name = "label"
     max_pending = int(_positive(env, "OTEL_STEPSPAN_MAX_PENDING", 65536, int, problems))
     timeline = read_timeline_settings(env, problems)
+    links = link_limit(env, problems)
     return Settings(
         sdk_disabled=_flag(env, "OTEL_SDK_DISABLED"),
         export_requested=bool(exporters),
@@ -122,7 +124,7 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         gpu_timing=_flag(env, "OTEL_STEPSPAN_GPU_TIMING"),
         max_pending=max_pending,
         timeline=timeline,
-        link_limit=link_limit(env, problems),
-        requests=read_request_settings(env, problems),
+        link_limit=links,
+        requests=read_request_settings(env, problems, links),
         problems=tuple(problems),
     )

@@ -159,6 +159,15 @@ class StepInfo:
 
 LinkT = TypeVar("LinkT")
 
+
+def link_counts(carried: int, total: int) -> dict[str, int]:
+    """``forward.request_links`` (links carried) and ``forward.request_links_dropped`` (requests
+    over the limit, only when some are)."""
+    counts = {"forward.request_links": carried}
+    if total > carried:
+        counts["forward.request_links_dropped"] = total - carried
+    return counts
+
 #: The step attributes that repeat the links' attributes as arrays, in link order: request ids,
 #: work, tokens (see :func:`links_within`).
 REQUEST_ARRAYS = ("forward.request_ids", "forward.request_work", "forward.request_tokens")
@@ -177,9 +186,7 @@ def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[Li
     if links is None:
         return (), {}
     kept = tuple(links[: max(limit, 0)])
-    counts: dict[str, SpanValue] = {"forward.request_links": len(kept)}
-    if len(links) > len(kept):
-        counts["forward.request_links_dropped"] = len(links) - len(kept)
+    counts: dict[str, SpanValue] = dict(link_counts(len(kept), len(links)))
     if kept:
         ids, work, tokens = REQUEST_ARRAYS
         counts[ids] = tuple([str(link[0]) for link in kept])  # type: ignore[index]

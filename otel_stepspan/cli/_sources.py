@@ -37,8 +37,9 @@ def load_request(
     From Jaeger: with a trace id, the request's trace is fetched first. When it holds the
     request's report (a ``request.steps`` span), the step traces it links to are read, and only
     those. Otherwise its root span bounds the time to search (widened by ``timeline_s``, since a
-    step's timeline trace starts before the step). With a request id, or when the engine does not export its request spans to this
-    Jaeger, the ``--since`` window is searched; the steps' links then name the request's trace.
+    step's timeline trace starts before the step). With a request id, or when the engine does not
+    export its request spans to this Jaeger, the ``--since`` window is searched; the steps' links
+    then name the request's trace.
     Every step trace of the window is read and the steps linking to the request kept.
     """
     if args.file:

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional
 from ..ids import random_bits
 from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
 from ..request_tally import RequestLedger, RequestTally, sampled
-from ..step import REQUEST_ARRAYS, UNKNOWN, link_attributes, make_step
+from ..step import REQUEST_ARRAYS, UNKNOWN, link_attributes, link_counts, make_step
 from ..settings import link_limit, read_request_settings, read_timeline_settings
 from ..timeline import ROOT_NAME, Timeline, Window
 from ..version import __version__
@@ -69,7 +69,7 @@ class SpanBuilder:
         )
         self._root_name = encode.name_field(ROOT_NAME)
         self.link_limit = link_limit(environ, self.problems)
-        request_settings = read_request_settings(environ, self.problems)
+        request_settings = read_request_settings(environ, self.problems, self.link_limit)
         self._ledger = RequestLedger(request_settings) if request_settings.enabled else None
         self._request_name = encode.name_field(REQUEST_SPAN_NAME)
         self._link_cache: dict[tuple, tuple[bytes, bytes, bytes, bytes]] = {}
@@ -136,12 +136,10 @@ class SpanBuilder:
         kept = links[: max(self.link_limit, 0)]
         cache = self._link_cache
         parts = [cache.get(link) or self._link_parts(link) for link in kept]
-        counts: dict[str, int] = {"forward.request_links": len(kept)}
         encoded_links = b"".join([part[0] for part in parts])
         if len(links) > len(kept):
-            counts["forward.request_links_dropped"] = len(links) - len(kept)
             encoded_links += encode.dropped_links(len(links) - len(kept))
-        attributes = encode.span_attributes(counts)
+        attributes = encode.span_attributes(link_counts(len(kept), len(links)))
         if parts:
             for index, key in enumerate(REQUEST_ARRAYS, 1):
                 attributes += encode.span_array_attribute(key, [part[index] for part in parts])
