@@ -413,5 +413,8 @@ def test_a_step_the_pipe_cannot_carry_is_counted_as_failed_and_said_once(caplog)
         assert sink.failed_total == 3 and sink.emitted_total == 0
         assert sum("could not hand step spans" in r.getMessage() for r in caplog.records) == 1
     finally:
+        # The sink stays registered for os.fork: with the number of a closed pipe it would close
+        # whatever a later test's forked child holds under that number.
+        sink._fd = None
         os.close(read_fd)
         os.close(write_fd)
