@@ -124,11 +124,10 @@ class RequestLedger:
             count = tokens if tokens.__class__ is int and tokens > 0 else 0
             tally.tokens += count
             entry = tally.by_work.get(work)
-            if entry is None:
-                tally.by_work[str(work) or "unknown"] = [1, count]
-            else:
-                entry[0] += 1
-                entry[1] += count
+            if entry is None:  # its first step of this work (an empty work counts as unknown)
+                entry = tally.by_work.setdefault(str(work) or "unknown", [0, 0])
+            entry[0] += 1
+            entry[1] += count
             if work == "decode":
                 tally.decoded = True
             elif work == "prefill" and tally.decoded:

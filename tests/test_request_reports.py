@@ -57,6 +57,16 @@ def test_a_request_no_step_computed_for_the_idle_time_is_due_and_only_then():
     assert [t.request_id for t in ledger.due(1001 * MS + 2000 * MS)] == ["r-2"]
 
 
+def test_a_work_the_engine_left_empty_is_counted_as_unknown_step_after_step():
+    ledger = RequestLedger(RequestSettings())
+    for i in range(3):
+        ledger.add(i * MS, i * MS + 1, [("r-1", 1, 1, 1, "", 2)], None)
+    [tally] = ledger.close()
+    attributes = tally.attributes("end")
+    assert (attributes["request.unknown_steps"], attributes["request.unknown_tokens"]) == (3, 6)
+    assert attributes["request.steps"] == 3
+
+
 def test_links_to_places_are_bounded_and_the_rest_counted():
     ledger = RequestLedger(RequestSettings(max_places=2))
     for place in range(5):
