@@ -83,7 +83,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,6 +316,15 @@ def build_collector(versions: Versions | None = None, *, force: bool = False) ->
     return binary
 
 
+def built_once(binary: Path, force: bool, build: Callable[[], Path]) -> Path:
+    """``binary``, made by ``build()`` unless it is there already (or ``force``); one build of it
+    at a time across processes (a lock file beside its folder), so parallel test runs share it."""
+    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
+        if binary.is_file() and not force:
+            return binary
+        return build()
+
+
 def build_go_program(module: str, version: str, package: str, binary: Path, *,
                      ldflags: str, what: str, check=None, tags: str = "") -> Path:
     """Build ``package`` of ``module@version`` into ``binary``, statically linked (with the
@@ -379,13 +388,10 @@ def build_jaeger(versions: Versions | None = None, *, force: bool = False) -> Pa
             raise BackendError(f"{JAEGER_MODULE}@{modver} is not Jaeger v{v.jaeger} "
                                f"(no '{modver} / v{v.jaeger}' in its CHANGELOG.md)")
 
-    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
-        if binary.is_file() and not force:
-            return binary
-        return build_go_program(
-            JAEGER_MODULE, modver, JAEGER_PACKAGE, binary, what=f"Jaeger v{v.jaeger}",
-            ldflags=f"-X {JAEGER_MODULE}/internal/version.latestVersion=v{v.jaeger}",
-            check=is_the_release)
+    return built_once(binary, force, lambda: build_go_program(
+        JAEGER_MODULE, modver, JAEGER_PACKAGE, binary, what=f"Jaeger v{v.jaeger}",
+        ldflags=f"-X {JAEGER_MODULE}/internal/version.latestVersion=v{v.jaeger}",
+        check=is_the_release))
 
 
 def build_prometheus(versions: Versions | None = None, *, force: bool = False) -> Path:
@@ -401,14 +407,11 @@ def build_prometheus(versions: Versions | None = None, *, force: bool = False) -
             raise BackendError(f"{PROMETHEUS_MODULE}@{v.prometheus_module} is Prometheus {found}, "
                                f"not {v.prometheus}")
 
-    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
-        if binary.is_file() and not force:
-            return binary
-        return build_go_program(
-            PROMETHEUS_MODULE, v.prometheus_module, PROMETHEUS_PACKAGE, binary,
-            what=f"Prometheus v{v.prometheus}", tags=PROMETHEUS_BUILD_TAGS,
-            ldflags=f"-X github.com/prometheus/common/version.Version={v.prometheus}",
-            check=is_the_release)
+    return built_once(binary, force, lambda: build_go_program(
+        PROMETHEUS_MODULE, v.prometheus_module, PROMETHEUS_PACKAGE, binary,
+        what=f"Prometheus v{v.prometheus}", tags=PROMETHEUS_BUILD_TAGS,
+        ldflags=f"-X github.com/prometheus/common/version.Version={v.prometheus}",
+        check=is_the_release))
 
 
 def search_front_sources() -> list[Path]:
@@ -425,9 +428,8 @@ def build_search_front(*, force: bool = False) -> Path:
     """Build the search front (jaeger/search_front) when its binary for this source is missing:
     standard library only, so no download; static (CGO_ENABLED=0) for an image FROM scratch."""
     binary = binary_paths()["search_front"]
-    with _lock(binary.parent.with_name(binary.parent.name + ".lock")):
-        if binary.is_file() and not force:
-            return binary
+
+    def build() -> Path:
         go = find_go()
         binary.parent.mkdir(parents=True, exist_ok=True)
         tmp = binary.with_name(binary.name + ".tmp")
@@ -437,7 +439,9 @@ def build_search_front(*, force: bool = False) -> Path:
              what="go build the search front")
         tmp.replace(binary)
         _log(f"search front built in {time.monotonic() - t0:.0f}s: {binary}")
-    return binary
+        return binary
+
+    return built_once(binary, force, build)
 
 
 def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus",

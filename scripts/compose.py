@@ -115,13 +115,10 @@ def ensure_compose() -> Path:
     """Docker Compose v2 built from its Go module (a standalone `docker-compose` binary; the
     same program as the `docker compose` plugin)."""
     binary = compose_binary()
-    with backends._lock(binary.parent.with_name(binary.parent.name + ".lock")):
-        if binary.is_file():
-            return binary
-        return backends.build_go_program(
-            COMPOSE_MODULE, COMPOSE_VERSION, COMPOSE_MODULE + "/cmd", binary,
-            ldflags=f"-X {COMPOSE_MODULE}/internal.Version={COMPOSE_VERSION}",
-            what=f"Docker Compose {COMPOSE_VERSION}")
+    return backends.built_once(binary, False, lambda: backends.build_go_program(
+        COMPOSE_MODULE, COMPOSE_VERSION, COMPOSE_MODULE + "/cmd", binary,
+        ldflags=f"-X {COMPOSE_MODULE}/internal.Version={COMPOSE_VERSION}",
+        what=f"Docker Compose {COMPOSE_VERSION}"))
 
 
 def busybox() -> Path:
