@@ -181,15 +181,36 @@ def test_jaeger_restart_and_sigkill_keep_every_step(demo):
     _holds_the_demo(demo, timeout_s=30)
 
 
+def _collector_ready(timeout_s: float = 60) -> None:
+    """Wait for the collector's health_check to answer: it does once every pipeline started,
+    that is once the exporter's queue has put back on disk what its last run left in flight."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:13133/", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("the collector's health_check did not answer within "
+                                 f"{timeout_s:.0f} s:\n{_compose('logs', 'otel-collector').stdout[-4000:]}")
+        time.sleep(0.5)
+
+
 def test_spans_queued_for_a_stopped_jaeger_survive_a_collector_restart(demo):
     _compose("stop", "jaeger")
     run = EngineRun.start(OTLP_GRPC, "compose-queued", 3, 100).finish()
     assert run.loss_lines == []  # the collector took them all
     _compose("restart", "otel-collector")  # what it holds for Jaeger is on its volume
+    # SIGKILL a RUNNING collector. While it starts, the queue moves the exports its last run
+    # left in flight: it deletes them, then writes them back, in two writes; a kill between the
+    # two loses them (the collector's own window, docs/backends.md), which this test is not about.
+    _collector_ready()
     _compose("kill", "-s", "SIGKILL", "otel-collector")
     _compose("up", "-d", "--wait", "--wait-timeout", "120")  # Jaeger first, then the collector
     got = wait_stored(JAEGER, run.service, run.started_ns, run.steps)
-    assert got.missing(run.steps) == []
+    assert got.missing(run.steps) == [], _compose("logs", "otel-collector").stdout[-4000:]
 
 
 def test_down_then_up_keeps_the_volumes(demo):
