@@ -6,7 +6,7 @@ request went through), ``timeline`` (an engine's windows of steps, drawn as a wa
 (any engine command with step spans on, no code change). ``otel-stepspan <command> --help`` explains each flag.
 
 Exit status: 0 on success (also when nothing matched), 2 for a usage error or an unreachable or
-unreadable source, the command's own status for ``run``.
+unreadable source, the command's own status for ``run``, 1 from ``doctor`` when something is off.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ examples:
   otel-stepspan stats --plot steps.png                # per-mode table and a scatter plot
   otel-stepspan request 4bf92f3577b34da6a3ce929d0e0e4736   # the steps of one traced request
   otel-stepspan timeline --since 5m                   # the engines' windows of steps
+  otel-stepspan doctor                                # does the engine still have what we patch?
   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 \\
     otel-stepspan run -- python -m sglang.launch_server --model-path Qwen/Qwen2.5-0.5B-Instruct
 
@@ -326,7 +327,40 @@ def build_parser(demo_module: Optional[object] = None) -> argparse.ArgumentParse
     )
     run.add_argument("-q", "--quiet", action="store_true", help="do not print the note on stderr")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after --")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check the installed engine's patch points and where spans would go",
+        description="For each supported engine installed in this Python (sglang, vLLM): its version\n"
+        "against the range otel_stepspan was tested with, and each place the integration patches,\n"
+        "found or not (read from the engine's source, so no GPU is needed). Then where step spans\n"
+        "would go with the current OTEL_* variables, and whether the Collector answers.",
+        epilog=_DOCTOR_EPILOG,
+        formatter_class=_FORMATTER,
+    )
+    doctor.add_argument("--engine", choices=("sglang", "vllm"), help="check this engine only")
+    doctor.add_argument("--import", dest="by_import", action="store_true",
+                        help="import the engine's modules and check the loaded classes (slower; needs "
+                        "an engine that imports on this machine) instead of reading their source")
+    doctor.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    doctor.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="how long to wait for the Collector (default: %(default)s)")
     return parser
+
+
+_DOCTOR_EPILOG = """\
+output: per engine, "found" or "PROBLEM" for each patch point, with what a problem costs
+(e.g. no step spans for the forwards); then "spans go to" and "collector: answers" or
+"DOES NOT ANSWER" for the OTLP endpoint the variables name (an empty export is sent).
+
+exit status: 0 when all is well; 1 when a patch point is missing or reshaped, the version is
+outside the tested range, the Collector does not answer, or no supported engine is installed.
+Run it with the engine's own Python and the same OTEL_* variables as the engine.
+
+examples:
+  otel-stepspan doctor
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 otel-stepspan doctor --engine sglang
+"""
 
 
 def _load_demo() -> object:
@@ -503,6 +537,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .run import run
 
         return run(args)
+    if args.command == "doctor":
+        from . import doctor
+
+        return doctor.run(args.engine, args.by_import, args.json, args.timeout)
     problem = _range_problem(args)
     if problem:
         print(f"otel-stepspan {args.command}: error: {problem}", file=sys.stderr)

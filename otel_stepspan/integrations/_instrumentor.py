@@ -15,6 +15,13 @@ because inference engines are unusual libraries:
   process's environment, and every Python process started from then on instruments itself at
   start-up, exactly as under ``otel-stepspan run``. ``uninstrument()`` takes it out again.
 
+**An engine that changed is loud.** Each place an integration patches is a
+:class:`~._patch_points.PatchPoint` that says what the wrapper reads and what a user loses
+without it. A target that is missing, or whose parameters are not those the wrapper reads, is
+left alone with one WARNING naming the engine release, the target and the loss; instrumenting
+without the dependency check (``otel-stepspan run``) still warns about a release outside the
+tested range. ``otel-stepspan doctor`` makes the same checks from outside (``cli/doctor.py``).
+
 Every wrap has its unwrap beside it. A wrap is applied when the engine module is imported
 (wrapt's post-import hook), so instrumenting a process that never loads the engine's model
 runner imports nothing heavy. The wrapper itself is a plain function made by
@@ -30,13 +37,15 @@ import logging
 import os
 import sys
 from importlib import metadata
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import wrapt
 from opentelemetry.instrumentation.dependencies import DependencyConflict
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
+
+from ._patch_points import PatchPoint, predates, problem_in_module
 
 logger = logging.getLogger("otel_stepspan")
 
@@ -146,6 +155,10 @@ class EngineInstrumentor(BaseInstrumentor):
     #: The engine's top-level import name, e.g. ``"vllm"``.
     engine_module = ""
 
+    def patch_points(self) -> Sequence[PatchPoint]:
+        """Where this integration patches the engine (``_patch_points``)."""
+        raise NotImplementedError
+
     def _check_dependency_conflicts(self) -> Optional[DependencyConflict]:
         for requirement in self.instrumentation_dependencies():
             conflict = module_dependency_conflict(self.engine_module, requirement)
@@ -154,6 +167,8 @@ class EngineInstrumentor(BaseInstrumentor):
         return None
 
     def instrument(self, **kwargs: Any) -> Any:
+        if kwargs.get("skip_dep_check"):
+            self._warn_if_untested()
         result = super().instrument(**kwargs)
         if self.is_instrumented_by_opentelemetry:
             instrument_child_processes(type(self).__name__)
@@ -164,11 +179,32 @@ class EngineInstrumentor(BaseInstrumentor):
         stop_instrumenting_child_processes(type(self).__name__)
         return result
 
-MakeWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+    def _instrument(self, **kwargs: Any) -> None:
+        tested = ", ".join(self.instrumentation_dependencies())
+        for point in self.patch_points():
+            patch_when_imported(point, tested)
 
-_wanted: dict[tuple[str, str], MakeWrapper] = {}
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for point in self.patch_points():
+            unpatch(point.module, point.target)
+
+    def _warn_if_untested(self) -> None:
+        """Instrumenting without the dependency check (``otel-stepspan run`` does, to reach
+        every process an engine spawns) still says when the installed release is outside the
+        tested range: the patch points may have moved, and the line says where to look."""
+        conflict = self._check_dependency_conflicts()
+        if conflict is not None and conflict.found:
+            logger.warning(
+                "otel_stepspan: %s is outside the range this release of otel_stepspan was tested "
+                "with (%s); instrumenting anyway. `otel-stepspan doctor` checks each patch point.",
+                conflict.found, conflict.required,
+            )
+
+
+_wanted: dict[tuple[str, str], tuple[PatchPoint, str]] = {}
 _installed: dict[tuple[str, str], Callable[..., Any]] = {}
 _hook_pending: set[tuple[str, str]] = set()
+_drift_reported: set[tuple[str, str]] = set()
 
 
 def _owner(module: Any, class_name: str) -> Any:
@@ -179,25 +215,51 @@ def _owner(module: Any, class_name: str) -> Any:
     return owner
 
 
-def _apply(module: Any, key: tuple[str, str]) -> None:
-    make = _wanted.get(key)
-    if make is None:
+def engine_release(module_name: str) -> str:
+    """``"sglang 0.5.23"``: the engine a module belongs to, and its installed version."""
+    engine = module_name.split(".")[0]
+    versions = installed_versions(engine)
+    return f"{engine} {versions[0]}" if versions else f"{engine} (version unknown)"
+
+
+def _report_drift(point: PatchPoint, tested: str, problem: str) -> None:
+    """One WARNING per patch point and process: the engine changed under the integration."""
+    key = (point.module, point.target)
+    if key in _drift_reported:
         return
+    _drift_reported.add(key)
+    logger.warning(
+        "otel_stepspan: %s: %s %s, so %s (tested: %s; `otel-stepspan doctor` checks every patch point)",
+        engine_release(point.module), point.where, problem, point.loses, tested or "no range declared",
+    )
+
+
+def _apply(module: Any, key: tuple[str, str]) -> None:
+    wanted = _wanted.get(key)
+    if wanted is None:
+        return
+    point, tested = wanted
+    problem = problem_in_module(point, module)
+    if problem is not None:
+        if not predates(point, installed_versions(point.module.split(".")[0])):
+            _report_drift(point, tested, problem)
+        return  # nothing to patch, or the wrong parameters: the import goes on untouched
     class_name, _, method_name = key[1].rpartition(".")
     owner = _owner_or_none(module, class_name)
     original = getattr(owner, method_name, None) if owner is not None else None
     if original is None:
-        return  # a release without this class or name: nothing to patch, the import goes on
+        return
     current = owner.__dict__.get(method_name)
     if current is not None and current is _installed.get(key):
         return
     try:
-        wrapper = make(original)
+        wrapper = point.make(original)
     except Exception:  # never break the engine's own import
-        logger.warning("otel_stepspan: could not patch %s", key[1], exc_info=True)
+        logger.warning("otel_stepspan: could not patch %s", point.where, exc_info=True)
         return
     if wrapper is original:
-        return  # the wrapper maker declined (a shape it was not written for)
+        _report_drift(point, tested, "has a shape the wrapper was not written for")
+        return
     setattr(owner, method_name, wrapper)
     _installed[key] = wrapper
 
@@ -209,13 +271,14 @@ def _owner_or_none(module: Any, class_name: str) -> Any:
         return None
 
 
-def patch_when_imported(module_name: str, dotted: str, make_wrapper: MakeWrapper) -> None:
-    """Replace ``module_name.Class.method`` (or a module-level ``module_name.name``) by
-    ``make_wrapper(original)`` now, or as soon as the module is imported. A release that lacks
-    the name is left alone."""
-    key = (module_name, dotted)
-    _wanted[key] = make_wrapper
-    module = sys.modules.get(module_name)
+def patch_when_imported(point: PatchPoint, tested: str = "") -> None:
+    """Replace ``point``'s target by ``point.make(original)`` now, or as soon as its module is
+    imported. A target that is missing or shaped otherwise is left alone, with one WARNING
+    naming the engine release, the target and what the user loses (``tested``: the range the
+    integration declares, for that line)."""
+    key = (point.module, point.target)
+    _wanted[key] = (point, tested)
+    module = sys.modules.get(point.module)
     if module is not None:
         _apply(module, key)
     elif key not in _hook_pending:
@@ -227,7 +290,7 @@ def patch_when_imported(module_name: str, dotted: str, make_wrapper: MakeWrapper
             _hook_pending.discard(key)
             _apply(mod, key)
 
-        wrapt.register_post_import_hook(on_import, module_name)
+        wrapt.register_post_import_hook(on_import, point.module)
 
 
 def unpatch(module_name: str, dotted: str) -> None:

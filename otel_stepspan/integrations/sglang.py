@@ -48,7 +48,8 @@ from typing import Any, Callable, Collection, NamedTuple, Optional
 
 from .. import runtime
 from ..step import UNKNOWN, AttributeValue, RequestLink, StepInfo, engine_attributes, make_step, normalize_mode
-from ._instrumentor import EngineInstrumentor, is_patched, patch_when_imported, unpatch
+from ._instrumentor import EngineInstrumentor, is_patched
+from ._patch_points import PatchPoint
 from ._read import as_count, cpu_int_list
 
 logger = logging.getLogger("otel_stepspan")
@@ -767,18 +768,34 @@ def traced_replay(execute: Any) -> Any:
 # -- the instrumentor ------------------------------------------------------------------------
 
 
-def _patches() -> list[tuple[str, str, Callable[[Any], Any]]]:
-    patches: list[tuple[str, str, Callable[[Any], Any]]] = [
-        (MODULE, METHOD, traced_forward),
-        (MODULE, STEP_NAME, step_name_without_range),
-        (MODULE, STEP_RANGE, range_unless_unnamed),
-        (BATCH_MODULE, INIT_NEW, counted_init_new),
-        (SCHEDULER_MODULE, SCHEDULER_INIT, remembered_scheduler),
+_NO_STEPS = "sglang's forwards get no step span (no label in the profiler, no OTel span)"
+_NO_DRAFT_STEPS = "the draft forwards this runner replays from CUDA graphs get no step span"
+
+
+def patch_points() -> tuple[PatchPoint, ...]:
+    """Where the instrumentor patches sglang, and what each place is for."""
+    points = [
+        PatchPoint(MODULE, METHOD, traced_forward, _NO_STEPS, params=("self", "forward_batch")),
+        PatchPoint(MODULE, STEP_NAME, step_name_without_range,
+                   "the profiler shows sglang's own step range beside ours", since="0.5.11"),
+        PatchPoint(MODULE, STEP_RANGE, range_unless_unnamed,
+                   "the profiler shows sglang's own step range beside ours", since="0.5.11"),
+        PatchPoint(BATCH_MODULE, INIT_NEW, counted_init_new,
+                   "mixed steps say ext=? dec=?, and steps carry no request links"),
+        PatchPoint(SCHEDULER_MODULE, SCHEDULER_INIT, remembered_scheduler,
+                   "steps carry no request links and no scheduler queue counts"),
     ]
-    patches += [(module, dotted, traced_replay) for module, dotted in GRAPH_REPLAYS]
+    points += [
+        PatchPoint(module, dotted, traced_replay, _NO_DRAFT_STEPS, params=("self", "forward_batch"),
+                   optional_module=True)
+        for module, dotted in GRAPH_REPLAYS
+    ]
     for module in NAMED_REPLAYS:
-        patches += [(module, STEP_NAME, draft_step_name), (module, STEP_RANGE, draft_step_range)]
-    return patches
+        points += [
+            PatchPoint(module, STEP_NAME, draft_step_name, _NO_DRAFT_STEPS, optional_module=True),
+            PatchPoint(module, STEP_RANGE, draft_step_range, _NO_DRAFT_STEPS, optional_module=True),
+        ]
+    return tuple(points)
 
 
 class SGLangInstrumentor(EngineInstrumentor):
@@ -790,13 +807,8 @@ class SGLangInstrumentor(EngineInstrumentor):
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
-    def _instrument(self, **kwargs: Any) -> None:
-        for module, dotted, make in _patches():
-            patch_when_imported(module, dotted, make)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        for module, dotted, _ in _patches():
-            unpatch(module, dotted)
+    def patch_points(self) -> tuple[PatchPoint, ...]:
+        return patch_points()
 
 
 def is_instrumented() -> bool:

@@ -93,7 +93,8 @@ from typing import Any, Callable, Collection, NamedTuple, Optional
 
 from .. import runtime
 from ..step import UNKNOWN, AttributeValue, RequestLink, StepInfo, engine_attributes, unknown_step
-from ._instrumentor import EngineInstrumentor, is_patched, patch_when_imported, unpatch
+from ._instrumentor import EngineInstrumentor, is_patched
+from ._patch_points import PatchPoint
 from ._read import are_counts, as_count
 
 MODULE_V1 = "vllm.v1.worker.gpu_model_runner"
@@ -737,13 +738,26 @@ def traced_sample_tokens(sample_tokens: Any) -> Any:
     return functools.update_wrapper(traced, sample_tokens, updated=())
 
 
-_PATCHES = (
-    (MODULE_SCHEDULER, SCHEDULE_METHOD, traced_schedule),
-    (MODULE_V1, METHOD, traced_execute_model),
-    (MODULE_V1, SAMPLE_METHOD, traced_sample_tokens),
-    (MODULE_V2, METHOD, traced_execute_model_v2),
-    (MODULE_V2, SAMPLE_METHOD, traced_sample_tokens),
-)
+_NO_STEPS = "vLLM's model runner steps get no step span (no label in the profiler, no OTel span)"
+
+
+def patch_points() -> tuple[PatchPoint, ...]:
+    """Where the instrumentor patches vLLM, and what each place is for. A release ships V1's
+    runner, Model Runner V2's, or both; a module it does not ship is never imported."""
+    return (
+        PatchPoint(MODULE_SCHEDULER, SCHEDULE_METHOD, traced_schedule,
+                   "steps carry no request links and no scheduler queue counts", params=("self",)),
+        PatchPoint(MODULE_V1, METHOD, traced_execute_model, _NO_STEPS,
+                   params=("self", "scheduler_output")),
+        PatchPoint(MODULE_V1, SAMPLE_METHOD, traced_sample_tokens,
+                   "steps end at execute_model's return, before sampling", params=("self",)),
+        PatchPoint(MODULE_V2, METHOD, traced_execute_model_v2, _NO_STEPS,
+                   params=("self", "scheduler_output", "intermediate_tensors", "dummy_run"),
+                   optional_module=True),
+        PatchPoint(MODULE_V2, SAMPLE_METHOD, traced_sample_tokens,
+                   "steps end at execute_model's return, before sampling", params=("self",),
+                   optional_module=True),
+    )
 
 
 class VLLMInstrumentor(EngineInstrumentor):
@@ -756,13 +770,8 @@ class VLLMInstrumentor(EngineInstrumentor):
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
-    def _instrument(self, **kwargs: Any) -> None:
-        for module, method, make_wrapper in _PATCHES:
-            patch_when_imported(module, method, make_wrapper)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        for module, method, _ in _PATCHES:
-            unpatch(module, method)
+    def patch_points(self) -> tuple[PatchPoint, ...]:
+        return patch_points()
 
 
 def is_instrumented() -> bool:
