@@ -31,7 +31,7 @@ from .sinks.gpu_timing import GpuStepTimer, cuda_timer
 from .exporter.transport import ConfigError, protocol_of
 from .sinks.otel import DeferredSpanSink
 from .sinks.otel_process import ExporterProcessSink
-from .sinks.otel_provider import current_provider, resolve_provider
+from .sinks.otel_provider import current_provider, provider_link_limit, resolve_provider
 from .step import AttributeValue, StepInfo, unknown_step
 
 logger = logging.getLogger("otel_stepspan")
@@ -140,12 +140,13 @@ def _decide_sink(state: _State) -> Optional[Sink]:
         return None
     sink = state.sinks_by_provider.get(id(provider))
     if sink is None:
+        provider_links = provider_link_limit(provider)
         sink = DeferredSpanSink(
             provider,
             name_by=state.settings.span_name,
             max_pending=state.settings.max_pending,
             timeline=state.settings.timeline,
-            link_limit=state.settings.link_limit,
+            link_limit=min(state.settings.link_limit, provider_links if provider_links is not None else 1 << 62),
             requests=state.settings.requests,
         )
         state.sinks_by_provider[id(provider)] = sink

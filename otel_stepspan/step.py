@@ -42,8 +42,11 @@ def _attr(value: Optional[int]) -> int:
 
 
 #: Links a step span carries at most; the rest are counted in ``forward.request_links_dropped``.
-#: ``OTEL_SPAN_LINK_COUNT_LIMIT`` changes it, as it does the SDK's own limit.
-DEFAULT_LINK_LIMIT = 128
+#: The default covers a whole batch (a step of 256 decodes links its 256 requests), so that
+#: ``otel-stepspan request`` is complete at any batch size an engine runs; it only bounds a
+#: runaway. ``OTEL_SPAN_LINK_COUNT_LIMIT`` lowers it, as it does the SDK's own limit. A provider
+#: the engine set up keeps its own limit (the SDK's default is 128): see docs/spans.md.
+DEFAULT_LINK_LIMIT = 65536
 
 
 class RequestLink(NamedTuple):

@@ -7,6 +7,7 @@ import time
 
 from opentelemetry import trace
 
+import otel_stepspan
 from otel_stepspan import StepInfo, runtime, stats, step_span
 from otel_stepspan.step import RequestLink
 
@@ -148,6 +149,41 @@ def test_request_links_and_scheduler_context_reach_the_span_through_the_provider
     assert span.attributes["forward.request_links_dropped"] == 1
     assert span.attributes["scheduler.queued_requests"] == 5
     assert span.attributes["scheduler.kv_tokens"] == 640
+
+
+def test_a_providers_own_link_limit_bounds_the_links_and_the_counts(memory_spans):
+    """Through a provider with the SDK's default limit (128 links), a step of 200 decodes
+    carries 128 links and says so; the SDK would otherwise drop 72 while the count said 200."""
+    runtime.refresh_settings()
+    links = tuple(RequestLink(f"req-{i}", 0x100 + i, 0x200 + i, 1, "decode", 1) for i in range(200))
+    with step_span(StepInfo("decode", 200, 0, 200, 0, 200, links=links)):
+        pass
+    (span,) = memory_spans.spans()
+    assert [link.attributes["request.id"] for link in span.links] == [f"req-{i}" for i in range(128)]
+    assert span.attributes["forward.request_links"] == 128
+    assert span.attributes["forward.request_links_dropped"] == 72
+
+
+def test_a_provider_built_from_the_variables_links_the_whole_batch(monkeypatch):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel_stepspan.sinks.otel_provider import build_provider
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    provider = build_provider()
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    runtime.refresh_settings()
+    links = tuple(RequestLink(f"req-{i}", 0x100 + i, 0x200 + i, 1, "decode", 1) for i in range(300))
+    with step_span(StepInfo("decode", 300, 0, 300, 0, 300, links=links)):
+        pass
+    otel_stepspan.flush(5.0)
+    (span,) = [s for s in memory.get_finished_spans() if s.name.startswith("step[")]
+    assert len(span.links) == 300 and span.attributes["forward.request_links"] == 300
+    assert "forward.request_links_dropped" not in span.attributes
+    provider.shutdown()
 
 
 def test_ids_do_not_follow_the_engines_seed_of_pythons_random(memory_spans):

@@ -252,6 +252,7 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine, instrumentor, pick", [
     ("sglang", "SGLangInstrumentor", "0:2"),  # ModelRunner.forward, a draft graph runner's execute
     ("vllm", "VLLMInstrumentor", "3:0:-2"),  # Model Runner V2's execute_model, then V1's

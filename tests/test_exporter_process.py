@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from otel_stepspan.exporter import encode, wire
+from otel_stepspan.exporter.process import MAX_REQUEST_BYTES, take_batch
 from otel_stepspan.exporter.spans import SpanBuilder
 from otel_stepspan.sinks.otel_process import exporter_environment
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
@@ -123,6 +125,27 @@ def test_links_beyond_the_limit_are_counted_not_carried():
     attributes = {kv["key"]: kv["value"] for kv in step["attributes"]}
     assert attributes["forward.request_links"] == {"intValue": "2"}
     assert attributes["forward.request_links_dropped"] == {"intValue": "3"}
+
+
+def test_a_whole_batch_is_linked_by_default():
+    builder = SpanBuilder({}, engine_pid=1)
+    links = [(f"req-{i}", 0x100 + i, 0x200 + i, 1, "decode", 1) for i in range(300)]
+    [step] = [s for s in _decoded(builder, builder.build(_step(1, links=links))) if s["name"] != "timeline"]
+    assert len(step["links"]) == 300 and "droppedLinksCount" not in step
+    attributes = {kv["key"]: kv["value"] for kv in step["attributes"]}
+    assert attributes["forward.request_links"] == {"intValue": "300"}
+    assert "forward.request_links_dropped" not in attributes
+
+
+def test_an_export_request_stays_under_the_collectors_message_limit():
+    """Steps linking whole batches weigh tens of KB: an export of 512 of them must be split."""
+    queue = deque([b"x" * 40_000] * 200 + [b"y" * (MAX_REQUEST_BYTES + 1)] + [b"z" * 10] * 3)
+    batches = []
+    while queue:
+        batches.append(take_batch(queue, 512))
+    assert [len(batch) for batch in batches] == [78, 78, 44, 1, 3]
+    assert all(sum(map(len, batch)) <= MAX_REQUEST_BYTES for batch in batches if len(batch) > 1)
+    assert sum(batches, []) == [b"x" * 40_000] * 200 + [b"y" * (MAX_REQUEST_BYTES + 1)] + [b"z" * 10] * 3
 
 
 def test_a_step_without_request_tracing_has_no_link_attributes():

@@ -36,6 +36,9 @@ from .transport import ConfigError, Sent, sender_from_environment
 
 _REPORT_INTERVAL_S = 10.0
 _MAX_BACKOFF_S = 5.0
+#: The spans of one export request at most, in bytes: under the 4 MiB a Collector's OTLP gRPC
+#: receiver takes by default (``max_recv_msg_size_mib``), with room for the resource and framing.
+MAX_REQUEST_BYTES = 3 << 20
 _PID_CHECK_S = 1.0
 
 
@@ -73,6 +76,22 @@ def engine_alive(pid: int) -> bool:
             return False
         except OSError:
             return True
+
+
+def take_batch(queue: deque, max_spans: int, max_bytes: int = MAX_REQUEST_BYTES) -> list:
+    """Up to ``max_spans`` encoded spans from the head of ``queue``, and at most ``max_bytes``
+    of them (a lone larger span goes alone). Step spans that link whole batches weigh tens of
+    KB each: 512 of them in one request would pass the Collector's 4 MiB limit on a gRPC
+    message and be refused whole."""
+    batch: list = []
+    size = 0
+    while queue and len(batch) < max_spans:
+        weight = len(queue[0])
+        if batch and size + weight > max_bytes:
+            break
+        batch.append(queue.popleft())
+        size += weight
+    return batch
 
 
 class Exporter:
@@ -240,7 +259,7 @@ class Exporter:
             # Timeline windows whose time is up, or every open one once the engine is gone.
             self._enqueue(self.builder.close_all() if closing else self.builder.close_due(time.time_ns()))
             with self.cond:
-                batch = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
+                batch = take_batch(self.queue, self.batch_size)
             self._report_if_due()
             if not batch:
                 self._answer_flushes()

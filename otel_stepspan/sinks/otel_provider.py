@@ -35,6 +35,15 @@ def current_provider() -> Optional[trace.TracerProvider]:
     return provider
 
 
+def provider_link_limit(provider: trace.TracerProvider) -> Optional[int]:
+    """The links an SDK provider keeps on a span (its ``SpanLimits``), None when unbounded or
+    not an SDK provider: a step span made through it must not carry more, or the SDK would drop
+    the rest silently while ``forward.request_links`` counted them."""
+    limits = getattr(provider, "_span_limits", None)
+    max_links = getattr(limits, "max_links", None)
+    return max_links if isinstance(max_links, int) and max_links >= 0 else None
+
+
 def _otlp_exporter(environ: Mapping[str, str]):
     protocol = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
@@ -150,9 +159,13 @@ def build_provider(environ: Optional[Mapping[str, str]] = None):
     (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) and the sampler
     (``OTEL_TRACES_SAMPLER[_ARG]``); :func:`add_env_exporters` adds the exporters."""
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
-    provider = TracerProvider(resource=Resource.create({"process.pid": os.getpid()}))
+    from ..settings import link_limit
+
+    # Links as the step sink keeps them (a whole batch by default), not the SDK's 128.
+    limits = SpanLimits(max_links=link_limit(os.environ if environ is None else environ, []))
+    provider = TracerProvider(resource=Resource.create({"process.pid": os.getpid()}), span_limits=limits)
     try:
         add_env_exporters(provider, environ)
     except ExportConfigError:
