@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import sglang_fakes as fakes
-from otel_stepspan.integrations import _instrumentor, sglang, vllm
+from otel_stepspan.integrations import _instrumentor, sglang
 from otel_stepspan.integrations._patch_points import PatchPoint, problem_in_source
 from otel_stepspan.integrations.sglang import SGLangInstrumentor
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
@@ -38,14 +38,16 @@ def fresh_warnings(monkeypatch, caplog):
 @pytest.fixture
 def runner_module():
     module = fakes.install_model_runner_module()
-    sys.modules["sglang"].__version__ = "0.5.30"
+    sys.modules["sglang"].__version__ = "0.5.22"
     yield module
     SGLangInstrumentor().uninstrument()
     fakes.remove_model_runner_module()
 
 
 def _drift_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "otel-stepspan doctor" in r.getMessage()]
+    """The lines about patch points (not the one about the version)."""
+    return [r.getMessage() for r in caplog.records
+            if "otel-stepspan doctor" in r.getMessage() and "is outside the range" not in r.getMessage()]
 
 
 def test_a_missing_forward_warns_once_with_engine_version_target_and_loss(runner_module, fresh_warnings):
@@ -55,9 +57,9 @@ def test_a_missing_forward_warns_once_with_engine_version_target_and_loss(runner
     SGLangInstrumentor().instrument(skip_dep_check=True)  # a second instrument says nothing new
     lines = [line for line in _drift_lines(fresh_warnings) if "ModelRunner.forward" in line]
     assert lines == [
-        "otel_stepspan: sglang 0.5.30: sglang.srt.model_executor.model_runner.ModelRunner.forward is "
+        "otel_stepspan: sglang 0.5.22: sglang.srt.model_executor.model_runner.ModelRunner.forward is "
         "missing, so sglang's forwards get no step span (no label in the profiler, no OTel span) "
-        "(tested: sglang >= 0.5.0, < 0.6; `otel-stepspan doctor` checks every patch point)"
+        "(tested: sglang >= 0.5.21, < 0.5.24; `otel-stepspan doctor` checks every patch point)"
     ]
     assert not sglang.is_instrumented()
 
@@ -78,10 +80,10 @@ def test_names_an_older_release_lacks_are_not_drift(runner_module, fresh_warning
     SGLangInstrumentor().instrument(skip_dep_check=True)
     assert sglang.is_instrumented()
     assert not [line for line in _drift_lines(fresh_warnings) if "profile_range" in line or "build_step" in line]
-    sys.modules["sglang"].__version__ = "0.5.30"
+    sys.modules["sglang"].__version__ = "0.5.22"
     SGLangInstrumentor().uninstrument()
     fresh_warnings.clear()
-    SGLangInstrumentor().instrument(skip_dep_check=True)  # 0.5.30 should have them
+    SGLangInstrumentor().instrument(skip_dep_check=True)  # 0.5.22 has them
     assert {line.split(": ")[2].split(" ")[0] for line in _drift_lines(fresh_warnings)} == {
         f"{sglang.MODULE}.{sglang.STEP_NAME}", f"{sglang.MODULE}.{sglang.STEP_RANGE}"}
 
@@ -90,7 +92,7 @@ def test_instrumenting_without_the_check_says_when_the_version_is_untested(runne
     sys.modules["sglang"].__version__ = "0.7.1"
     SGLangInstrumentor().instrument(skip_dep_check=True)  # as `otel-stepspan run` does
     assert sglang.is_instrumented()  # it goes on
-    assert any("sglang 0.7.1 is outside the range" in r.getMessage() and "sglang >= 0.5.0, < 0.6" in r.getMessage()
+    assert any("sglang 0.7.1 is outside the range" in r.getMessage() and "sglang >= 0.5.21, < 0.5.24" in r.getMessage()
                for r in fresh_warnings.records)
 
 
@@ -178,7 +180,7 @@ def test_doctor_finds_every_patch_point_and_a_collector_that_answers(tmp_path):
                          OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "sglang 0.5.23: inside the tested range (sglang >= 0.5.0, < 0.6)"
+    assert lines[0] == "sglang 0.5.23: inside the tested range (sglang >= 0.5.21, < 0.5.24)"
     assert f"  found    {sglang.MODULE}.{sglang.METHOD}" in lines
     # The speculative runners are in modules this release does not ship.
     assert sum(line.startswith("  -        ") for line in lines) == len(sglang.GRAPH_REPLAYS) + 2

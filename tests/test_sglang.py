@@ -237,7 +237,7 @@ def test_entry_point_is_registered_for_opentelemetry_instrument():
 
     found = {ep.name: ep.value for ep in entry_points(group="opentelemetry_instrumentor")}
     assert found.get("sglang") == "otel_stepspan.integrations.sglang:SGLangInstrumentor"
-    assert SGLangInstrumentor().instrumentation_dependencies() == ("sglang >= 0.5.0, < 0.6",)
+    assert SGLangInstrumentor().instrumentation_dependencies() == ("sglang >= 0.5.21, < 0.5.24",)
 
 
 # -- counting decodes from what the scheduler knows ------------------------------------------

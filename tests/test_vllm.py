@@ -1017,7 +1017,7 @@ def test_entry_point_is_registered_for_opentelemetry_instrument():
 
     found = {ep.name: ep.value for ep in entry_points(group="opentelemetry_instrumentor")}
     assert found.get("vllm") == "otel_stepspan.integrations.vllm:VLLMInstrumentor"
-    assert VLLMInstrumentor().instrumentation_dependencies() == ("vllm >= 0.12, < 1.0",)
+    assert VLLMInstrumentor().instrumentation_dependencies() == ("vllm >= 0.30, < 0.34",)
 
 
 # -- recognising vLLM, and reaching the processes it spawns ----------------------------------------

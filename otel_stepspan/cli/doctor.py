@@ -80,32 +80,43 @@ def module_file(module_name: str) -> Optional[str]:
 def check_point(point: PatchPoint, by_import: bool) -> PointReport:
     """One patch point of the installed release: found with the parameters its wrapper reads,
     or what is wrong."""
-    report = PointReport(point.where, True, loses=point.loses)
-    if by_import:
-        try:
-            module = importlib.import_module(point.module)
-        except ModuleNotFoundError as exc:
-            if exc.name == point.module and point.optional_module:
-                report.how = "absent"
-                return report
-            report.ok, report.problem = False, f"cannot be imported: {exc}"
-            return report
-        except Exception as exc:  # an engine's import failing here is a finding, not a crash
-            report.ok, report.problem = False, f"cannot be imported: {type(exc).__name__}: {exc}"
-            return report
-        report.how = "import"
-        problem = problem_in_module(point, module)
-    else:
+    versions = installed_versions(point.module.split(".")[0])
+    if not by_import:
         path = module_file(point.module)
         if path is None:
-            if point.optional_module:
-                report.how = "absent"
-                return report
-            problem = "is missing (no such module)"
-        else:
-            with open(path, encoding="utf-8") as source:
-                problem = problem_in_source(point, source.read())
-    if problem is not None and not predates(point, installed_versions(point.module.split(".")[0])):
+            return check_source(point, None, versions)
+        with open(path, encoding="utf-8") as source:
+            return check_source(point, source.read(), versions)
+    report = PointReport(point.where, True, loses=point.loses, how="import")
+    try:
+        module = importlib.import_module(point.module)
+    except ModuleNotFoundError as exc:
+        if exc.name == point.module and point.optional_module:
+            report.how = "absent"
+            return report
+        report.ok, report.problem = False, f"cannot be imported: {exc}"
+        return report
+    except Exception as exc:  # an engine's import failing here is a finding, not a crash
+        report.ok, report.problem = False, f"cannot be imported: {type(exc).__name__}: {exc}"
+        return report
+    problem = problem_in_module(point, module)
+    if problem is not None and not predates(point, versions):
+        report.ok, report.problem = False, problem
+    return report
+
+
+def check_source(point: PatchPoint, source: Optional[str], versions: Sequence[str]) -> PointReport:
+    """One patch point checked on its module's source text (None: the release has no such
+    module), for a release at ``versions``: installed here, or a downloaded wheel."""
+    report = PointReport(point.where, True, loses=point.loses)
+    if source is None:
+        if point.optional_module:
+            report.how = "absent"
+            return report
+        problem: Optional[str] = "is missing (no such module)"
+    else:
+        problem = problem_in_source(point, source)
+    if problem is not None and not predates(point, versions):
         report.ok, report.problem = False, problem
     return report
 

@@ -68,7 +68,8 @@ GRAPH_REPLAYS = (
 )
 #: Where sglang wraps draft replays in a range of its own (multi-layer EAGLE): a draft step there.
 NAMED_REPLAYS = ("sglang.srt.speculative.multi_layer_eagle_worker_v2",)
-_instruments = ("sglang >= 0.5.0, < 0.6",)
+#: The releases whose source has every patch point (scripts/engine_releases.py checks each).
+_instruments = ("sglang >= 0.5.21, < 0.5.24",)
 
 #: The attribute :func:`mark_decode_rows` writes on a ``ForwardBatch``.
 DECODE_ROWS = "_otel_stepspan_decode_rows"

@@ -103,7 +103,8 @@ MODULE_SCHEDULER = "vllm.v1.core.sched.scheduler"
 METHOD = "GPUModelRunner.execute_model"
 SAMPLE_METHOD = "GPUModelRunner.sample_tokens"
 SCHEDULE_METHOD = "Scheduler.schedule"
-_instruments = ("vllm >= 0.12, < 1.0",)
+#: The releases whose source has every patch point (scripts/engine_releases.py checks each).
+_instruments = ("vllm >= 0.30, < 0.34",)
 
 _IDLE = StepInfo("idle", 0, 0, 0, 0, 0)
 
