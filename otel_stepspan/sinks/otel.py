@@ -29,7 +29,7 @@ from ..exporter.wire import STEP
 from ..ids import random_bits
 from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
 from ..request_tally import RequestSettings
-from ..span_data import ReportSpan, StepRecord, StepSpan, StepSpans, error_description, exception_event
+from ..span_data import ReportSpan, StepSpan, StepSpans, error_description, exception_event
 from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, link_attributes, unknown_step
 from ..timeline import ROOT_NAME, TimelineSettings, Window
 from .otel_provider import health as export_health
@@ -273,7 +273,8 @@ class DeferredSpanSink:
             except Exception:
                 info = unknown_step()
             own_parent = parent if _has_parent(parent) else None
-            record = StepRecord(
+            # Laid out as a StepRecord; a plain tuple costs half as much to make, once per step.
+            record = (
                 STEP, start_ns, end_ns, info.mode, info.batch_size, info.extend_tokens, info.decode_seqs,
                 info.prefill_seqs, info.num_tokens, info.pass_id, static_attributes, own_parent, event, extra,
                 info.links, info.queued_requests, info.kv_tokens,
