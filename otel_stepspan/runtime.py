@@ -24,11 +24,10 @@ from opentelemetry import trace as _trace_api
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY as _SUPPRESS_KEY
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN as _SUPPRESS_KEY_PLAIN
 
-from .settings import Settings, read_settings
+from .settings import ExportConfigError, Settings, otlp_protocol, read_settings
 from .sinks import nvtx as _nvtx
 from .sinks import profiler as _profiler
 from .sinks.gpu_timing import GpuStepTimer, cuda_timer
-from .exporter.transport import ConfigError, protocol_of
 from .sinks.otel import DeferredSpanSink
 from .sinks.otel_process import ExporterProcessSink
 from .sinks.otel_provider import current_provider, provider_link_limit, resolve_provider
@@ -128,8 +127,8 @@ def _decide_sink(state: _State) -> Optional[Sink]:
     if provider is None and state.settings.export_requested:
         if state.settings.otlp_only:
             try:
-                protocol_of(os.environ)
-            except ConfigError as exc:
+                otlp_protocol(os.environ)
+            except ExportConfigError as exc:
                 logger.error("otel_stepspan: OpenTelemetry export is off: %s", exc)
                 return None
             if _process_sink is None:

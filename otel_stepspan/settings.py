@@ -55,6 +55,35 @@ def exporters_requested(environ: Mapping[str, str]) -> list[str]:
     return []
 
 
+class ExportConfigError(ValueError):
+    """The ``OTEL_*`` variables ask for an export this process cannot do."""
+
+
+def otlp_setting(environ: Mapping[str, str], name: str) -> Optional[str]:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``; None when unset.
+
+    The one reader of the OTLP exporter variables, for the exporter process's own senders and
+    for the SDK exporter built in process, so that one set of variables means the same to both
+    (and to the engine's own exporters, which read them in this order)."""
+    for key in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+        value = environ.get(key, "").strip()
+        if value:
+            return value
+    return None
+
+
+def otlp_protocol(environ: Mapping[str, str]) -> str:
+    """The OTLP protocol asked for (``grpc``, the Python SDK's default, or ``http/protobuf``);
+    raises :class:`ExportConfigError` for one we cannot speak."""
+    protocol = (otlp_setting(environ, "PROTOCOL") or "grpc").lower()
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ExportConfigError(
+            f"OTLP protocol {protocol!r} is not supported; use 'grpc' or 'http/protobuf' "
+            "(OTEL_EXPORTER_OTLP_PROTOCOL / OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)"
+        )
+    return protocol
+
+
 def _positive(
     environ: Mapping[str, str], key: str, default: float, kind: Callable[[str], float], problems: list[str]
 ) -> float:

@@ -8,7 +8,7 @@ Everything here runs off the engine's hot path: sinks build labels only when som
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, TypeVar, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 AttributeValue = Union[str, int]
 #: A span attribute as the sinks set it: a scalar, or a tuple of them (the request arrays).
@@ -147,20 +147,21 @@ class StepInfo:
             "forward.num_tokens": _attr(self.num_tokens),
             "forward.label": self.label,
         }
-        if self.pass_id is not None and self.pass_id >= 0:
-            attrs["forward.pass_id"] = self.pass_id
-        if self.queued_requests is not None and self.queued_requests >= 0:
-            attrs["scheduler.queued_requests"] = self.queued_requests
-        if self.kv_tokens is not None and self.kv_tokens >= 0:
-            attrs["scheduler.kv_tokens"] = self.kv_tokens
+        attrs.update(step_scalars(self.pass_id, self.queued_requests, self.kv_tokens))
         return attrs
 
-    def links_within(self, limit: int) -> tuple[tuple[RequestLink, ...], dict[str, SpanValue]]:
-        """See :func:`links_within`."""
-        return links_within(self.links, limit)
 
-
-LinkT = TypeVar("LinkT")
+def step_scalars(pass_id: Optional[int], queued_requests: Optional[int], kv_tokens: Optional[int]) -> dict[str, int]:
+    """``forward.pass_id``, ``scheduler.queued_requests`` and ``scheduler.kv_tokens``: each only
+    when the engine exposed it (a step's other counts are always present, see :data:`UNKNOWN`)."""
+    scalars: dict[str, int] = {}
+    if pass_id is not None and pass_id >= 0:
+        scalars["forward.pass_id"] = pass_id
+    if queued_requests is not None and queued_requests >= 0:
+        scalars["scheduler.queued_requests"] = queued_requests
+    if kv_tokens is not None and kv_tokens >= 0:
+        scalars["scheduler.kv_tokens"] = kv_tokens
+    return scalars
 
 
 def link_counts(carried: int, total: int) -> dict[str, int]:
@@ -171,33 +172,33 @@ def link_counts(carried: int, total: int) -> dict[str, int]:
         counts["forward.request_links_dropped"] = total - carried
     return counts
 
+
 #: The step attributes that repeat the links' attributes as arrays, in link order: request ids,
-#: work, tokens (see :func:`links_within`).
+#: work, tokens (see :func:`request_attributes`).
 REQUEST_ARRAYS = ("forward.request_ids", "forward.request_work", "forward.request_tokens")
 
 
-def links_within(links: Optional[Sequence[LinkT]], limit: int) -> tuple[tuple[LinkT, ...], dict[str, SpanValue]]:
-    """The links a span carries under ``limit``, and the step attributes that go with them.
+def request_array_items(link: Sequence[object]) -> tuple[str, str, int]:
+    """One link's elements of the three :data:`REQUEST_ARRAYS`: its request id, work and tokens
+    (:data:`UNKNOWN` when the engine gave no count). ``link`` holds :class:`RequestLink` fields."""
+    tokens = link[5]
+    return str(link[0]), str(link[4]), tokens if type(tokens) is int else UNKNOWN  # type: ignore[return-value]
+
+
+def request_attributes(carried: Sequence[Sequence[object]], dropped: int) -> dict[str, SpanValue]:
+    """The step attributes that go with the request links a span carries.
 
     ``forward.request_links`` counts the links carried, ``forward.request_links_dropped`` those
     over the limit (only when some are). ``forward.request_ids``, ``forward.request_work`` and
     ``forward.request_tokens`` repeat each carried link's attributes as arrays in link order:
     stores that keep a link's ids but drop its attributes (Jaeger) keep these, so a request's
-    report reads the same from them as from a file (docs/spans.md). ``links`` holds
-    :class:`RequestLink` or tuples of its fields. Nothing when the engine does not trace requests
-    (``links`` is None)."""
-    if links is None:
-        return (), {}
-    kept = tuple(links[: max(limit, 0)])
-    counts: dict[str, SpanValue] = dict(link_counts(len(kept), len(links)))
-    if kept:
-        ids, work, tokens = REQUEST_ARRAYS
-        counts[ids] = tuple([str(link[0]) for link in kept])  # type: ignore[index]
-        counts[work] = tuple([str(link[4]) for link in kept])  # type: ignore[index]
-        counts[tokens] = tuple([
-            link[5] if type(link[5]) is int else UNKNOWN for link in kept  # type: ignore[index]
-        ])
-    return kept, counts
+    report reads the same from them as from a file (docs/spans.md)."""
+    attributes: dict[str, SpanValue] = dict(link_counts(len(carried), len(carried) + dropped))
+    if carried:
+        items = [request_array_items(link) for link in carried]
+        for index, key in enumerate(REQUEST_ARRAYS):
+            attributes[key] = tuple([item[index] for item in items])
+    return attributes
 
 
 _object_new = object.__new__

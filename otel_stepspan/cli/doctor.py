@@ -153,8 +153,8 @@ class ExportReport:
 def check_export(environ: Mapping[str, str], timeout_s: float) -> ExportReport:
     """Where step spans go with these variables (as the runtime decides when no provider was
     set in the engine's process), and whether the Collector answers an empty OTLP export."""
-    from ..exporter.transport import ConfigError, protocol_of, sender_from_environment
-    from ..settings import exporters_requested, read_settings
+    from ..exporter.transport import sender_from_environment
+    from ..settings import ExportConfigError, exporters_requested, otlp_protocol, read_settings
 
     settings = read_settings(environ)
     if settings.sdk_disabled:
@@ -170,14 +170,14 @@ def check_export(environ: Mapping[str, str], timeout_s: float) -> ExportReport:
     if not settings.otlp_only:
         return ExportReport("in-process provider", f"OTEL_TRACES_EXPORTER={','.join(names)}: built in the engine process")
     try:
-        protocol = protocol_of(environ)
-    except ConfigError as exc:
+        protocol = otlp_protocol(environ)
+    except ExportConfigError as exc:
         return ExportReport("off", f"the variables cannot be used: {exc}", answers=False, answer=str(exc))
     env = dict(environ)
     env["OTEL_EXPORTER_OTLP_TIMEOUT"] = env["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] = str(max(1, int(timeout_s)))
     try:
         sender = sender_from_environment(env)
-    except (ConfigError, OSError) as exc:
+    except (ExportConfigError, OSError) as exc:
         return ExportReport("exporter process", f"OTLP {protocol}", answers=False, answer=str(exc))
     started = time.monotonic()
     try:

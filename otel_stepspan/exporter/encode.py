@@ -124,7 +124,7 @@ def span_array_attribute(key: str, items: Sequence[bytes]) -> bytes:
 
 def attributes(tag: bytes, items: Iterable[tuple[str, Any]]) -> bytes:
     """Each ``(key, value)`` as a ``KeyValue`` in repeated field ``tag``."""
-    return b"".join(_length_delimited(tag, key_value(k, v)) for k, v in items if v is not None)
+    return b"".join([_length_delimited(tag, key_value(k, v)) for k, v in items if v is not None])
 
 
 def span_attributes(items: Mapping[str, Any]) -> bytes:

@@ -32,7 +32,8 @@ from typing import Any, Mapping, Optional
 
 from . import encode, wire
 from .spans import RequestSpan, RootSpan, SpanBuilder
-from .transport import ConfigError, Sent, sender_from_environment
+from ..settings import ExportConfigError
+from .transport import Sent, sender_from_environment
 
 _REPORT_INTERVAL_S = 10.0
 _MAX_BACKOFF_S = 5.0
@@ -392,7 +393,7 @@ def main(steps_fd: int, status_fd: int, engine_pid: int, environ: Optional[Mappi
     os.set_blocking(status_fd, False)
     try:
         exporter = Exporter(steps_fd, status_fd, engine_pid, env)
-    except ConfigError as exc:
+    except ExportConfigError as exc:
         _say(f"OpenTelemetry export is off: {exc}")
         return 2
     for problem in exporter.builder.problems:

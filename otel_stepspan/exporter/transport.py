@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 from urllib.parse import urlparse
 
+from ..settings import ExportConfigError, otlp_protocol, otlp_setting
+
 GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 _DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 _DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
 _RETRYABLE_HTTP = frozenset({408, 429, 502, 503, 504})
-
-
-class ConfigError(ValueError):
-    """The variables ask for an export this process cannot do."""
 
 
 @dataclass(frozen=True)
@@ -42,28 +40,8 @@ class Sent:
     rejected: int = 0
 
 
-def _get(environ: Mapping[str, str], name: str) -> Optional[str]:
-    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``; None when unset."""
-    for key in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
-        value = environ.get(key, "").strip()
-        if value:
-            return value
-    return None
-
-
-def protocol_of(environ: Mapping[str, str]) -> str:
-    """The OTLP protocol asked for; raises :class:`ConfigError` for one we cannot speak."""
-    protocol = (_get(environ, "PROTOCOL") or "grpc").lower()
-    if protocol not in ("grpc", "http/protobuf"):
-        raise ConfigError(
-            f"OTLP protocol {protocol!r} is not supported; use 'grpc' or 'http/protobuf' "
-            "(OTEL_EXPORTER_OTLP_PROTOCOL / OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)"
-        )
-    return protocol
-
-
 def _headers(environ: Mapping[str, str]) -> dict[str, str]:
-    raw = _get(environ, "HEADERS")
+    raw = otlp_setting(environ, "HEADERS")
     if not raw:
         return {}
     from opentelemetry.util.re import parse_env_headers
@@ -72,17 +50,17 @@ def _headers(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def _timeout_s(environ: Mapping[str, str]) -> float:
-    raw = _get(environ, "TIMEOUT")
+    raw = otlp_setting(environ, "TIMEOUT")
     try:
         return float(raw) if raw else 10.0
     except ValueError:
-        raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} is not a number of seconds") from None
+        raise ExportConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} is not a number of seconds") from None
 
 
 def _gzip(environ: Mapping[str, str]) -> bool:
-    compression = (_get(environ, "COMPRESSION") or "none").lower()
+    compression = (otlp_setting(environ, "COMPRESSION") or "none").lower()
     if compression not in ("gzip", "none"):
-        raise ConfigError(f"OTLP compression {compression!r} is not supported; use 'gzip' or 'none'")
+        raise ExportConfigError(f"OTLP compression {compression!r} is not supported; use 'gzip' or 'none'")
     return compression == "gzip"
 
 
@@ -93,7 +71,7 @@ def _read(path: Optional[str], what: str) -> Optional[bytes]:
         with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read the OTLP {what} {path!r}: {exc}") from None
+        raise ExportConfigError(f"cannot read the OTLP {what} {path!r}: {exc}") from None
 
 
 class GrpcSender:
@@ -103,14 +81,14 @@ class GrpcSender:
         import grpc
 
         self._grpc = grpc
-        endpoint = _get(environ, "ENDPOINT") or _DEFAULT_GRPC_ENDPOINT
+        endpoint = otlp_setting(environ, "ENDPOINT") or _DEFAULT_GRPC_ENDPOINT
         parsed = urlparse(endpoint)
         if parsed.scheme in ("http", "https"):
             target = parsed.netloc
             insecure = parsed.scheme == "http"
         else:
             target = endpoint
-            insecure = (_get(environ, "INSECURE") or "false").lower() == "true"
+            insecure = (otlp_setting(environ, "INSECURE") or "false").lower() == "true"
         self.endpoint = endpoint
         self.metadata = tuple(_headers(environ).items())
         self.timeout_s = _timeout_s(environ)
@@ -119,9 +97,9 @@ class GrpcSender:
             channel = grpc.insecure_channel(target, compression=compression)
         else:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(_get(environ, "CERTIFICATE"), "certificate"),
-                private_key=_read(_get(environ, "CLIENT_KEY"), "client key"),
-                certificate_chain=_read(_get(environ, "CLIENT_CERTIFICATE"), "client certificate"),
+                root_certificates=_read(otlp_setting(environ, "CERTIFICATE"), "certificate"),
+                private_key=_read(otlp_setting(environ, "CLIENT_KEY"), "client key"),
+                certificate_chain=_read(otlp_setting(environ, "CLIENT_CERTIFICATE"), "client certificate"),
             )
             channel = grpc.secure_channel(target, credentials, compression=compression)
         self._channel = channel
@@ -199,14 +177,15 @@ class HttpSender:
         if self.gzip:
             self.headers["Content-Encoding"] = "gzip"
         session = requests.Session()
-        certificate = _get(environ, "CERTIFICATE")
+        certificate = otlp_setting(environ, "CERTIFICATE")
         if certificate:
             # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA file: keep
             # the environment (proxies included) out of it so the OTLP certificate is the one used.
             _read(certificate, "certificate")
             session.trust_env = False
             session.verify = certificate
-        client_certificate, client_key = _get(environ, "CLIENT_CERTIFICATE"), _get(environ, "CLIENT_KEY")
+        client_certificate = otlp_setting(environ, "CLIENT_CERTIFICATE")
+        client_key = otlp_setting(environ, "CLIENT_KEY")
         if client_certificate:
             session.cert = (client_certificate, client_key) if client_key else client_certificate
         self._session = session
@@ -236,8 +215,9 @@ class HttpSender:
 
 
 def sender_from_environment(environ: Optional[Mapping[str, str]] = None) -> "GrpcSender | HttpSender":
-    """The sender the variables ask for; raises :class:`ConfigError` when they ask for the impossible."""
+    """The sender the variables ask for; raises :class:`ExportConfigError` when they ask for the
+    impossible."""
     env = os.environ if environ is None else environ
-    if protocol_of(env) == "grpc":
+    if otlp_protocol(env) == "grpc":
         return GrpcSender(env)
     return HttpSender(env)

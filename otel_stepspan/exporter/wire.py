@@ -12,7 +12,8 @@ Messages, each a tuple whose first item says what it is:
   kv_tokens)``: one finished step. Counts are ints or None (unknown); ``parent`` is None or
   ``(trace_id, span_id, trace_flags, is_remote)``; ``exception`` None or the exception event's
   attributes; ``extra`` None or more attributes; ``links`` None (requests not traced) or a list
-  of :class:`otel_stepspan.step.RequestLink` fields as plain tuples.
+  of :class:`otel_stepspan.step.RequestLink` fields as plain tuples. The layout of
+  :class:`otel_stepspan.span_data.StepRecord`, which reads it as it is.
 - ``(STATIC, static_id, attributes)``: attributes shared by many steps (a runner's
   ``engine.*``), sent once, before the first step that names them.
 - ``(DROPPED, total)``: steps the engine dropped because the pipe was full, so far.

@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import time
-import traceback
 from collections import deque
 from typing import Any, Callable, Mapping, Optional
 
@@ -26,11 +25,13 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation import _SPAN_KEY
 
+from ..exporter.wire import STEP
 from ..ids import random_bits
 from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
-from ..request_tally import RequestLedger, RequestSettings, RequestTally, sampled
-from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, unknown_step
-from ..timeline import ROOT_NAME, Timeline, TimelineSettings, Window
+from ..request_tally import RequestSettings
+from ..span_data import ReportSpan, StepSpan, StepSpans, error_description, exception_event
+from ..step import DEFAULT_LINK_LIMIT, AttributeValue, StepInfo, link_attributes, unknown_step
+from ..timeline import ROOT_NAME, TimelineSettings, Window
 from .otel_provider import health as export_health
 from ..version import __version__
 
@@ -40,19 +41,6 @@ Finish = Callable[[Any], StepInfo]
 
 _POLL_S = 0.05
 _DROP_REPORT_INTERVAL_S = 10.0
-
-
-def exception_event(exc: BaseException) -> dict[str, str]:
-    """The exception event's attributes, made at once so the traceback's frames (and the tensors
-    they hold) are not kept alive until the span is made. Never raises."""
-    try:
-        return {
-            "exception.type": type(exc).__qualname__,
-            "exception.message": str(exc),
-            "exception.stacktrace": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        }
-    except Exception:  # an exception whose str() or traceback fails
-        return {"exception.type": type(exc).__qualname__, "exception.message": "?"}
 
 
 # Waiting for room in a batch processor's queue: 2 ms at a time, at most 1 s per span (a
@@ -113,25 +101,26 @@ class DeferredSpanSink:
         requests: Optional[RequestSettings] = None,
     ) -> None:
         self.provider = provider
-        self.link_limit = link_limit
-        self.timeline_settings = timeline if timeline is not None else TimelineSettings()
-        self._timeline: Optional[Timeline] = None
-        self.request_settings = requests if requests is not None else RequestSettings()
-        self._ledger = RequestLedger(self.request_settings) if self.request_settings.enabled else None
-        # Guards the timeline and the request ledger: the span thread feeds both, while a flush
-        # or exit on another thread closes them.
+        self._span_settings = dict(
+            name_by_mode=name_by == "mode",
+            link_limit=link_limit,
+            timeline=timeline if timeline is not None else TimelineSettings(),
+            requests=requests if requests is not None else RequestSettings(),
+        )
+        self._pid = os.getpid()
+        self._spans = StepSpans(self._pid, **self._span_settings)
+        # Guards the span data's timeline and request ledger: the span thread feeds both, while
+        # a flush or exit on another thread closes them.
         self._timeline_lock = threading.Lock()
         self.tracer = provider.get_tracer("otel_stepspan", __version__)
         if hasattr(self.tracer, "id_generator"):
             # The SDK's default ids come from the global ``random``, which engines seed (vLLM:
             # 0 by default): every engine with the same seed would repeat our ids.
             self.tracer.id_generator = _entropy_id_generator()
-        self.name_by = name_by
         self.max_pending = max_pending
         self.dropped_total = 0
         self.emitted_total = 0
         self.failed_total = 0
-        self._pid = os.getpid()
         self._queue: deque = deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
@@ -180,24 +169,16 @@ class DeferredSpanSink:
             thread.start()
             self._started = True
 
-    def _timeline_parent(self, info: StepInfo, start_ns: int, end_ns: int, static: Mapping[str, Any]) -> Any:
-        """The context of the timeline window a parentless step belongs to: the window's root
-        span, started through the provider when the window opens (so its sampler decides for the
-        whole window) and ended when it closes."""
-        with self._timeline_lock:
-            if self._timeline is None:
-                self._timeline = Timeline(self.timeline_settings)
-            window, closed = self._timeline.place(start_ns, end_ns, info.mode, info.num_tokens)
-            if closed is not None:
-                self._end_root(closed)
-            if window.handle is None:
-                attributes = dict(static)
-                attributes["process.pid"] = self._pid
-                root = self.tracer.start_span(
-                    ROOT_NAME, context=Context(), kind=SpanKind.INTERNAL, attributes=attributes, start_time=start_ns
-                )
-                window.handle = (root, trace.set_span_in_context(root))
-            return window.handle[1]
+    def _root_context(self, window: Window, static: Mapping[str, AttributeValue], start_ns: int) -> Any:
+        """The context of a timeline window's root span: started through the provider when the
+        window opens (so its sampler decides for the whole window), ended when it closes."""
+        if window.handle is None:
+            root = self.tracer.start_span(
+                ROOT_NAME, context=Context(), kind=SpanKind.INTERNAL, attributes=self._spans.root_attributes(static),
+                start_time=start_ns,
+            )
+            window.handle = (root, trace.set_span_in_context(root))
+        return window.handle[1]
 
     @staticmethod
     def _end_root(window: Window) -> None:
@@ -212,34 +193,27 @@ class DeferredSpanSink:
         """End the open window's root, and report the traced requests: when the window's time
         is up and the requests idle (``due_only``), or all of them now (exit)."""
         with self._timeline_lock:
-            now_ns = time.time_ns()
-            if self._timeline is not None:
-                window = self._timeline.close_due(now_ns) if due_only else self._timeline.close()
-                if window is not None:
-                    self._end_root(window)
-            if self._ledger is not None:
-                self._report(self._ledger.due(now_ns) if due_only else self._ledger.close(), "idle" if due_only else "end")
+            closed = self._spans.close_due(time.time_ns()) if due_only else self._spans.close_all()
+            if closed.window is not None:
+                self._end_root(closed.window)
+            self._report(closed.reports)
 
-    def _report(self, tallies: list[RequestTally], reason: str) -> None:
-        """The ``request.steps`` span of each request (:mod:`otel_stepspan.request_tally`), in
-        the request's own trace, a child of its span; linked to the windows (or steps) that
-        computed it."""
-        for tally in sampled(tallies):
+    def _report(self, reports: list[ReportSpan]) -> None:
+        """Each request's ``request.steps`` span, in the request's own trace."""
+        for report in reports:
             try:
                 parent = trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
-                    tally.trace_id, tally.span_id, True, trace.TraceFlags(tally.trace_flags & 0xFF)
+                    report.trace_id, report.parent_span_id, True, trace.TraceFlags(report.trace_flags & 0xFF)
                 )))
-                attributes = tally.attributes(reason)
-                attributes["process.pid"] = self._pid
                 links = [
                     trace.Link(trace.SpanContext(trace_id, span_id, False, trace.TraceFlags(trace.TraceFlags.SAMPLED)))
-                    for trace_id, span_id in tally.places
+                    for trace_id, span_id in report.places
                 ]
                 span = self.tracer.start_span(
-                    REQUEST_SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, attributes=attributes, links=links,
-                    start_time=tally.start_ns,
+                    REQUEST_SPAN_NAME, context=parent, kind=SpanKind.INTERNAL, attributes=report.attributes,
+                    links=links, start_time=report.start_ns,
                 )
-                span.end(end_time=tally.end_ns)
+                span.end(end_time=report.end_ns)
             except Exception:
                 self.failed_total += 1
 
@@ -256,8 +230,7 @@ class DeferredSpanSink:
         self.dropped_total = self.emitted_total = self.failed_total = 0
         self._dropped_reported = 0
         self._timeline_lock = threading.Lock()
-        self._timeline = None
-        self._ledger = RequestLedger(self.request_settings) if self.request_settings.enabled else None
+        self._spans = StepSpans(self._pid, **self._span_settings)
 
     def _run(self) -> None:
         while True:
@@ -299,60 +272,65 @@ class DeferredSpanSink:
                 info = captured if isinstance(captured, StepInfo) else finish(captured)
             except Exception:
                 info = unknown_step()
-            attributes = info.attributes()
-            attributes.update(static_attributes)
-            if extra:
-                attributes.update(extra)
-            # Right in forked workers too, where a resource built before the fork is not.
-            attributes["process.pid"] = self._pid
-            name = attributes["forward.label"] if self.name_by == "label" else info.mode_label
-            links = None
-            if info.links is not None:
-                kept, counts = info.links_within(self.link_limit)
-                attributes.update(counts)
-                links = [
-                    trace.Link(
-                        trace.SpanContext(link.trace_id, link.span_id, True, trace.TraceFlags(link.trace_flags & 0xFF)),
-                        link.attributes(),
-                    )
-                    for link in kept
-                ]
-            in_window = self.timeline_settings.enabled and not _has_parent(parent)
-            if in_window:
-                parent = self._timeline_parent(info, start_ns, end_ns, static_attributes)
+            own_parent = parent if _has_parent(parent) else None
+            # Laid out as a StepRecord; a plain tuple costs half as much to make, once per step.
+            record = (
+                STEP, start_ns, end_ns, info.mode, info.batch_size, info.extend_tokens, info.decode_seqs,
+                info.prefill_seqs, info.num_tokens, info.pass_id, static_attributes, own_parent, event, extra,
+                info.links, info.queued_requests, info.kv_tokens,
+            )
+            with self._timeline_lock:
+                step = self._spans.step(record)
+                if step.closed is not None:
+                    self._end_root(step.closed)
+                if step.window is not None:
+                    parent = self._root_context(step.window, static_attributes, start_ns)
             span = self.tracer.start_span(
-                name,
+                step.name,
                 context=parent,
                 kind=SpanKind.INTERNAL,
-                attributes=attributes,
-                links=links,
+                attributes=self._spans.attributes(step, static_attributes),
+                links=self._links(step),
                 start_time=start_ns,
                 record_exception=False,
                 set_status_on_exception=False,
             )
-            if event is not None and span.is_recording():
-                span.add_event("exception", event, timestamp=end_ns)
-                span.set_status(Status(StatusCode.ERROR, f"{event['exception.type']}: {event['exception.message']}"))
+            if step.error is not None and span.is_recording():
+                span.add_event("exception", step.error, timestamp=end_ns)
+                span.set_status(Status(StatusCode.ERROR, error_description(step.error)))
             span.end(end_time=end_ns)
             self.emitted_total += 1
-            if self._ledger is not None and info.links:
-                self._count_requests(span, in_window, start_ns, end_ns, info.links)
+            if step.requests:
+                self._count_requests(span, step)
         except Exception:
             self.failed_total += 1
             if self.failed_total == 1:
                 logger.exception("otel_stepspan: could not create a step span; further failures are counted")
 
-    def _count_requests(self, span: Any, in_window: bool, start_ns: int, end_ns: int, links: Any) -> None:
-        """Count the step for each request it computed; it can be found at its window's root,
-        or at the step itself outside a window (nowhere when the sampler dropped it)."""
+    @staticmethod
+    def _links(step: StepSpan) -> Optional[list]:
+        """The step's request links, each in the request's (remote) trace context."""
+        if step.links is None:
+            return None
+        return [
+            trace.Link(
+                trace.SpanContext(link[1], link[2], True, trace.TraceFlags(link[3] & 0xFF)),
+                link_attributes(link[0], link[4], link[5]),
+            )
+            for link in step.links
+        ]
+
+    def _count_requests(self, span: Any, step: StepSpan) -> None:
+        """Count the step for each request it computed, where the provider's sampler and ids put
+        it: at its window's root (its parent), or at the step itself."""
         context = span.get_span_context()
-        place = None
-        if context.trace_flags.sampled:
-            parent = getattr(span, "parent", None)
-            place = (context.trace_id, parent.span_id if in_window and parent is not None else context.span_id)
+        parent = getattr(span, "parent", None)
         with self._timeline_lock:
-            evicted = self._ledger.add(start_ns, end_ns, links, place)  # type: ignore[union-attr]
-            self._report(evicted, "evicted")
+            evicted = self._spans.count_requests(
+                step, bool(context.trace_flags.sampled), context.trace_id, context.span_id,
+                parent.span_id if parent is not None else None,
+            )
+            self._report(evicted)
 
     def _report_drops(self) -> None:
         now = time.monotonic()

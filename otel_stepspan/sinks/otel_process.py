@@ -30,8 +30,8 @@ from typing import Any, Callable, Mapping, Optional
 from opentelemetry import trace
 
 from ..exporter import wire
+from ..span_data import exception_event
 from ..step import AttributeValue, StepInfo, unknown_step
-from .otel import exception_event
 
 logger = logging.getLogger("otel_stepspan")
 

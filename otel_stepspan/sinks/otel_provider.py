@@ -16,15 +16,11 @@ from typing import Mapping, Optional
 
 from opentelemetry import trace
 
-from ..settings import exporters_requested
+from ..settings import ExportConfigError, exporters_requested, otlp_protocol, otlp_setting
 
 logger = logging.getLogger("otel_stepspan")
 
 _lock = threading.Lock()
-
-
-class ExportConfigError(ValueError):
-    """The OTEL_* variables ask for something this process cannot export with."""
 
 
 def current_provider() -> Optional[trace.TracerProvider]:
@@ -45,36 +41,27 @@ def provider_link_limit(provider: trace.TracerProvider) -> Optional[int]:
 
 
 def _otlp_exporter(environ: Mapping[str, str]):
-    protocol = (
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
-        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
-        or "grpc"
-    ).lower()
-    if protocol == "grpc":
+    """The SDK's OTLP exporter for the protocol asked for; it reads the other variables itself
+    (endpoint, headers, compression, timeout), as our own senders do (one reader of the
+    variables: :func:`otel_stepspan.settings.otlp_setting`)."""
+    if otlp_protocol(environ) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
-        certificate = environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE") or environ.get(
-            "OTEL_EXPORTER_OTLP_CERTIFICATE"
-        )
-        if certificate:
-            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA file, so
-            # on machines that set them the OTLP certificate would be ignored: keep the
-            # environment out of this session (proxies from the environment included).
-            import requests
+    certificate = otlp_setting(environ, "CERTIFICATE")
+    if certificate:
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's CA file, so
+        # on machines that set them the OTLP certificate would be ignored: keep the
+        # environment out of this session (proxies from the environment included).
+        import requests
 
-            session = requests.Session()
-            session.trust_env = False
-            session.verify = certificate
-            return HTTPExporter(session=session)
-        return HTTPExporter()
-    raise ExportConfigError(
-        f"OTLP protocol {protocol!r} is not supported; use 'grpc' or 'http/protobuf' "
-        "(OTEL_EXPORTER_OTLP_PROTOCOL / OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)"
-    )
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = certificate
+        return HTTPExporter(session=session)
+    return HTTPExporter()
 
 
 def _exporter(name: str, environ: Mapping[str, str]):
