@@ -28,14 +28,20 @@ own, blocks interleaved (off, on, off, on, ...):
   machine, the resolution against which the goals are judged;
 * ``on``: export configured only by ``OTEL_EXPORTER_OTLP_ENDPOINT`` (gRPC) into a real OTLP
   receiver in another process: the exporter process path;
-* ``in-process`` (at 200 steps/s only, for reference): an SDK provider set by the "engine" with a
-  BatchSpanProcessor and the OTLP exporter, so step spans are made and exported inside the engine
-  process, as when an engine sets its own provider.
+* ``provider`` (at 200 steps/s): an SDK provider set by the "engine" as sglang's
+  ``--enable-trace`` sets it (BatchSpanProcessor, 500 ms delay, batches of 64, OTLP gRPC): the
+  exporter process stands in for it, and the same goals apply;
+* ``instrument`` (at 200 steps/s): the worker under ``opentelemetry-instrument``, whose SDK set-up
+  makes the provider from the variables: the same again;
+* ``in-process`` (at 200 steps/s only, for reference): the ``provider`` variant with
+  ``OTEL_STEPSPAN_EXPORT=provider``, so step spans are made and exported inside the engine
+  process, by the provider's batch thread.
 
 Then the CPU per exported span, all processes included (engine + exporter process; the receiver
 is not counted), steps back to back: the project's exporter path against a plain SDK span
 (``start_as_current_span`` with the label and attributes, BatchSpanProcessor, OTLP gRPC exporter),
-each over the same loop with export off. Every exported span is counted at the receiver.
+each over the same loop with export off, and the same with the sglang-like provider in the
+process. Every exported span is counted at the receiver.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ sys.path.insert(0, HERE)
 
 #: The A/A control: export off run a second time, compared with the first like export on is.
 CONTROL = "off again"
+#: The variants held to the goals: export by the variables, and with a provider in the process.
+JUDGED = ("on", "provider", "instrument")
 #: (steps/s, GIL-holding work ms, GPU wait ms, seconds per variant in a full run): the wait fills
 #: most of the slot, as a decode does, leaving slack to catch up after a hiccup of the machine;
 #: the seconds give every rate thousands of steps, so that p99.9 is not one step's noise.
@@ -84,6 +92,19 @@ def _pin_away_from_the_engine(engine_pid: int) -> None:
 
     for pid in exporter_pids(engine_pid):
         os.sched_setaffinity(pid, set(cpus[1:]))
+
+
+def set_up_sglang_provider(endpoint: str) -> None:
+    """The tracer provider sglang 0.5.23's ``--enable-trace`` sets in its scheduler process."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500, max_export_batch_size=64))
+    trace.set_tracer_provider(provider)
 
 
 def worker_paced(args: argparse.Namespace) -> dict:
@@ -126,15 +147,8 @@ def worker_paced(args: argparse.Namespace) -> dict:
 
     if args.variant != "off":
         Runner.forward = sglang.traced_forward(Runner.forward)
-    if args.variant == "in-process":
-        from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=args.endpoint, insecure=True)))
-        trace.set_tracer_provider(provider)
+    if args.variant in ("provider", "in-process"):
+        set_up_sglang_provider(args.endpoint)
     runner = Runner()
     batches = C.batch_cycle()
     period = 1.0 / args.rate
@@ -179,7 +193,9 @@ def worker_cpu(args: argparse.Namespace) -> dict:
         def forward(self, forward_batch, pp_proxy_tensors=None):
             return forward_batch
 
-    if args.variant == "on":
+    if args.variant in ("on", "provider"):
+        if args.variant == "provider":
+            set_up_sglang_provider(args.endpoint)
         Runner.forward = sglang.traced_forward(Runner.forward)
         runner = Runner()
 
@@ -208,7 +224,7 @@ def worker_cpu(args: argparse.Namespace) -> dict:
             runner.forward(batch)
 
     def flush() -> None:
-        if args.variant == "on":
+        if args.variant in ("on", "provider"):
             from otel_stepspan import flush as stepspan_flush
 
             assert stepspan_flush(60), "the exporter did not export everything"
@@ -216,7 +232,7 @@ def worker_cpu(args: argparse.Namespace) -> dict:
             provider.force_flush(60_000)
 
     def exporter_cpu() -> int:
-        if args.variant != "on":
+        if args.variant not in ("on", "provider"):
             return 0
         from otel_stepspan import stats
 
@@ -247,8 +263,12 @@ def worker_cpu(args: argparse.Namespace) -> dict:
 
 def _env(kind: str, variant: str, endpoint: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    if variant == "on":
+    if variant in ("on", "instrument"):
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    if variant == "instrument":
+        env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
+    if variant == "in-process":
+        env["OTEL_STEPSPAN_EXPORT"] = "provider"
     if kind == "cpu":
         # Steps back to back outrun any exporter for a while: queues deep enough to keep every
         # span, for both the project's exporter process and the SDK's batch processor.
@@ -259,6 +279,8 @@ def _env(kind: str, variant: str, endpoint: str) -> dict[str, str]:
 
 def run_worker(kind: str, variant: str, endpoint: str, **params: Any) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--variant", variant, "--endpoint", endpoint]
+    if variant == "instrument":
+        argv.insert(0, os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument"))
     if GPU and kind == "paced":
         argv.append("--gpu")
     for key, value in params.items():
@@ -307,7 +329,7 @@ def paced(receiver: Receiver, quick: bool, rates: tuple = RATES) -> tuple[list[l
         seconds = 4.0 if quick else full_seconds
         # "off again": export off a second time, the A/A control. How far it strays from "off"
         # is how finely this machine can tell two identical variants apart.
-        variants = ["off", "on", CONTROL] + (["in-process"] if rate == 200 else [])
+        variants = ["off", "on", CONTROL] + (["provider", "instrument", "in-process"] if rate == 200 else [])
         pooled: dict[str, dict[str, list[float]]] = {v: {"wake": [], "work": [], "late": []} for v in variants}
         steps = {v: 0 for v in variants}
         for block in range(blocks):
@@ -336,7 +358,7 @@ def paced(receiver: Receiver, quick: bool, rates: tuple = RATES) -> tuple[list[l
                 f"{pct(data['late'], 0.99) * 1e3:.2f}",
             ]
             rows.append(row)
-            if variant in ("on", CONTROL):
+            if variant in JUDGED + (CONTROL,):
                 off_wake = [w * 1e6 for w in base["wake"]]
                 ratios = {
                     "p99": pct(wake, 0.99) / pct(off_wake, 0.99),
@@ -352,20 +374,21 @@ def paced(receiver: Receiver, quick: bool, rates: tuple = RATES) -> tuple[list[l
                     continue
                 for name, target in (("p99", 1.1), ("p99.9", 1.1), ("max", 2.0), ("work", 1.02)):
                     verdict = "PASS" if ratios[name] <= target else "FAIL"
-                    checks.append(f"{verdict} {rate}/s wake {name} on/off = {ratios[name]:.2f} (goal <= {target})"
+                    checks.append(f"{verdict} {rate}/s {variant}: wake {name} / off = {ratios[name]:.2f} (goal <= {target})"
                                   if name != "work" else
-                                  f"{verdict} {rate}/s scheduler work mean on/off = {ratios[name]:.3f} (goal <= {target})")
+                                  f"{verdict} {rate}/s {variant}: scheduler work mean / off = {ratios[name]:.3f} (goal <= {target})")
     return rows, checks, ok
 
 
 def cpu_per_span(receiver: Receiver, quick: bool) -> tuple[list[list[str]], list[str]]:
     steps = 20000 if quick else 60000
     rounds = 2 if quick else 4
-    per: dict[str, list[float]] = {"off": [], "on": [], "sdk": []}
-    thread: dict[str, list[float]] = {"off": [], "on": [], "sdk": []}
+    variants = ["off", "on", "provider", "sdk"]
+    per: dict[str, list[float]] = {v: [] for v in variants}
+    thread: dict[str, list[float]] = {v: [] for v in variants}
     exporter_share: list[float] = []
     for r in range(rounds):
-        order = ["off", "on", "sdk"] if r % 2 == 0 else ["sdk", "on", "off"]
+        order = variants if r % 2 == 0 else variants[::-1]
         for variant in order:
             before = receiver.ask("count")["spans"]
             out = run_worker("cpu", variant, receiver.endpoint, steps=steps)
@@ -379,8 +402,10 @@ def cpu_per_span(receiver: Receiver, quick: bool) -> tuple[list[list[str]], list
                 exporter_share.append(out["exporter_ns"] / steps)
     off = statistics.median(per["off"])
     on, sdk = statistics.median(per["on"]) - off, statistics.median(per["sdk"]) - off
+    provider = statistics.median(per["provider"]) - off
     thread_off = statistics.median(thread["off"])
     thread_on = statistics.median(thread["on"]) - thread_off
+    thread_provider = statistics.median(thread["provider"]) - thread_off
     thread_sdk = statistics.median(thread["sdk"]) - thread_off
     rows = [
         ["plain SDK span + BatchSpanProcessor + OTLP gRPC exporter", f"{sdk / 1e3:.1f}", "1.00",
@@ -388,11 +413,15 @@ def cpu_per_span(receiver: Receiver, quick: bool) -> tuple[list[list[str]], list
         ["otel_stepspan, engine + exporter process", f"{on / 1e3:.1f}", f"{on / sdk:.2f}",
          f"{thread_on / 1e3:.2f}", f"{thread_on / thread_sdk:.3f}"],
         ["  of which the exporter process", f"{statistics.median(exporter_share) / 1e3:.1f}", "", "", ""],
+        ["otel_stepspan with an sglang-like OTLP provider in the process", f"{provider / 1e3:.1f}",
+         f"{provider / sdk:.2f}", f"{thread_provider / 1e3:.2f}", f"{thread_provider / thread_sdk:.3f}"],
     ]
     checks = []
     for name, ratio, target in (
         ("CPU per exported span, all processes", on / sdk, 0.5),
         ("engine-thread CPU per step", thread_on / thread_sdk, 0.125),
+        ("with a provider: CPU per exported span, all processes", provider / sdk, 0.5),
+        ("with a provider: engine-thread CPU per step", thread_provider / thread_sdk, 0.125),
     ):
         checks.append(f"{'PASS' if ratio <= target else 'FAIL'} {name}: {ratio:.3f}x the plain SDK span (goal <= {target})")
     return rows, checks

@@ -31,6 +31,7 @@ from .sinks.gpu_timing import GpuStepTimer, cuda_timer
 from .sinks.otel import DeferredSpanSink
 from .sinks.otel_process import ExporterProcessSink
 from .sinks.otel_provider import current_provider, provider_link_limit, resolve_provider
+from .sinks.provider_export import NotOtlp, provider_export
 from .step import AttributeValue, StepInfo, unknown_step
 
 logger = logging.getLogger("otel_stepspan")
@@ -66,9 +67,10 @@ class _State:
 
 _UNDECIDED = object()
 _state = _State()
-#: The process's one exporter-process sink, kept across refresh_settings(): its exporter process
-#: lives as long as this process.
-_process_sink: Optional[ExporterProcessSink] = None
+#: The process's exporter-process sinks, by the variables that differ from the engine's (none:
+#: configured by the variables; else those standing in for a provider), kept across
+#: refresh_settings(): each exporter process lives as long as this process.
+_process_sinks: dict[tuple, ExporterProcessSink] = {}
 
 
 def refresh_settings() -> None:
@@ -117,23 +119,29 @@ def otel_sink() -> Optional[DeferredSpanSink]:
 
 
 def _decide_sink(state: _State) -> Optional[Sink]:
-    """Where step spans go: through the provider the process set (the engine's own, or
-    ``opentelemetry-instrument``'s), so its samplers and processors see them; else, when the
-    variables ask for OTLP export, through an exporter process of our own (everything but the
-    step record happens outside the engine's GIL); else, for other exporters (``console``),
-    through a provider built here from the variables."""
-    global _process_sink
+    """Where step spans go. Through an exporter process of our own wherever that is possible:
+    everything but the step record then happens outside the engine's GIL, and what a killed
+    engine left is still delivered. That is when the variables ask for OTLP export and no
+    provider is set, and when the provider in place (the engine's own, or
+    ``opentelemetry-instrument``'s) exports OTLP alone: the exporter process then sends to the
+    same place, with the provider's resource and sampler (:mod:`.sinks.provider_export`).
+    Through the provider itself, in this process, when it exports anywhere else (the reason is
+    logged once) or ``OTEL_STEPSPAN_EXPORT=provider`` asks for it; through a provider built
+    here from the variables for other exporters (``console``)."""
+    settings = state.settings
     provider = current_provider()
-    if provider is None and state.settings.export_requested:
-        if state.settings.otlp_only:
+    if provider is not None and settings.export_via != "provider":
+        export = _provider_export(provider, settings)
+        if export is not None:
+            return export
+    if provider is None and settings.export_requested:
+        if settings.otlp_only:
             try:
                 otlp_protocol(os.environ)
             except ExportConfigError as exc:
                 logger.error("otel_stepspan: OpenTelemetry export is off: %s", exc)
                 return None
-            if _process_sink is None:
-                _process_sink = ExporterProcessSink(max_pending=state.settings.max_pending)
-            return _process_sink
+            return _process_sink_for({}, settings)
         provider = resolve_provider(True)
     if provider is None:
         return None
@@ -142,13 +150,50 @@ def _decide_sink(state: _State) -> Optional[Sink]:
         provider_links = provider_link_limit(provider)
         sink = DeferredSpanSink(
             provider,
-            name_by=state.settings.span_name,
-            max_pending=state.settings.max_pending,
-            timeline=state.settings.timeline,
-            link_limit=min(state.settings.link_limit, provider_links if provider_links is not None else 1 << 62),
-            requests=state.settings.requests,
+            name_by=settings.span_name,
+            max_pending=settings.max_pending,
+            timeline=settings.timeline,
+            link_limit=min(settings.link_limit, provider_links if provider_links is not None else 1 << 62),
+            requests=settings.requests,
         )
         state.sinks_by_provider[id(provider)] = sink
+    return sink
+
+
+def _provider_export(provider: Any, settings: Settings) -> Optional[ExporterProcessSink]:
+    """The exporter process standing in for ``provider``, or None (and one line saying why)
+    when its spans must stay on it."""
+    try:
+        export = provider_export(provider)
+    except NotOtlp as exc:
+        reason = str(exc)
+    except Exception as exc:  # a provider shaped in a way not foreseen: never the engine's problem
+        reason = f"its settings could not be read ({type(exc).__name__}: {exc})"
+    else:
+        if not _state.warned.intersection({"export:" + export.description}):
+            _state.warned.add("export:" + export.description)
+            logger.info("otel_stepspan: step spans go through the exporter process (%s), as the "
+                        "tracer provider in place would export them", export.description)
+        return _process_sink_for(export.environ, settings)
+    if settings.export_via == "process" and settings.otlp_only:
+        logger.warning("otel_stepspan: OTEL_STEPSPAN_EXPORT=process: the tracer provider in place "
+                       "cannot be read (%s); step spans go to the OTLP endpoint of the variables", reason)
+        return _process_sink_for({}, settings)
+    if "provider:" + reason not in _state.warned:
+        _state.warned.add("provider:" + reason)
+        logger.warning("otel_stepspan: step spans are made in this process, through the tracer provider "
+                       "in place: %s (the exporter process stands in for OTLP exporters only; "
+                       "OTEL_STEPSPAN_EXPORT=provider says this is wanted)", reason)
+    return None
+
+
+def _process_sink_for(environ: Mapping[str, str], settings: Settings) -> ExporterProcessSink:
+    """The process's exporter-process sink for these variables: one per destination, each
+    living as long as this process."""
+    key = tuple(sorted(environ.items()))
+    sink = _process_sinks.get(key)
+    if sink is None:
+        sink = _process_sinks[key] = ExporterProcessSink(max_pending=settings.max_pending, environ=environ)
     return sink
 
 
@@ -233,8 +278,8 @@ def _flush_at_exit(timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
         for timer in list(_state.gpu_timers):
             timer.drain(max(0.0, deadline - time.monotonic()))
-        if _process_sink is not None:
-            _process_sink.close()
+        for process_sink in list(_process_sinks.values()):
+            process_sink.close()
         for sink in list(_state.sinks_by_provider.values()):
             sink.drain(max(0.0, deadline - time.monotonic()))
             sink.close_timeline()
@@ -255,8 +300,8 @@ def flush(timeout_s: float = 10.0, *, end_timelines: bool = False) -> bool:
     ok = True
     for timer in list(_state.gpu_timers):
         ok = timer.drain(max(0.0, deadline - time.monotonic())) and ok
-    if _process_sink is not None:
-        ok = _process_sink.flush(max(0.0, deadline - time.monotonic()), end_timelines=end_timelines) and ok
+    for process_sink in list(_process_sinks.values()):
+        ok = process_sink.flush(max(0.0, deadline - time.monotonic()), end_timelines=end_timelines) and ok
     for sink in list(_state.sinks_by_provider.values()):
         if end_timelines:
             ok = sink.drain(max(0.0, deadline - time.monotonic())) and ok
@@ -277,9 +322,7 @@ def stats() -> dict[str, int]:
     reports it sent). Asking the exporter process takes a round trip (at most 2 s)."""
     from .sinks.otel_provider import health
 
-    sinks: list[Any] = list(_state.sinks_by_provider.values())
-    if _process_sink is not None:
-        sinks.append(_process_sink)
+    sinks: list[Any] = list(_state.sinks_by_provider.values()) + list(_process_sinks.values())
     counters = {
         "emitted": sum(s.emitted_total for s in sinks),
         "dropped": sum(s.dropped_total for s in sinks),
@@ -293,8 +336,8 @@ def stats() -> dict[str, int]:
         "timelines_exported": 0,
         "requests_exported": 0,
     }
-    if _process_sink is not None:
-        for key, value in _process_sink.exporter_stats().items():
+    for process_sink in list(_process_sinks.values()):
+        for key, value in process_sink.exporter_stats().items():
             if key in counters and isinstance(value, int):
                 counters[key] += value
     return counters

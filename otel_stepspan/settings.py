@@ -15,6 +15,10 @@ from .request_tally import DEFAULT_IDLE_SECONDS, RequestSettings
 from .step import DEFAULT_LINK_LIMIT
 from .timeline import DEFAULT_SECONDS, DEFAULT_STEPS, TimelineSettings
 
+#: The exporter process reads the resource of the provider it stands in for from here (JSON),
+#: instead of building one from ``OTEL_SERVICE_NAME``/``OTEL_RESOURCE_ATTRIBUTES``.
+RESOURCE_VARIABLE = "OTEL_STEPSPAN_RESOURCE"
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -37,6 +41,10 @@ class Settings:
     timeline: TimelineSettings = field(default_factory=TimelineSettings)
     link_limit: int = DEFAULT_LINK_LIMIT
     requests: RequestSettings = field(default_factory=RequestSettings)
+    #: ``OTEL_STEPSPAN_EXPORT``: "auto" (the exporter process wherever the provider in place
+    #: exports OTLP), "process" (the exporter process, configured by the variables when the
+    #: provider cannot be read), "provider" (in process, through the provider in place).
+    export_via: str = "auto"
 
     @property
     def otel_wanted(self) -> bool:
@@ -144,6 +152,10 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     max_pending = int(_positive(env, "OTEL_STEPSPAN_MAX_PENDING", 65536, int, problems))
     timeline = read_timeline_settings(env, problems)
     links = link_limit(env, problems)
+    export_via = env.get("OTEL_STEPSPAN_EXPORT", "").strip().lower() or "auto"
+    if export_via not in ("auto", "process", "provider"):
+        problems.append(f"OTEL_STEPSPAN_EXPORT={export_via!r} is not 'process' or 'provider'; choosing for each provider")
+        export_via = "auto"
     return Settings(
         sdk_disabled=_flag(env, "OTEL_SDK_DISABLED"),
         export_requested=bool(exporters),
@@ -155,5 +167,6 @@ def read_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         timeline=timeline,
         link_limit=links,
         requests=read_request_settings(env, problems, links),
+        export_via=export_via,
         problems=tuple(problems),
     )

@@ -144,9 +144,9 @@ def run_engine(
     span has arrived, so that what is compared is labelling, not delivery at shutdown.
 
     With ``trace_requests``, sglang traces requests and exports them to the same receiver; its
-    scheduler then has sglang's own tracer provider, so the step spans go through that provider
-    in the scheduler process (not the exporter process), and the engine stays up until the
-    timeline roots have arrived too (their windows are short here: one second)."""
+    scheduler then has sglang's own tracer provider, which the exporter process stands in for
+    (same endpoint, sglang's resource), and the engine stays up until the timeline roots have
+    arrived too (their windows are short here: one second)."""
     workdir.mkdir(parents=True)
     (workdir / "truth").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -456,22 +456,17 @@ def test_no_step_span_is_lost_when_the_engine_shuts_down_right_after_its_last_re
     assert mismatches(run) == []
 
 
-def test_with_sglang_tracing_requests_a_prompt_shutdown_loses_no_step_that_ended_a_second_before(
-    engine_python, tiny_model, tmp_path
-):
-    """With ``enable_trace`` the step spans go through sglang's own tracer provider in the
-    scheduler process, on sglang's own batch delay (500 ms unless set): a script that shuts the
-    engine down right after its last request loses at most the steps of its last moments, as
-    sglang loses its own request spans, and never a step that ended a second or more before."""
+def test_with_sglang_tracing_requests_a_prompt_shutdown_loses_no_step(engine_python, tiny_model, tmp_path):
+    """With ``enable_trace`` sglang sets its own tracer provider in the scheduler process (OTLP
+    gRPC, its own batch delay: 500 ms unless set). The exporter process stands in for it, so a
+    script that shuts the engine down right after its last request (sglang SIGKILLs the
+    scheduler) loses no step, where the provider's batch processor would lose its last moments,
+    as sglang loses its own request spans."""
     run = run_engine(engine_python, tiny_model, tmp_path / "run", instrumented=True, prompt_shutdown=True,
                      trace_requests=True, sglang_export_delay=None, short=True, busy_seconds=3.0)
-    arrived = {s.attributes[PASS_ID_KEY] for s in run.spans}
-    settled = [r["pass_id"] for r in run.truth if r["ended_ns"] <= run.shutdown_ns - 1_000_000_000]
-    print(f"{len(run.truth)} forwards, {len(settled)} ended 1 s or more before the shutdown, "
-          f"{len(arrived)} step spans arrived")
-    assert len(settled) >= 10, "too few steps ended a second before the shutdown for the check to mean much"
-    assert [pass_id for pass_id in settled if pass_id not in arrived] == []
-    assert arrived <= {r["pass_id"] for r in run.truth}
+    assert run.truth, "no forward ran"
+    assert sorted(s.attributes[PASS_ID_KEY] for s in run.spans) == [r["pass_id"] for r in run.truth]
+    assert "through the tracer provider in place" not in run.log  # no fallback to the provider
 
 
 # -- sglang's own classes on the paths this machine cannot run end to end --------------------------

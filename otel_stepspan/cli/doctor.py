@@ -164,8 +164,8 @@ def check_export(environ: Mapping[str, str], timeout_s: float) -> ExportReport:
         return ExportReport(
             "off",
             "no OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER: spans only where the engine sets "
-            "up a tracer provider itself (sglang --enable-trace, vLLM --otlp-traces-endpoint); "
-            "profiler ranges always",
+            "up a tracer provider itself (sglang --enable-trace, vLLM --otlp-traces-endpoint; the "
+            "exporter process stands in for one that exports OTLP); profiler ranges always",
         )
     if not settings.otlp_only:
         return ExportReport("in-process provider", f"OTEL_TRACES_EXPORTER={','.join(names)}: built in the engine process")

@@ -10,12 +10,13 @@ SDK's own samplers; with the default (``parentbased_always_on``) no sampler call
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from ..ids import random_bits
 from ..request_tally import SPAN_NAME as REQUEST_SPAN_NAME
-from ..settings import link_limit, read_request_settings, read_timeline_settings
+from ..settings import RESOURCE_VARIABLE, link_limit, read_request_settings, read_timeline_settings
 from ..span_data import Closed, ReportSpan, StepSpan, StepSpans, error_description
 from ..step import REQUEST_ARRAYS, link_attributes, link_counts, request_array_items
 from ..timeline import ROOT_NAME, Window
@@ -41,10 +42,16 @@ _SHAPE_CACHE_SIZE = 8192
 _DEFAULT_SAMPLERS = ("", "parentbased_always_on", "always_on")
 
 
-def _resource(engine_pid: int) -> bytes:
-    """The SDK's resource from this process's variables, which are the engine's
-    (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, the SDK's own attributes), with the
-    engine's pid."""
+def _resource(environ: Mapping[str, str], engine_pid: int) -> bytes:
+    """The resource of the provider the engine set up, when the spans stand in for its own
+    (:mod:`otel_stepspan.sinks.provider_export` passes it); else the SDK's resource from this
+    process's variables, which are the engine's (``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``, the SDK's own attributes). With the engine's pid either way."""
+    given = environ.get(RESOURCE_VARIABLE, "").strip()
+    if given:
+        attributes = json.loads(given)
+        attributes.setdefault("process.pid", engine_pid)
+        return encode.resource(attributes)
     from opentelemetry.sdk.resources import Resource
 
     return encode.resource(dict(Resource.create({"process.pid": engine_pid}).attributes))
@@ -55,7 +62,7 @@ class SpanBuilder:
     timeline windows that are due."""
 
     def __init__(self, environ: Mapping[str, str], engine_pid: int) -> None:
-        self.resource = _resource(engine_pid)
+        self.resource = _resource(environ, engine_pid)
         self.scope = encode.scope("otel_stepspan", __version__)
         self._statics: dict[int, bytes] = {}
         self._shapes: dict[tuple, tuple[bytes, bytes]] = {}

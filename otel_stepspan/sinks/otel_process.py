@@ -84,8 +84,11 @@ def exporter_environment(environ: Mapping[str, str]) -> dict[str, str]:
 class ExporterProcessSink:
     """Step records to the exporter process. ``submit`` is thread-safe, O(1) and never blocks."""
 
-    def __init__(self, max_pending: int = 65536) -> None:
+    def __init__(self, max_pending: int = 65536, environ: Optional[Mapping[str, str]] = None) -> None:
         self.max_pending = max_pending
+        #: Variables the exporter process gets over the engine's own: those that make it export
+        #: as a provider does (:mod:`.provider_export`); none when the variables configure it.
+        self.environ = dict(environ or {})
         self._reset()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork_in_child)
@@ -263,7 +266,7 @@ class ExporterProcessSink:
                     pass_fds=(steps_read, status_write),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
-                    env=exporter_environment(os.environ),
+                    env=exporter_environment({**os.environ, **self.environ}),
                 )
             except Exception as exc:
                 launcher = None

@@ -1,6 +1,7 @@
 """Steps at a steady pace, each labelled by its index (bs=i), for outage and signal tests.
 
     python paced_steps.py SECONDS RATE [--forever] [--stop-after N] [--report-every K]
+                          [--provider sglang|console ENDPOINT]
 
 ``--stop-after N`` runs N steps, prints ``done N``, then idles until killed; ``--report-every K``
 prints ``steps I`` after every K-th step (a test that kills the program knows what ran when).
@@ -20,8 +21,31 @@ def _option(name: str) -> int:
     return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else 0
 
 
+def set_up_provider(kind: str, endpoint: str) -> None:
+    """A tracer provider set up by the "engine" before its first step: ``sglang`` as sglang
+    0.5.23's ``--enable-trace`` builds it (gRPC, insecure, batches of 64 every 500 ms);
+    ``console``, one whose spans go somewhere else than OTLP."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"{kind}-provider"}))
+    if kind == "sglang":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500, max_export_batch_size=64))
+    else:
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    trace.set_tracer_provider(provider)
+
+
 def main() -> None:
     seconds, rate = float(sys.argv[1]), float(sys.argv[2])
+    if "--provider" in sys.argv:
+        at = sys.argv.index("--provider")
+        set_up_provider(sys.argv[at + 1], sys.argv[at + 2])
     forever = "--forever" in sys.argv
     stop_after, report_every = _option("--stop-after"), _option("--report-every")
     interval = 1.0 / rate
