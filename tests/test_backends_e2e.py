@@ -28,12 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import backends  # noqa: E402
 from backends_support import EngineRun, requires_go, stored, wait_stored  # noqa: E402
-from contract import FORWARD_KEYS, PASS_ID_KEY  # noqa: E402
+from span_schema import FORWARD_KEYS, PASS_ID_KEY  # noqa: E402
 
 pytestmark = [pytest.mark.backends, requires_go]
 
 SERVICE = "otel-stepspan-e2e"
-CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY, "engine.name", "engine.tp_rank", "engine.pp_rank"}
+SCHEMA_KEYS = FORWARD_KEYS | {PASS_ID_KEY, "engine.name", "engine.tp_rank", "engine.pp_rank"}
 
 
 def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -165,7 +165,7 @@ def test_compose_pins_the_built_releases():
     assert f"prom/prometheus:v{versions.prometheus}" in images
 
 
-def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, engine_run):
+def test_steps_of_every_mode_reach_jaeger_with_the_schema_attributes(stack, engine_run):
     # the local spans file of the same run holds every step the engine ran
     local = (engine_run["out_dir"] / "spans.jsonl").read_text().splitlines()
     expected = sum(
@@ -185,7 +185,7 @@ def test_steps_of_every_mode_reach_jaeger_with_the_contract_attributes(stack, en
     assert len(steps) == expected  # every step, once
     for span in steps:
         attributes = span["attributes"]
-        assert CONTRACT_KEYS <= set(attributes), CONTRACT_KEYS - set(attributes)
+        assert SCHEMA_KEYS <= set(attributes), SCHEMA_KEYS - set(attributes)
         assert attributes["forward.label"] == span["name"]
         assert attributes["engine.name"] == "otel-stepspan-reference"
     decodes = [s for s in steps if s["attributes"]["forward.mode"] == "decode"]

@@ -23,7 +23,7 @@ from otel_stepspan.engine import WorkloadConfig, demo, make_workload
 from otel_stepspan.otlp_json import iter_spans, iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
 
-from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
+from span_schema import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
 
 #: A small run with every mode: seed 2's first request arrives after 125 ms (idle steps first),
 #: several arrive within 2 ms of another (mixed steps), prompts up to 256 tokens get chunked at 48.
@@ -34,7 +34,7 @@ SMALL = [
 #: The same workload, as the demo draws it from those flags.
 SMALL_WORKLOAD = WorkloadConfig(requests=16, rate=25, prompt_len=64, output_len=20, seed=2)
 
-CONTRACT_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
+SCHEMA_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
 #: Set per span by the OTel sink (right in forked workers, where a resource built before the fork
 #: is not); not in docs/spans.md's table of counts, but no request content either.
 SINK_KEYS = {"process.pid"}
@@ -155,7 +155,7 @@ def test_the_chrome_trace_and_the_spans_agree_step_for_step(default_run):
 def test_no_request_content_reaches_a_span(default_run):
     cwd, _, spans = default_run
     for span in spans:
-        assert set(span.attributes) <= CONTRACT_KEYS | ENGINE_KEYS | SINK_KEYS | CONTEXT_KEYS | ARRAY_KEYS
+        assert set(span.attributes) <= SCHEMA_KEYS | ENGINE_KEYS | SINK_KEYS | CONTEXT_KEYS | ARRAY_KEYS
         assert all(isinstance(v, (str, int)) for k, v in span.attributes.items() if k not in ARRAY_KEYS)
         if not span.links:
             assert not ARRAY_KEYS & set(span.attributes)

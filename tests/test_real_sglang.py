@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import pytest
 
-from contract import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
+from span_schema import ENGINE_KEYS, FORWARD_KEYS, PASS_ID_KEY
 from otel_stepspan.cli.main import main as cli_main
 from otel_stepspan.otlp_json import iter_step_spans
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -238,7 +238,7 @@ def runs(engine_python, tiny_model, tmp_path_factory) -> dict[str, Run]:
     return Lazy()
 
 
-# -- what the scheduler scheduled, written out by hand from the contract ---------------------------
+# -- what the scheduler scheduled, written out by hand from docs/spans.md's counting ------------
 
 
 def expected_attributes(record: dict) -> dict[str, Any]:

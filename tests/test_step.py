@@ -9,7 +9,7 @@ import pytest
 from otel_stepspan import UNKNOWN, StepInfo, engine_attributes
 from otel_stepspan.step import normalize_mode, unknown_step
 
-from contract import FORWARD_KEYS
+from span_schema import FORWARD_KEYS
 
 KEYS = FORWARD_KEYS
 

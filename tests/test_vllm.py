@@ -463,7 +463,7 @@ def scheduler_outputs(draw):
     return scheduler_output(tokens, new=tuple(new), cached=cached_reqs(*entries), spec=spec)
 
 
-def contract_counts(step: SchedulerOutput) -> tuple[int, int, int, bool]:
+def schema_counts(step: SchedulerOutput) -> tuple[int, int, int, bool]:
     """(prompt-work requests, their non-speculative tokens, decoding requests, any recompute):
     vLLM's rule, except that a request computing more than one non-speculative token is prompt
     work even where vLLM counts it as generation (docs/spans.md, "counting by what the forward
@@ -484,8 +484,8 @@ def contract_counts(step: SchedulerOutput) -> tuple[int, int, int, bool]:
 
 @settings(max_examples=300, deadline=None)
 @given(scheduler_outputs())
-def test_counts_follow_the_contract_and_agree_with_vllm_but_for_recomputes(step):
-    prompt_reqs, prompt_toks, decodes, recompute = contract_counts(step)
+def test_counts_follow_the_schema_and_agree_with_vllm_but_for_recomputes(step):
+    prompt_reqs, prompt_toks, decodes, recompute = schema_counts(step)
     info = describe(step)
     assert info.batch_size == len(step.num_scheduled_tokens)
     if not step.num_scheduled_tokens:

@@ -129,7 +129,7 @@ def _stats_of(mode: str, steps: Sequence[StepSpan], all_ns: int) -> ModeStats:
 
 
 def mode_stats(steps: Sequence[StepSpan]) -> list[ModeStats]:
-    """One row per mode (contract order, then alphabetical), then ``all``."""
+    """One row per mode (the order of docs/spans.md, then alphabetical), then ``all``."""
     by_mode: dict[str, list[StepSpan]] = {}
     for step in steps:
         by_mode.setdefault(step.mode, []).append(step)

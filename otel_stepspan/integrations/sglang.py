@@ -86,7 +86,7 @@ REQUEST_TRACE = "_otel_stepspan_trace"
 #: flags) of the span the engine's request tracing made for the request.
 RequestTrace = tuple[str, int, int, int]
 
-# sglang mode names with a name of their own in the contract. Everything else keeps its own name,
+# sglang mode names with a name of their own in docs/spans.md. Everything else keeps its own name,
 # lower-cased (SPLIT_PREFILL -> split_prefill, DLLM_EXTEND -> dllm_extend, ...).
 _MODE_NAMES = {
     "EXTEND": "prefill",
@@ -213,7 +213,7 @@ def mode_name(forward_mode: Any) -> str:
 
 
 def _mode_name(forward_mode: Any) -> str:
-    """The contract's mode for sglang's ``ForwardMode``, by the member's *name*.
+    """The mode docs/spans.md gives sglang's ``ForwardMode``, by the member's *name*.
 
     Never ``is_extend()``: sglang answers True there for MIXED, TARGET_VERIFY and DRAFT_EXTEND too.
     """
