@@ -79,11 +79,13 @@ def refresh_settings() -> None:
     _state = _State()
 
 
-def warn_once(key: str, message: str, *args: object) -> None:
+def warn_once(key: str, message: str, *args: object, level: int = logging.WARNING, exc_info: bool = True) -> None:
+    """Log ``message`` once per ``key`` for this process's settings (a state refresh forgets),
+    with the exception being handled unless ``exc_info`` is False."""
     if key in _state.warned:
         return
     _state.warned.add(key)
-    logger.warning(message, *args, exc_info=True)
+    logger.log(level, message, *args, exc_info=exc_info)
 
 
 def sinks_off() -> bool:
@@ -147,13 +149,13 @@ def _decide_sink(state: _State) -> Optional[Sink]:
         return None
     sink = state.sinks_by_provider.get(id(provider))
     if sink is None:
-        provider_links = provider_link_limit(provider)
+        provider_links = provider_link_limit(provider)  # the SDK would drop links past it unsaid
         sink = DeferredSpanSink(
             provider,
             name_by=settings.span_name,
             max_pending=settings.max_pending,
             timeline=settings.timeline,
-            link_limit=min(settings.link_limit, provider_links if provider_links is not None else 1 << 62),
+            link_limit=settings.link_limit if provider_links is None else min(settings.link_limit, provider_links),
             requests=settings.requests,
         )
         state.sinks_by_provider[id(provider)] = sink
@@ -170,20 +172,17 @@ def _provider_export(provider: Any, settings: Settings) -> Optional[ExporterProc
     except Exception as exc:  # a provider shaped in a way not foreseen: never the engine's problem
         reason = f"its settings could not be read ({type(exc).__name__}: {exc})"
     else:
-        if not _state.warned.intersection({"export:" + export.description}):
-            _state.warned.add("export:" + export.description)
-            logger.info("otel_stepspan: step spans go through the exporter process (%s), as the "
-                        "tracer provider in place would export them", export.description)
+        warn_once("export:" + export.description, "otel_stepspan: step spans go through the exporter process "
+                  "(%s), as the tracer provider in place would export them", export.description,
+                  level=logging.INFO, exc_info=False)
         return _process_sink_for(export.environ, settings)
     if settings.export_via == "process" and settings.otlp_only:
         logger.warning("otel_stepspan: OTEL_STEPSPAN_EXPORT=process: the tracer provider in place "
                        "cannot be read (%s); step spans go to the OTLP endpoint of the variables", reason)
         return _process_sink_for({}, settings)
-    if "provider:" + reason not in _state.warned:
-        _state.warned.add("provider:" + reason)
-        logger.warning("otel_stepspan: step spans are made in this process, through the tracer provider "
-                       "in place: %s (the exporter process stands in for OTLP exporters only; "
-                       "OTEL_STEPSPAN_EXPORT=provider says this is wanted)", reason)
+    warn_once("provider:" + reason, "otel_stepspan: step spans are made in this process, through the tracer "
+              "provider in place: %s (the exporter process stands in for OTLP exporters only; "
+              "OTEL_STEPSPAN_EXPORT=provider says this is wanted)", reason, exc_info=False)
     return None
 
 

@@ -27,7 +27,7 @@ from otel_stepspan.exporter.process import MAX_REQUEST_BYTES, take_batch
 from otel_stepspan.exporter.spans import SpanBuilder
 from otel_stepspan.sinks.otel_process import exporter_environment
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
-from otel_stepspan.testing.processes import exporter_pids
+from otel_stepspan.testing.processes import exporter_pids, read_until
 from otel_stepspan.version import __version__
 
 PROGRAMS = Path(__file__).parent / "programs"
@@ -241,17 +241,6 @@ def _env(endpoint: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _read_until(process: subprocess.Popen, prefix: str, timeout_s: float = 60) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if line.startswith(prefix):
-            return line
-        if not line and process.poll() is not None:
-            break
-    raise AssertionError(f"never printed {prefix!r}")
-
-
 def _children(pid: int) -> list[int]:
     """Every descendant of ``pid``, read from /proc as psutil (and so sglang's kill_process_tree)
     finds them: by parent pid, recursively."""
@@ -293,7 +282,7 @@ def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivere
             text=True,
         )
         try:
-            _read_until(program, "done 600")
+            read_until(program, "done 600")
             time.sleep(1.0)
             exporters = exporter_pids(program.pid)
             assert len(exporters) == 1

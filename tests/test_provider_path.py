@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
-from otel_stepspan.testing.processes import exporter_pids
+from otel_stepspan.testing.processes import exporter_pids, read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "tests" / "programs" / "paced_steps.py"
@@ -31,21 +31,10 @@ def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _read_until(process: subprocess.Popen, prefix: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if line.startswith(prefix):
-            return
-        if not line and process.poll() is not None:
-            break
-    raise AssertionError(f"never printed {prefix!r}: {process.stderr.read()[-3000:] if process.poll() is not None else ''}")
-
-
 def _killed_a_second_after(process: subprocess.Popen, steps: int) -> list[int]:
     """SIGKILL the engine a second after its last step; the exporter processes it had."""
     try:
-        _read_until(process, f"done {steps}")
+        read_until(process, f"done {steps}")
         time.sleep(1.0)
         exporters = exporter_pids(process.pid)
         process.kill()
@@ -101,7 +90,7 @@ def test_otel_stepspan_export_provider_keeps_the_steps_on_an_otlp_provider():
         program = _start([sys.executable, str(PROGRAM), "0", "200", "--forever", "--stop-after", "50",
                           "--provider", "sglang", receiver.endpoint], _env(OTEL_STEPSPAN_EXPORT="provider"))
         try:
-            _read_until(program, "done 50")
+            read_until(program, "done 50")
             assert exporter_pids(program.pid) == []  # in process, as asked
             spans = receiver.wait_for_steps(50, timeout_s=10)  # the SDK's batch thread sent them
         finally:

@@ -19,11 +19,12 @@ the provider, never an error.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 from urllib.parse import quote
 
-from ..settings import RESOURCE_VARIABLE
+from ..settings import RESOURCE_VARIABLE, otlp_setting
 
 _TRACES = "OTEL_EXPORTER_OTLP_TRACES_"
 #: Headers the SDK's HTTP exporter adds itself; the exporter process adds its own.
@@ -108,7 +109,7 @@ def _grpc_settings(exporter: Any) -> dict[str, str]:
     if not insecure and getattr(exporter, "_credentials", None) is not None:
         # The SDK's own credentials come from the certificate variables, which the exporter
         # process reads the same way; credentials made in code cannot be read back.
-        if not _certificate_from_variables():
+        if not otlp_setting(os.environ, "CERTIFICATE"):
             raise NotOtlp("the gRPC exporter has TLS credentials made in code")
     compression = str(getattr(exporter, "_compression", "") or "").lower()
     settings = {
@@ -145,12 +146,6 @@ def _http_settings(exporter: Any) -> dict[str, str]:
     elif isinstance(client_certificate, str):
         settings[_TRACES + "CLIENT_CERTIFICATE"] = client_certificate
     return settings
-
-
-def _certificate_from_variables() -> bool:
-    import os
-
-    return any(os.environ.get(key, "").strip() for key in (_TRACES + "CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"))
 
 
 def _sampler_variables(sampler: Any) -> dict[str, str]:
