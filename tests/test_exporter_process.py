@@ -271,8 +271,10 @@ def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return alive
 
 
-@pytest.mark.parametrize("how", ["sigkill", "kill_process_tree"])
-def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivered(how):
+@pytest.mark.parametrize("how,after_s", [("sigkill", 1.0), ("kill_process_tree", 1.0), ("sigkill", 0.0)])
+def test_every_step_of_an_engine_killed_after_its_last_step_is_delivered(how, after_s):
+    """Killed a second after its last step, or at once: every step is in the ring the moment its
+    forward returns, and the exporter drains the ring once the engine is gone."""
     with OtlpReceiver("grpc") as receiver:
         program = subprocess.Popen(
             [sys.executable, str(PROGRAMS / "paced_steps.py"), "0", "200", "--forever", "--stop-after", "600"],
@@ -283,7 +285,10 @@ def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivere
         )
         try:
             read_until(program, "done 600")
-            time.sleep(1.0)
+            if after_s:
+                time.sleep(after_s)
+            else:
+                program.kill()
             exporters = exporter_pids(program.pid)
             assert len(exporters) == 1
             assert exporters[0] not in _children(program.pid)  # detached from the engine's tree
@@ -300,7 +305,7 @@ def test_every_step_of_an_engine_killed_a_second_after_its_last_step_is_delivere
         assert _wait_gone(exporters, 15) == []  # delivered, the exporter left by itself
 
 
-def test_a_sigkill_mid_run_loses_at_most_the_last_second():
+def test_a_sigkill_mid_run_loses_no_step_whose_forward_had_returned():
     with OtlpReceiver("grpc") as receiver:
         program = subprocess.Popen(
             [sys.executable, str(PROGRAMS / "paced_steps.py"), "0", "200", "--forever", "--report-every", "20"],
@@ -315,20 +320,19 @@ def test_a_sigkill_mid_run_loses_at_most_the_last_second():
                 line = program.stdout.readline()
                 if line.startswith("steps "):
                     seen.append((time.monotonic(), int(line.split()[1])))
-            killed_at = time.monotonic()
             program.kill()
             program.wait(10)
         finally:
             if program.poll() is None:
                 program.kill()
-        ran_a_second_before = max(n for t, n in seen if t <= killed_at - 1.0)
+        returned = seen[-1][1]  # printed after that many forwards had returned
         deadline = time.monotonic() + 30
-        while receiver.step_count < ran_a_second_before and time.monotonic() < deadline:
+        while receiver.step_count < returned and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0)  # anything else in flight
         indices = sorted(s.attributes["forward.batch_size"] for s in receiver.steps())
     assert indices == list(range(1, len(indices) + 1))  # a prefix of the run, each step once
-    assert len(indices) >= ran_a_second_before
+    assert len(indices) >= returned
 
 
 def test_a_long_outage_with_steps_arriving_all_along_is_ridden_out_and_counted():
@@ -430,3 +434,58 @@ def test_a_step_the_pipe_cannot_carry_is_counted_as_failed_and_said_once(caplog)
         sink._fd = None
         os.close(read_fd)
         os.close(write_fd)
+
+
+def _exporter_for_messages() -> "process.Exporter":
+    from otel_stepspan.exporter import process
+
+    read_fd, status_write = os.pipe()
+    exporter = process.Exporter(read_fd, status_write, os.getpid(), {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_STEPSPAN_TIMELINE": "off",
+    })
+    os.close(read_fd)
+    os.close(status_write)
+    return exporter
+
+
+def _attributes(exporter, index: int) -> dict:
+    spans = _decoded(exporter.builder, list(exporter.queue))
+    return {kv["key"]: next(iter(kv["value"].values())) for kv in spans[index]["attributes"]}
+
+
+def test_a_step_described_in_the_exporter_is_the_step_described_in_the_engine():
+    """sglang's steps cross as the plain fields its capture read; the exporter describes them
+    with the same finish, and the span is the one the engine thread would have made."""
+    from sglang_fakes import mixed_batch
+
+    from otel_stepspan.integrations import sglang
+
+    exporter = _exporter_for_messages()
+    batch = mixed_batch([100, 156], 6)
+    captured = sglang.capture(batch, pass_id=7)
+    exporter._handle([
+        (wire.STATIC, 0, {"engine.name": "sglang"}),
+        (wire.FINISHER, 0, sglang.finish.in_exporter),
+        (wire.CAPTURED, 10, 20, 0, 0, None, None, None, tuple(captured)),
+        wire.step_message(sglang.finish(captured), 10, 20, 0, None, None, None),
+    ])
+    across, here = _decoded(exporter.builder, list(exporter.queue))
+    assert across["name"] == here["name"] == "step[mixed bs=8 ext=256 dec=6]"
+    assert across["attributes"] == here["attributes"]
+
+
+def test_a_step_the_exporter_cannot_describe_is_labelled_unknown_and_said_once(capfd):
+    exporter = _exporter_for_messages()
+    exporter._handle([
+        (wire.FINISHER, 0, "otel_stepspan.integrations.sglang:no_such_function"),
+        (wire.FINISHER, 1, "os:system"),  # not ours: never imported
+        (wire.FINISHER, 2, "otel_stepspan.integrations.sglang:finish_fields"),
+        (wire.CAPTURED, 10, 20, 0, None, None, None, None, ("decode", 4)),
+        (wire.CAPTURED, 30, 40, 1, None, None, None, None, ("decode", 4)),
+        (wire.CAPTURED, 50, 60, 2, None, None, None, None, ("decode", 4)),  # fields it cannot read
+        (wire.CAPTURED, 70, 80, 2, None, None, None, None, ("decode", 4)),
+    ])
+    names = [span["name"] for span in _decoded(exporter.builder, list(exporter.queue))]
+    assert names == ["step[unknown bs=?]"] * 4
+    err = capfd.readouterr().err
+    assert err.count("cannot describe steps with") == 2 and err.count("could not describe a step") == 1

@@ -272,6 +272,16 @@ def finish(captured: Captured) -> StepInfo:
     return info
 
 
+def finish_fields(fields: tuple) -> StepInfo:
+    """:func:`finish` of a :class:`Captured` that crossed to the exporter process as a plain
+    tuple: the exporter describes sglang's steps, not the engine thread."""
+    return finish(_tuple_new(Captured, fields))
+
+
+#: The exporter process may describe these steps (see otel_stepspan.sinks.otel_process).
+finish.in_exporter = f"{__name__}:finish_fields"  # type: ignore[attr-defined]
+
+
 def _counted(captured: Captured, lens: Optional[list[int]]) -> StepInfo:
     mode = captured.mode
     bs = as_count(captured.batch_size)

@@ -232,6 +232,10 @@ class DeferredSpanSink:
         self._timeline_lock = threading.Lock()
         self._spans = StepSpans(self._pid, **self._span_settings)
 
+    def pending(self) -> int:
+        """Steps queued here, not yet made into spans."""
+        return len(self._queue)
+
     def _run(self) -> None:
         while True:
             self._wake.wait(_POLL_S)

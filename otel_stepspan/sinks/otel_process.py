@@ -1,35 +1,37 @@
 """The OpenTelemetry sink when the variables configure export: spans made by an exporter process.
 
-The engine thread does the least it can under the engine's GIL: it describes the step (a
-:class:`~otel_stepspan.step.StepInfo`), appends one tuple of plain values to a deque, and writes
-it to a pipe as a ``marshal`` frame at once, unless it wrote less than a millisecond ago: steps
-faster than that go in batches. Building span ids and
-attributes, encoding OTLP, gRPC's threads, retries: all of that happens in the exporter process
-(:mod:`otel_stepspan.exporter`), outside the engine's GIL. A small thread here only writes what an
-engine left in the deque, 2 ms after it left it there, and sleeps otherwise.
+The engine thread does the least it can under the engine's GIL: it packs what the integration
+read from the batch with ``marshal`` and copies it into a ring in shared memory
+(:mod:`otel_stepspan.exporter.ring`); the exporter process describes the step (the
+:class:`~otel_stepspan.step.StepInfo`) from it. (An integration whose captured values are not
+plain, or whose ``finish`` does not declare ``in_exporter``, is described here first.) No system call, no
+thread or process woken: the exporter process reads the ring every few milliseconds on its own
+schedule. Building span ids and attributes, encoding OTLP, gRPC's threads, retries: all of that
+happens there (:mod:`otel_stepspan.exporter`), outside the engine's GIL.
 
-What reached the pipe survives the engine: the exporter is detached from the engine's process
-tree and delivers until the pipe ends, SIGKILL included. What is still in the deque when the
-engine is killed (at most the sub-millisecond steps of its last 2 ms) is lost. Nothing here ever blocks the engine: a full
-pipe keeps frames in memory up to a bound, past which steps are dropped and counted.
+What reached the ring survives the engine: the exporter holds the ring's memory, is detached from
+the engine's process tree, and drains the ring once the engine is gone, SIGKILL included. A pipe
+between the two carries no steps: its end tells the exporter the engine is gone, and a byte on it
+wakes the exporter for a flush. Nothing here ever blocks the engine: a full ring drops the step,
+counted.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
+import marshal
 import os
 import select
 import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Mapping, Optional
 
 from opentelemetry import trace
 
 from ..exporter import wire
+from ..exporter.ring import Ring
 from ..span_data import exception_event
 from ..step import AttributeValue, StepInfo, unknown_step
 
@@ -37,19 +39,18 @@ logger = logging.getLogger("otel_stepspan")
 
 Finish = Callable[[Any], StepInfo]
 
-_WRITE_EVERY = 256  # steps
-# A step ending 1 ms or more after the last write is written at once (1,000 writes a second at
-# most: about 0.15% of a core); faster steps are left for the next write, or for the idle writer
-# _IDLE_FLUSH_S after the first of them.
-_WRITE_GAP_NS = 1_000_000
-_IDLE_FLUSH_S = 0.002
-_PIPE_SIZE = 1 << 20  # Linux lets a process raise a pipe to 1 MiB
-_MAX_UNSENT = 32 << 20  # bytes kept while the pipe is full, before steps are dropped
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: Bytes of ring per step that ``max_pending`` asks room for: a step without request links packs
+#: into about 150 bytes; links add about 60 each.
+_BYTES_PER_STEP = 256
 _EXPORTER_MODULE = "otel_stepspan.exporter"
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_STEP = wire.STEP
-_time_ns = time.time_ns
+_CAPTURED = wire.CAPTURED
+_dumps = marshal.dumps
+
+
+def ring_capacity(max_pending: int) -> int:
+    """The ring's size for ``max_pending`` steps: a power of two, 1 MiB at least."""
+    return 1 << max(20, (max(1, max_pending) * _BYTES_PER_STEP - 1).bit_length())
 
 
 def _parent_ids(context: Any) -> Optional[tuple[int, int, int, bool]]:
@@ -86,6 +87,8 @@ class ExporterProcessSink:
 
     def __init__(self, max_pending: int = 65536, environ: Optional[Mapping[str, str]] = None) -> None:
         self.max_pending = max_pending
+        #: Bytes of shared memory for steps the exporter has not read yet.
+        self.capacity = ring_capacity(max_pending)
         #: Variables the exporter process gets over the engine's own: those that make it export
         #: as a provider does (:mod:`.provider_export`); none when the variables configure it.
         self.environ = dict(environ or {})
@@ -94,21 +97,18 @@ class ExporterProcessSink:
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _reset(self) -> None:
-        self.dropped_total = 0  # steps dropped here: the deque or the unsent bytes were full
-        self.emitted_total = 0  # steps written to the pipe
-        self.failed_total = 0  # steps lost because the exporter could not be started or died
+        self.dropped_total = 0  # steps dropped here: the ring was full
+        self.emitted_total = 0  # steps put in the ring
+        self.failed_total = 0  # steps lost: could not be packed, or the exporter is gone
         self._pid = os.getpid()
-        self._queue: deque = deque()
-        self._waiting = threading.Event()  # steps are waiting for the next write
         self._static_ids: dict[int, tuple[int, Mapping[str, AttributeValue]]] = {}
-        self._lock = threading.Lock()
+        self._finishers: dict[Finish, int] = {}  # -1: described on the engine thread
+        self._lock = threading.Lock()  # the ring has one producer at a time
         self._answers_lock = threading.Lock()
         self._answers = bytearray()
-        self._unsent = bytearray()
-        self._fd: Optional[int] = None
+        self._ring: Optional[Ring] = None
+        self._fd: Optional[int] = None  # the pipe's write end: its end tells the exporter we are gone
         self._status_fd: Optional[int] = None
-        self._last_write_ns = 0
-        self._dropped_sent = 0
         self._seq = 0
         self._started = False
         self._broken = False
@@ -128,132 +128,153 @@ class ExporterProcessSink:
         extra: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Record one finished step. Never blocks, never raises."""
-        queue = self._queue
-        if len(queue) >= self.max_pending:
-            self.dropped_total += 1
-            return
-        try:
-            info = captured if type(captured) is StepInfo else finish(captured)
-        except Exception:
-            info = unknown_step()
-        known = self._static_ids.get(id(static_attributes))
-        static_id = known[0] if known is not None else self._define(static_attributes)
-        queue.append(
-            (
-                _STEP, start_ns, end_ns, info.mode, info.batch_size, info.extend_tokens, info.decode_seqs,
-                info.prefill_seqs, info.num_tokens, info.pass_id, static_id,
-                _parent_ids(parent) if parent else None,
-                exception_event(error) if error is not None else None,
-                dict(extra) if extra else None,
-                None if info.links is None else list(map(tuple, info.links)),  # marshal takes plain tuples
-                info.queued_requests,
-                info.kv_tokens,
-            )
-        )
         if not self._started:
             self._start()
-        # A step goes to the pipe at once unless another write happened less than _WRITE_GAP_NS
-        # ago: a write costs about a microsecond, nothing next to an LLM step, and a step in the
-        # pipe survives a SIGKILL right after it. Only steps faster than that wait, in batches.
-        if end_ns - self._last_write_ns >= _WRITE_GAP_NS or len(queue) >= _WRITE_EVERY:
-            self._write()
-        elif len(queue) == 1:
-            self._waiting.set()  # the first step left behind since the last write
+        known = self._static_ids.get(id(static_attributes))
+        static_id = known[0] if known is not None else self._define(static_attributes)
+        parent_ids = _parent_ids(parent) if parent else None
+        exception = exception_event(error) if error is not None else None
+        if extra:
+            extra = dict(extra)
+        payload = None
+        if type(captured) is not StepInfo:
+            finisher_id = self._finishers.get(finish)
+            if finisher_id is None:
+                finisher_id = self._define_finisher(finish)
+            if finisher_id >= 0:
+                # Described in the exporter process: the engine thread only packs what it read.
+                try:
+                    payload = _dumps(
+                        (_CAPTURED, start_ns, end_ns, finisher_id, static_id, parent_ids, exception, extra or None,
+                         tuple(captured))
+                    )
+                except ValueError:  # a value marshal cannot carry: described here, as below
+                    pass
+        if payload is None:
+            try:
+                info = captured if type(captured) is StepInfo else finish(captured)
+            except Exception:
+                info = unknown_step()
+            try:
+                payload = _dumps(wire.step_message(info, start_ns, end_ns, static_id, parent_ids, exception, extra or None))
+            except Exception:  # e.g. a value marshal cannot carry: the step is lost, counted
+                self._cannot_pack()
+                return
+        with self._lock:
+            ring = self._ring
+            if ring is not None and ring.put(payload):
+                self.emitted_total += 1
+                return
+        self._not_put()
+
+    def _define_finisher(self, finish: Finish) -> int:
+        """A number for ``finish`` when the exporter process may run it (it names itself with
+        ``in_exporter``), put in the ring once; -1 when it must run here."""
+        where = getattr(finish, "in_exporter", None)
+        with self._lock:
+            if not isinstance(where, str) or not where.startswith("otel_stepspan.") or self._ring is None:
+                self._finishers[finish] = -1
+                return -1
+            finisher_id = len(self._finishers)
+            if not self._ring.put(_dumps((wire.FINISHER, finisher_id, where))):
+                return -1  # the ring is full: tried again with the next step
+            self._finishers[finish] = finisher_id
+            return finisher_id
 
     def _define(self, attributes: Mapping[str, AttributeValue]) -> int:
-        """A number for a runner's static attributes, sent to the exporter once. The mapping is
-        kept so its id() is never reused for another one."""
+        """A number for a runner's static attributes, put in the ring once, before the first
+        step that names it. The mapping is kept so its id() is never reused for another one."""
         with self._lock:
             known = self._static_ids.get(id(attributes))
             if known is not None:
                 return known[0]
             static_id = len(self._static_ids)
             self._static_ids[id(attributes)] = (static_id, attributes)
-            self._queue.append((wire.STATIC, static_id, {str(k): _plain(v) for k, v in attributes.items()}))
+            message = (wire.STATIC, static_id, {str(k): _plain(v) for k, v in attributes.items()})
+            if self._ring is not None:
+                self._ring.put(_dumps(message))
             return static_id
 
-    def _write(self, wait: bool = False) -> None:
-        """Frame what the deque holds and write it to the pipe. Only one thread writes at a time;
-        a thread that finds the pipe busy leaves its steps for the next write."""
-        if not self._lock.acquire(blocking=wait):
-            return
-        messages: list = []
-        try:
-            self._last_write_ns = _time_ns()
-            queue = self._queue
-            messages = [queue.popleft() for _ in range(len(queue))]
-            if self.dropped_total != self._dropped_sent:
-                self._dropped_sent = self.dropped_total
-                messages.append((wire.DROPPED, self.dropped_total))
-            if messages:
-                steps = sum(1 for m in messages if m[0] == _STEP)
-                if self._broken or len(self._unsent) > _MAX_UNSENT:
-                    # No room left: the steps go, what the exporter needs to read later stays.
-                    if self._broken:
-                        self.failed_total += steps
-                    else:
-                        self.dropped_total += steps
-                    messages = [m for m in messages if m[0] != _STEP]
-                    steps = 0
-                if messages:
-                    self._unsent += wire.frame(messages)
-                    self.emitted_total += steps
-            self._send_unsent()
-        except Exception:  # e.g. a value marshal cannot carry: those steps are lost, counted
-            self.failed_total += sum(1 for m in messages if m[0] == _STEP)
-            if not self._write_failed:
-                self._write_failed = True
-                logger.exception(
-                    "otel_stepspan: could not hand step spans to the exporter process; further "
-                    "failures are counted in stats()['failed']"
-                )
-        finally:
-            self._lock.release()
+    def _cannot_pack(self) -> None:
+        self.failed_total += 1
+        if not self._write_failed:
+            self._write_failed = True
+            logger.exception(
+                "otel_stepspan: could not hand step spans to the exporter process; further "
+                "failures are counted in stats()['failed']"
+            )
 
-    def _send_unsent(self) -> None:
-        unsent = self._unsent
-        while unsent and self._fd is not None and not self._broken:
-            try:
-                written = os.write(self._fd, unsent)
-            except BlockingIOError:
-                return  # the pipe is full: the exporter will make room
-            except (BrokenPipeError, OSError) as exc:
-                self._exporter_gone(f"the exporter process is gone ({exc})")
-                return
-            del unsent[:written]
+    def _not_put(self) -> None:
+        """A step the ring had no room for: the exporter is behind (counted as dropped), or gone
+        (counted as failed, and said once)."""
+        if self._broken or self._ring is None:
+            self.failed_total += 1
+        elif self._exporter_alive():
+            self.dropped_total += 1
+        else:
+            self._exporter_gone("the exporter process is gone")
+            self.failed_total += 1
+
+    def _exporter_alive(self) -> bool:
+        """Whether the exporter still holds its end of the answers pipe (a read that does not
+        block: only asked when the ring is full)."""
+        if self._status_fd is None:
+            return False
+        try:
+            ready, _, _ = select.select([self._status_fd], [], [], 0)
+            if not ready:
+                return True
+            chunk = os.read(self._status_fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        self._answers += chunk  # an answer nobody waited for: kept for _read_answer
+        return True
 
     def _exporter_gone(self, why: str) -> None:
-        self._broken = True
-        lost = len(self._queue)
-        self._unsent.clear()
-        logger.error("otel_stepspan: %s; step spans of this process are not exported from now on", why)
-        self.failed_total += lost
+        if not self._broken:
+            self._broken = True
+            logger.error("otel_stepspan: %s; step spans of this process are not exported from now on", why)
+
+    def _wake(self) -> None:
+        """One byte on the pipe: the exporter reads the ring now rather than at its next poll."""
+        try:
+            os.write(self._fd, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+        except OSError as exc:
+            self._exporter_gone(f"the exporter process is gone ({exc})")
 
     # -- starting the exporter -----------------------------------------------------------------
 
     def _start(self) -> None:
-        """Make the pipes and start the exporter process, on the first step.
+        """Make the ring and the pipes and start the exporter process, on the first step.
 
         The exporter must leave the engine's process tree at once: an engine that kills its whole
         tree (sglang's ``kill_process_tree``, right after a short run) must not catch it on the
         way. So a shell starts it in the background and exits (about a millisecond; the exporter
         is then reparented, away from the tree) rather than a Python interpreter that would need
-        a second or so before it could fork away. Our thread reaps the shell."""
+        a second or so before it could fork away. A thread of ours reaps the shell."""
         with self._lock:
             if self._started:
                 return
             self._started = True
             try:
+                ring = Ring.create(self.capacity)
+            except (OSError, ValueError) as exc:
+                self._exporter_gone(f"could not make the shared memory for the exporter process ({exc})")
+                return
+            try:
                 steps_read, steps_write = os.pipe()
                 status_read, status_write = os.pipe()
                 for fd in (steps_write, status_read):
                     os.set_blocking(fd, False)
-                try:
-                    fcntl.fcntl(steps_write, _F_SETPIPE_SZ, _PIPE_SIZE)
-                except OSError:
-                    pass  # the default size (64 KiB) only makes a full pipe likelier
                 self._fd, self._status_fd = steps_write, status_read
             except OSError as exc:
+                ring.close()
                 self._exporter_gone(f"could not make the pipe to the exporter process ({exc})")
                 return
             try:
@@ -261,62 +282,66 @@ class ExporterProcessSink:
                     [
                         "/bin/sh", "-c", '"$@" &', "otel_stepspan-exporter-launcher",
                         sys.executable, "-m", _EXPORTER_MODULE, "--steps-fd", str(steps_read),
-                        "--status-fd", str(status_write), "--engine-pid", str(self._pid),
+                        "--status-fd", str(status_write), "--ring-fd", str(ring.fd),
+                        "--engine-pid", str(self._pid),
                     ],
-                    pass_fds=(steps_read, status_write),
+                    pass_fds=(steps_read, status_write, ring.fd),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     env=exporter_environment({**os.environ, **self.environ}),
                 )
             except Exception as exc:
-                launcher = None
+                ring.close()
                 self._exporter_gone(f"could not start the exporter process ({type(exc).__name__}: {exc})")
+                return
             finally:
                 os.close(steps_read)
                 os.close(status_write)
-        thread = threading.Thread(target=self._run, args=(launcher,), name="otel_stepspan-exporter-pipe", daemon=True)
-        thread.start()
-
-    def _run(self, launcher: Optional[subprocess.Popen]) -> None:
-        """Reap the launcher; then, each time the engine leaves steps behind, write them
-        ``_IDLE_FLUSH_S`` later unless the engine has written them itself meanwhile. Asleep while
-        nothing is waiting: no wake-up competes for the engine's GIL."""
-        if launcher is not None:
-            launcher.wait()
-        pid = os.getpid()
-        while pid == self._pid and not self._broken:
-            self._waiting.wait()
-            self._waiting.clear()
-            time.sleep(_IDLE_FLUSH_S)
-            if self._queue or self._unsent or self.dropped_total != self._dropped_sent:
-                self._write()
+            self._ring = ring
+        threading.Thread(target=launcher.wait, name="otel_stepspan-exporter-launcher", daemon=True).start()
 
     def _after_fork_in_child(self) -> None:
-        # The child must not write into its parent's pipe; it starts its own exporter on its
-        # first step. The parent's exporter delivers the parent's steps.
+        # The child must not write into its parent's ring or pipe; it starts its own exporter on
+        # its first step. The parent's exporter delivers the parent's steps.
         for fd in (self._fd, self._status_fd):
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+        if self._ring is not None:
+            try:
+                self._ring.close()
+            except (OSError, ValueError, BufferError):
+                pass
         self._reset()
 
     # -- flushing, stats and exit --------------------------------------------------------------
 
+    def pending(self) -> int:
+        """Steps (and the rare record of another kind) in the ring that the exporter has not
+        read yet."""
+        ring = self._ring
+        return ring.waiting() if ring is not None and not self._broken else 0
+
     def _ask(self, what: str, timeout_s: float) -> Optional[dict]:
-        """Send a request after every step recorded so far and wait for the exporter's answer."""
-        if not self._started or self._broken:
+        """Put a request after every step recorded so far, wake the exporter, and wait for its
+        answer."""
+        if not self._started or self._broken or self._ring is None:
             return None
         deadline = time.monotonic() + timeout_s
         with self._answers_lock:
             self._seq += 1
             seq = self._seq
-            self._queue.append((wire.REQUEST, seq, what))
-            self._write(wait=True)
-            while self._unsent and not self._broken and time.monotonic() < deadline:
-                select.select([], [self._fd], [], min(0.05, max(0.0, deadline - time.monotonic())))
-                self._write(wait=True)
+            payload = _dumps((wire.REQUEST, seq, what))
+            while True:
+                with self._lock:
+                    if self._ring.put(payload):
+                        break
+                if time.monotonic() >= deadline or not self._exporter_alive():
+                    return None
+                time.sleep(0.005)  # the ring is full: the exporter is making room
+            self._wake()
             while time.monotonic() < deadline and self._status_fd is not None:
                 answer = self._read_answer(seq, deadline)
                 if answer is not None:
@@ -324,18 +349,19 @@ class ExporterProcessSink:
         return None
 
     def _read_answer(self, seq: int, deadline: float) -> Optional[dict]:
-        ready, _, _ = select.select([self._status_fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            return None
-        try:
-            chunk = os.read(self._status_fd, 1 << 16)
-        except BlockingIOError:
-            return None
-        if not chunk:
-            self._status_fd = None  # the exporter is gone
-            return None
         answers = self._answers
-        answers += chunk
+        if len(answers) < wire.HEADER_SIZE or len(answers) < wire.HEADER_SIZE + wire.frame_length(bytes(answers[: wire.HEADER_SIZE])):
+            ready, _, _ = select.select([self._status_fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            try:
+                chunk = os.read(self._status_fd, 1 << 16)
+            except BlockingIOError:
+                return None
+            if not chunk:
+                self._status_fd = None  # the exporter is gone
+                return None
+            answers += chunk
         found = None
         while len(answers) >= wire.HEADER_SIZE:
             length = wire.frame_length(bytes(answers[: wire.HEADER_SIZE]))
@@ -352,7 +378,7 @@ class ExporterProcessSink:
         ``timeout_s`` passed). Spans it could not deliver yet stay queued there, not lost. With
         ``end_timelines``, the exporter ends the open timeline window first."""
         if not self._started:
-            return not self._queue
+            return True
         answer = self._ask("end_timelines" if end_timelines else "flush", timeout_s)
         return bool(answer and answer.get("flushed"))
 
@@ -363,11 +389,7 @@ class ExporterProcessSink:
         return {k: v for k, v in (answer or {}).items() if k not in ("seq", "flushed")}
 
     def close(self) -> None:
-        """Write what is left and close the pipe: the exporter delivers and exits by itself."""
-        if not self._started:
-            return
-        self._write(wait=True)
-        deadline = time.monotonic() + 1.0
-        while self._unsent and not self._broken and time.monotonic() < deadline:
-            select.select([], [self._fd], [], 0.05)
-            self._write(wait=True)
+        """At exit: every step is in the ring already; wake the exporter so that it reads them
+        now. It delivers them and leaves by itself once this process is gone (the pipe ends)."""
+        if self._started and not self._broken and self._fd is not None:
+            self._wake()
