@@ -1,4 +1,4 @@
-"""Run the five benchmarks and write their tables to ``docs/performance.md``.
+"""Run the six benchmarks and write their tables to ``docs/performance.md``.
 
 Usage::
 
@@ -51,7 +51,9 @@ def main() -> int:
     memory = run("bench_memory.py", args.quick)
     stall = run("bench_engine_stall.py", args.quick)
     vllm_step = run("bench_vllm_step.py", args.quick)
+    paced = run("bench_paced.py", args.quick)
     stall_tables = stall.split("\n", 1)[1]  # without its header line
+    paced_tables = paced.split("\n", 1)[1]
     machine = overhead.splitlines()[0].split(":", 1)[1].split("; otel_stepspan")[0].strip()
     flag = " --quick" if args.quick else ""
     out = f"""# Performance
@@ -65,9 +67,10 @@ of each benchmark ({machine}), printed as is; reproduce with:
 .venv/bin/python benchmarks/bench_throughput.py{flag}    # ~2 min
 .venv/bin/python benchmarks/bench_memory.py{flag}        # ~1 min
 .venv/bin/python benchmarks/bench_vllm_step.py{flag}     # ~1 min
+.venv/bin/python benchmarks/bench_paced.py{flag}         # ~8 min
 ```
 
-(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all five and rewrites
+(`--quick` for short runs; `benchmarks/write_performance_md.py` reruns all six and rewrites
 this page.) Two export paths are measured: with export configured by the `OTEL_*` variables,
 steps go to an exporter process of their own (`bench_engine_stall.py`, `bench_throughput.py`);
 when the engine set up its own SDK tracer provider, step spans are made through it, in the
@@ -92,6 +95,16 @@ SDK provider with a BatchSpanProcessor and the OTLP exporter set up in the engin
 (the engine and its exporter process; not the receiver).
 
 {body(stall_tables)}
+
+## Paced steps: what a step adds when its caches are cold
+
+`bench_paced.py`: each step, scheduler work holding the GIL (light: a small loop, or heavy: a
+walk through 30 MB of objects), then the instrumented `forward` waiting 1, 3 or 10 ms with the
+GIL released; added wall is the wall time of `forward` minus the time inside the engine's own
+`forward` (the wrapper before and after), median per step. The hot loop (steps back to back) is
+there for reference.
+
+{body(paced_tables)}
 
 ## Per step: off, OpenTelemetry on, profiler on
 
