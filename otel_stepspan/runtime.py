@@ -285,7 +285,7 @@ def _flush_on_sigterm() -> None:
 
 def _flush_at_exit(timeout_s: float = 10.0) -> None:
     """At exit and on SIGTERM: spans made in this process are exported within ``timeout_s``;
-    steps bound for the exporter process are only written to its pipe (it outlives us and
+    steps bound for the exporter process are in its ring already (it outlives us and
     delivers them), so exiting does not wait for the network."""
     try:
         deadline = time.monotonic() + timeout_s

@@ -1,6 +1,6 @@
 """The exporter process: step spans built, encoded and exported outside the engine process.
 
-``wire`` (the records on the pipe) is shared with the engine side,
+``wire`` (the records) and ``ring`` (the shared memory they cross in) are shared with the engine side,
 :mod:`otel_stepspan.sinks.otel_process`; ``spans``, ``encode``, ``transport`` and ``process`` run
 only in the exporter process. Nothing here is public API.
 """

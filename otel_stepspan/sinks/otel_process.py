@@ -62,7 +62,7 @@ def _parent_ids(context: Any) -> Optional[tuple[int, int, int, bool]]:
 
 
 def _plain(value: Any) -> Any:
-    """An attribute value as the pipe can carry it (OpenTelemetry's attribute types)."""
+    """An attribute value as marshal can carry it (OpenTelemetry's attribute types)."""
     if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
