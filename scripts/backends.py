@@ -17,8 +17,10 @@ stands on Jaeger's UI port in front of Jaeger's query port (`run` and LocalBacke
 
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
+    python scripts/backends.py build --fleet   # ... and the fleet Collector (agent, gateway)
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
     python scripts/backends.py validate   # `otelcol validate` on every collector config
+                                          # (--fleet: agent.yaml and gateway.yaml too)
     python scripts/backends.py secrets    # CA, server certificate, token in collector/secrets/
     python scripts/backends.py run [--secured] [--data-dir DIR]
                                           # Jaeger (Badger) + collector + Prometheus on 127.0.0.1;
@@ -30,6 +32,9 @@ From Python (e.g. pytest):
     with LocalBackends(workdir) as stack: ...   # all three on free ports, state under workdir;
                                                 # stop, kill (SIGKILL) and start each again
     write_local_collector_config(src, dst, ...) # the project's config, local endpoints only
+                                                # (collector/gateway.yaml too)
+    ensure_built(("otelcol_gateway",))          # the fleet Collector (docs/scale.md), on demand
+    write_local_agent_config(src, dst, ...)     # collector/agent.yaml, local endpoints and gateways
 
 Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
   * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.165.0` works; ocb
@@ -55,6 +60,13 @@ Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
     (/api/v3/*, /api/*) are complete.
   * Docker Compose v2 (scripts/compose.py) is built the same way: its go.mod has an
     exclude block, which `go install` refuses as it refuses replace directives.
+  * The fleet Collector (collector/gateway-builder-config.yaml: load_balancing, tail_sampling,
+    kafka, forward) cannot be built at v0.165.0: the proxy answers 403 for
+    loadbalancingexporter v0.162.0 to v0.165.1. v0.161.0 (core v1.67.0) builds, with three
+    replaces for modules the proxy does not serve at the versions v0.161.0 asks for
+    (aws-sdk-go-v2/service/servicediscovery v1.46.1, contrib pkg/kafka/configkafka v0.157.0,
+    pkg/kafka/topic v0.155.0). Its release is pinned by the manifest's dist.version; it is built
+    only when asked (`build --fleet`).
   * Prometheus v3.X.Y is the Go module github.com/prometheus/prometheus v0.(300+X).Y (no /v3
     path); `go list -m -versions` lists up to v0.316.0 (3.16.0, pinned and built here; the
     module's VERSION file is checked). Built the same way (no replace directives, but the same throw-away module
@@ -102,6 +114,12 @@ SEARCH_FRONT_DIR = REPO_ROOT / "jaeger" / "search_front"
 SEARCH_FRONT_IMAGE = "otel_stepspan/search-front:local"
 PROMETHEUS_CONFIG = REPO_ROOT / "prometheus" / "prometheus.yml"
 BUILDER_CONFIG = COLLECTOR_DIR / "builder-config.yaml"
+# The fleet tier (docs/scale.md): agents load-balance by trace id onto gateways that make span
+# metrics and tail-sample. One more Collector build, at its own release (pinned in its
+# manifest's dist.version), made only when asked: `build --fleet`, ensure_built(("otelcol_gateway",)).
+GATEWAY_BUILDER_CONFIG = COLLECTOR_DIR / "gateway-builder-config.yaml"
+AGENT_CONFIG = COLLECTOR_DIR / "agent.yaml"
+GATEWAY_CONFIG = COLLECTOR_DIR / "gateway.yaml"
 
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
 JAEGER_IMAGE = "jaegertracing/jaeger"
@@ -193,13 +211,27 @@ def _check_builder_config(v: Versions) -> None:
             )
 
 
-def _builder_dist(text: str) -> tuple[str, str]:
+def _builder_dist(text: str, manifest: Path = BUILDER_CONFIG) -> tuple[str, str]:
     """(name, output_path) of the ocb manifest's dist section."""
     name = re.search(r"^\s+name:\s*[\"']?([^\s\"']+)", text, re.M)
     out = re.search(r"^\s+output_path:\s*[\"']?([^\s\"']+)", text, re.M)
     if not name or not out:
-        raise BackendError(f"{BUILDER_CONFIG}: dist.name and dist.output_path are required")
+        raise BackendError(f"{manifest}: dist.name and dist.output_path are required")
     return name.group(1), out.group(1)
+
+
+def gateway_version(manifest: Path = GATEWAY_BUILDER_CONFIG) -> str:
+    """The fleet Collector's release ("0.161.0"): its manifest's dist.version, which every v0.x
+    component of it must name too (the manifest is where this release is pinned)."""
+    text = manifest.read_text(encoding="utf-8")
+    dist = re.search(r"^\s*version:\s*[\"']?v?([^\s\"']+)", text, re.M)
+    if not dist:
+        raise BackendError(f"{manifest}: dist.version is required")
+    version = dist.group(1)
+    for module, ver in re.findall(r"gomod:\s*(\S+)\s+(v0\.\S+)", text):
+        if ver != "v" + version:
+            raise BackendError(f"{manifest}: {module} {ver} does not match dist.version {version}")
+    return version
 
 
 # --------------------------------------------------------------------------- paths
@@ -223,7 +255,14 @@ def binary_paths(versions: Versions | None = None) -> dict[str, Path]:
         "prometheus": root / f"prometheus-{v.prometheus}-static" / "prometheus",
         # keyed by the source's hash: an edit of the program builds a new binary
         "search_front": root / f"search-front-{search_front_digest()[:12]}" / "search-front",
+        "otelcol_gateway": gateway_binary_path(),
     }
+
+
+def gateway_binary_path() -> Path:
+    """Where the fleet Collector (agent and gateway) is, or will be; builds nothing."""
+    name, out = _builder_dist(GATEWAY_BUILDER_CONFIG.read_text(encoding="utf-8"), GATEWAY_BUILDER_CONFIG)
+    return (backends_dir() / f"otelcol-gateway-{gateway_version()}" / out / name).resolve()
 
 
 def find_go() -> str:
@@ -285,13 +324,13 @@ def _sha256(*files: Path) -> str:
 # --------------------------------------------------------------------------- builds
 
 
-def build_collector(versions: Versions | None = None, *, force: bool = False) -> Path:
-    """Build the collector with ocb from collector/builder-config.yaml (if missing/stale)."""
-    v = versions or pinned_versions()
-    binary = binary_paths(v)["otelcol"]
-    workdir = backends_dir() / f"otelcol-{v.collector}"
+def _build_with_ocb(manifest: Path, version: str, workdir: Path, binary: Path, what: str,
+                    force: bool) -> Path:
+    """Build ``binary`` with ocb v``version`` from ``manifest`` in ``workdir`` (if missing, or
+    built from another manifest: its sha256 is kept beside the binary); one build at a time
+    across processes (a lock file beside ``workdir``)."""
     stamp = workdir / "builder-config.sha256"
-    digest = _sha256(BUILDER_CONFIG)
+    digest = _sha256(manifest)
     with _lock(workdir.with_name(workdir.name + ".lock")):
         if not force and binary.is_file() and stamp.is_file() and stamp.read_text() == digest:
             return binary
@@ -302,18 +341,48 @@ def build_collector(versions: Versions | None = None, *, force: bool = False) ->
         env = _go_env(go, {"GOBIN": str(bindir)})
         t0 = time.monotonic()
         if not ocb.is_file():
-            _log(f"installing ocb {OCB_MODULE}@v{v.collector} into {bindir}")
-            _run([go, "install", f"{OCB_MODULE}@v{v.collector}"], cwd=workdir, env=env,
-                 what="go install ocb")
-        _log(f"building the collector v{v.collector} with ocb (a few minutes on 2 cores)")
+            _log(f"installing ocb {OCB_MODULE}@v{version} into {bindir}")
+            _run([go, "install", f"{OCB_MODULE}@v{version}"], cwd=workdir, env=env,
+                 what=f"go install ocb v{version}")
+        _log(f"building {what} v{version} with ocb from {manifest.name} "
+             f"(downloads, then a few minutes of compiling on 2 cores)")
         # ocb writes dist.output_path relative to its working directory: the cache dir.
-        _run([str(ocb), f"--config={BUILDER_CONFIG}"], cwd=workdir, env=env, what="ocb build")
+        _run([str(ocb), f"--config={manifest}"], cwd=workdir, env=env, what=f"ocb build of {manifest.name}")
         if not binary.is_file():
             raise BackendError(f"ocb finished but {binary} is missing")
         stamp.write_text(digest)
-        _log(f"collector built in {time.monotonic() - t0:.0f}s: {binary} "
+        _log(f"{what} built in {time.monotonic() - t0:.0f}s: {binary} "
              f"({binary.stat().st_size / 2**20:.1f} MiB)")
     return binary
+
+
+def build_collector(versions: Versions | None = None, *, force: bool = False) -> Path:
+    """Build the collector with ocb from collector/builder-config.yaml (if missing/stale)."""
+    v = versions or pinned_versions()
+    return _build_with_ocb(BUILDER_CONFIG, v.collector, backends_dir() / f"otelcol-{v.collector}",
+                           binary_paths(v)["otelcol"], "the collector", force)
+
+
+def build_gateway(*, force: bool = False) -> Path:
+    """Build the fleet Collector (collector/agent.yaml and collector/gateway.yaml run it) with
+    ocb from collector/gateway-builder-config.yaml, at the release its dist.version pins (if
+    missing/stale). Only when asked: nothing of the single-collector setup needs it.
+
+    Why its own release (Go 1.26, proxy as seen 2026-12): the proxy answers 403 for the
+    load_balancing exporter v0.162.0 to v0.165.1, so no release the v0.165.0 build could share
+    has it; v0.161.0 (core v1.67.0) builds with the three replaces in the manifest, cold in
+    about 4 minutes of compiling on 2 cores after the downloads; about 90 MB."""
+    version = gateway_version()
+    try:
+        return _build_with_ocb(GATEWAY_BUILDER_CONFIG, version, backends_dir() / f"otelcol-gateway-{version}",
+                               gateway_binary_path(), "the fleet collector (agent, gateway)", force)
+    except BackendError as e:
+        raise BackendError(
+            f"{e}\nThe fleet Collector's modules come from the Go module proxy at the versions "
+            f"{GATEWAY_BUILDER_CONFIG} pins (dist.version, and its replaces). A '403 Forbidden', "
+            f"'404 Not Found' or 'unknown revision' above names a module the proxy does not serve at "
+            f"the version asked: pin one it serves with a replaces line, or move every component "
+            f"to a release it serves whole.") from None
 
 
 def built_once(binary: Path, force: bool, build: Callable[[], Path]) -> Path:
@@ -448,7 +517,7 @@ def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus
                                                   "search_front"),
                  *, force: bool = False) -> dict[str, Path]:
     """Build the missing binaries; return {"otelcol": Path, "jaeger": Path, "prometheus": Path,
-    "search_front": Path}."""
+    "search_front": Path}, and "otelcol_gateway" (the fleet Collector) when it is asked for."""
     v = pinned_versions()
     out: dict[str, Path] = {}
     if "otelcol" in components:
@@ -459,6 +528,8 @@ def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus
         out["prometheus"] = build_prometheus(v, force=force)
     if "search_front" in components:
         out["search_front"] = build_search_front(force=force)
+    if "otelcol_gateway" in components:
+        out["otelcol_gateway"] = build_gateway(force=force)
     return out
 
 
@@ -560,6 +631,15 @@ def write_local_collector_config(
         ("extensions", "health_check"): f"{host}:{health_port}",
     }
     out, service_line = _rewrite(Path(src), wanted, {COLLECTOR_QUEUE_PATH: str(queue_dir)})
+    _add_telemetry(src, out, service_line, host, internal_metrics_port)
+    Path(queue_dir).mkdir(parents=True, exist_ok=True)
+    return _write(dst, out)
+
+
+def _add_telemetry(src: str | os.PathLike[str], out: list[str], service_line: int | None,
+                   host: str, internal_metrics_port: int | None) -> None:
+    """Insert service.telemetry into ``out``: the collector's own metrics off, or on
+    host:internal_metrics_port (their default, localhost:8888, collides between collectors)."""
     if service_line is None:
         raise ValueError(f"{src}: no top-level service: section")
     if any(line.startswith("  telemetry:") for line in out[service_line:]):
@@ -573,6 +653,52 @@ def write_local_collector_config(
             f"                host: {host}\n", f"                port: {internal_metrics_port}\n",
         ]
     out[service_line + 1:service_line + 1] = telemetry
+
+
+def _replace_list(src: str | os.PathLike[str], lines: list[str], key: str, items: list[str]) -> list[str]:
+    """``lines`` with the block list under the one line ``<indent>key:`` (not a comment) holding
+    ``items`` instead of what it held; raises ValueError unless that key is there exactly once,
+    with a block list of at least one item under it."""
+    at = [i for i, line in enumerate(lines) if line.strip() == f"{key}:"]
+    if len(at) != 1:
+        raise ValueError(f"{src}: `{key}:` not found exactly once")
+    start = at[0] + 1
+    end = start
+    while end < len(lines) and lines[end].lstrip().startswith("- "):
+        end += 1
+    if end == start:
+        raise ValueError(f"{src}: `{key}:` holds no block list")
+    indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]
+    return lines[:start] + [f"{indent}- {item}\n" for item in items] + lines[end:]
+
+
+def write_local_agent_config(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    otlp_grpc_port: int,
+    otlp_http_port: int,
+    gateways: "list[str]",
+    health_port: int,
+    *,
+    queue_dir: str | os.PathLike[str],
+    host: str = LOCALHOST,
+    internal_metrics_port: int | None = None,
+) -> Path:
+    """collector/agent.yaml for a local run: its receivers and health check on ``host``, the
+    load_balancing exporter's static list of gateways set to ``gateways`` (host:port of their
+    OTLP gRPC receivers), its queue in ``queue_dir``, the collector's own metrics as
+    write_local_collector_config sets them; nothing else changed."""
+    wanted = {
+        ("receivers", "otlp", "protocols", "grpc"): f"{host}:{otlp_grpc_port}",
+        ("receivers", "otlp", "protocols", "http"): f"{host}:{otlp_http_port}",
+        ("extensions", "health_check"): f"{host}:{health_port}",
+    }
+    if not gateways:
+        raise ValueError("an agent needs at least one gateway")
+    out, service_line = _rewrite(Path(src), wanted, {COLLECTOR_QUEUE_PATH: str(queue_dir)})
+    out = _replace_list(src, out, "hostnames", list(gateways))
+    service_line = out.index("service:\n") if "service:\n" in out else None
+    _add_telemetry(src, out, service_line, host, internal_metrics_port)
     Path(queue_dir).mkdir(parents=True, exist_ok=True)
     return _write(dst, out)
 
@@ -950,9 +1076,11 @@ class LocalBackends:
         self.close()
 
 
-def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path) -> None:
-    """`otelcol validate` on a config (and overlays merged on top of it)."""
-    binary = ensure_built(("otelcol",))["otelcol"]
+def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
+                              binary: Path | None = None) -> None:
+    """`otelcol validate` on a config (and overlays merged on top of it), with ``binary`` (by
+    default the project's collector; the fleet configs need the fleet Collector)."""
+    binary = binary or ensure_built(("otelcol",))["otelcol"]
     argv = [str(binary), "validate", f"--config={config}", *(f"--config={o}" for o in overlays)]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
@@ -982,15 +1110,18 @@ def _cmd_paths(_: argparse.Namespace) -> int:
     v = pinned_versions()
     print(f"collector {v.collector} (ocb v{v.collector}); jaeger {v.jaeger} "
           f"({JAEGER_MODULE}@{v.jaeger_module}); prometheus {v.prometheus} "
-          f"({PROMETHEUS_MODULE}@{v.prometheus_module})")
+          f"({PROMETHEUS_MODULE}@{v.prometheus_module}); fleet collector {gateway_version()} "
+          f"(ocb v{gateway_version()}, built with --fleet)")
     for name, p in binary_paths(v).items():
         print(f"{name}\t{p}\t{'built' if p.is_file() else 'missing'}")
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    for name, p in ensure_built(tuple(args.only or ("otelcol", "jaeger", "prometheus", "search_front")),
-                                force=args.force).items():
+    components = tuple(args.only or ("otelcol", "jaeger", "prometheus", "search_front"))
+    if args.fleet and "otelcol_gateway" not in components:
+        components += ("otelcol_gateway",)
+    for name, p in ensure_built(components, force=args.force).items():
         print(f"{name}\t{p}")
     if not args.only:
         print(f"compose-schema\t{compose_schema()}")
@@ -998,10 +1129,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    """Every collector config the project ships: the plain one, and the secured overlay on it."""
+    """Every collector config the project ships: the plain one, and the secured overlay on it;
+    with --fleet, the agent's and the gateway's too (with the fleet Collector)."""
     for config, *overlays in ([Path(args.config)], [Path(args.config), SECURED_CONFIG]):
         validate_collector_config(config, *overlays)
         print(f"{' + '.join(map(str, (config, *overlays)))}: valid")
+    if args.fleet:
+        for config in (AGENT_CONFIG, GATEWAY_CONFIG):
+            validate_collector_config(config, binary=ensure_built(("otelcol_gateway",))["otelcol_gateway"])
+            print(f"{config}: valid")
     return 0
 
 
@@ -1053,12 +1189,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the missing binaries, print their paths")
-    b.add_argument("--only", action="append", choices=["otelcol", "jaeger", "prometheus", "search_front"])
+    b.add_argument("--only", action="append",
+                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway"])
+    b.add_argument("--fleet", action="store_true",
+                   help="also build the fleet Collector (collector/agent.yaml, collector/gateway.yaml)")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     b.set_defaults(func=_cmd_build)
     sub.add_parser("paths", help="print binary paths, build nothing").set_defaults(func=_cmd_paths)
     va = sub.add_parser("validate", help="otelcol validate the collector configs (plain, secured)")
     va.add_argument("--config", default=str(COLLECTOR_CONFIG))
+    va.add_argument("--fleet", action="store_true",
+                    help="also validate collector/agent.yaml and collector/gateway.yaml (builds the fleet Collector)")
     va.set_defaults(func=_cmd_validate)
     se = sub.add_parser("secrets", help="make a CA, a server certificate and a token (kept if present)")
     se.add_argument("--dir", default=str(SECRETS_DIR))

@@ -156,3 +156,59 @@ def test_a_built_jaeger_ui_is_served_when_given_and_a_wrong_directory_is_refused
     assert "ui" not in plain["extensions"]["jaeger_query"]
     with pytest.raises(backends.BackendError, match="no index.html"):
         backends.write_jaeger_config(tmp_path / "x.yaml", ports, data_dir=tmp_path, ui_assets=tmp_path / "data")
+
+
+def test_local_agent_config_changes_only_endpoints_gateways_queue_dir_and_own_telemetry(tmp_path):
+    gateways = ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"]
+    local = backends.write_local_agent_config(backends.AGENT_CONFIG, tmp_path / "a.yaml", 1001, 1002, gateways, 1005,
+                                              queue_dir=tmp_path / "queue")
+    changed = _changed(backends.AGENT_CONFIG, local)
+    assert [new for old, new in changed if not old][-3:] == ["  telemetry:", "    metrics:", "      level: none"]
+    for old, new in changed[:-3]:  # endpoints, the queue directory, the list of gateways
+        assert ("endpoint:" in old and "endpoint:" in new) or backends.COLLECTOR_QUEUE_PATH in old or (
+            old.strip().startswith("- gateway-") or not old) and new.strip().startswith("- 127.0.0.1:"), (old, new)
+    config = yaml.safe_load(local.read_text())
+    balancer = config["exporters"]["load_balancing"]
+    assert balancer["routing_key"] == "traceID"
+    assert balancer["resolver"]["static"]["hostnames"] == gateways
+    assert balancer["sending_queue"]["storage"] == "file_storage/queue"
+    assert config["extensions"]["file_storage/queue"]["directory"] == str(tmp_path / "queue")
+    assert config["service"]["pipelines"]["traces"]["processors"] == ["memory_limiter"]
+    with pytest.raises(ValueError, match="gateway"):
+        backends.write_local_agent_config(backends.AGENT_CONFIG, tmp_path / "b.yaml", 1, 2, [], 3,
+                                          queue_dir=tmp_path / "queue")
+
+
+def test_gateway_counts_every_span_before_sampling_and_names_metrics_as_the_collector_does(tmp_path):
+    gateway = yaml.safe_load(backends.GATEWAY_CONFIG.read_text())
+    pipelines = gateway["service"]["pipelines"]
+    intake, = [p for p in pipelines.values() if "otlp" in p.get("receivers", [])]
+    assert intake["processors"] == ["memory_limiter"] and "span_metrics" in intake["exporters"]
+    sampled, = [p for p in pipelines.values() if "tail_sampling" in p.get("processors", [])]
+    assert sampled["receivers"] == ["forward"] and "forward" in intake["exporters"]
+    # the same span metrics as the single collector: Prometheus and Jaeger's Monitor tab read both
+    collector = yaml.safe_load(backends.COLLECTOR_CONFIG.read_text())
+    assert gateway["connectors"]["span_metrics"] == collector["connectors"]["span_metrics"]
+    local = backends.write_local_collector_config(
+        backends.GATEWAY_CONFIG, tmp_path / "g.yaml", 1001, 1002, "127.0.0.1:1003", 1004, 1005,
+        queue_dir=tmp_path / "queue")
+    replaced = [(old, new) for old, new in _changed(backends.GATEWAY_CONFIG, local) if old and new]
+    assert all("endpoint:" in old or backends.COLLECTOR_QUEUE_PATH in old for old, new in replaced), replaced
+    policies = yaml.safe_load(local.read_text())["processors"]["tail_sampling"]["policies"]
+    assert policies == gateway["processors"]["tail_sampling"]["policies"]
+
+
+def test_fleet_builder_config_pins_one_release(tmp_path):
+    version = backends.gateway_version()
+    builder = yaml.safe_load(backends.GATEWAY_BUILDER_CONFIG.read_text())
+    assert builder["dist"]["version"] == version
+    modules = [m["gomod"] for kind in ("receivers", "processors", "exporters", "connectors", "extensions")
+               for m in builder[kind]]
+    assert {m.split()[1] for m in modules} == {f"v{version}"}
+    assert any("loadbalancingexporter" in m for m in modules) and any("tailsamplingprocessor" in m for m in modules)
+    assert backends.binary_paths()["otelcol_gateway"].parent.parent.name == f"otelcol-gateway-{version}"
+    other = tmp_path / "manifest.yaml"
+    other.write_text(backends.GATEWAY_BUILDER_CONFIG.read_text().replace(
+        f"tailsamplingprocessor v{version}", "tailsamplingprocessor v0.160.0"))
+    with pytest.raises(backends.BackendError, match="tailsamplingprocessor v0.160.0"):
+        backends.gateway_version(other)
