@@ -12,6 +12,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf.json_format import MessageToDict
@@ -436,7 +437,7 @@ def test_a_step_the_pipe_cannot_carry_is_counted_as_failed_and_said_once(caplog)
         os.close(write_fd)
 
 
-def _exporter_for_messages() -> "process.Exporter":
+def _exporter_for_messages() -> Any:
     from otel_stepspan.exporter import process
 
     read_fd, status_write = os.pipe()
