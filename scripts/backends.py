@@ -113,6 +113,8 @@ SEARCH_FRONT_DIR = REPO_ROOT / "jaeger" / "search_front"
 # binary under this tag, and `docker compose up` builds jaeger/search_front/Dockerfile without it.
 SEARCH_FRONT_IMAGE = "otel_stepspan/search-front:local"
 PROMETHEUS_CONFIG = REPO_ROOT / "prometheus" / "prometheus.yml"
+# The fleet's: one job scraping every gateway's span metrics (docs/scale.md).
+PROMETHEUS_FLEET_CONFIG = REPO_ROOT / "prometheus" / "prometheus-fleet.yml"
 BUILDER_CONFIG = COLLECTOR_DIR / "builder-config.yaml"
 # The fleet tier (docs/scale.md): agents load-balance by trace id onto gateways that make span
 # metrics and tail-sample. One more Collector build, at its own release (pinned in its
@@ -596,8 +598,6 @@ def _rewrite(src: Path, endpoints: Mapping[tuple[str, ...], str],
 COLLECTOR_QUEUE_PATH = "/var/lib/otelcol/file_storage"
 COLLECTOR_SECRETS_PATH = "/etc/otelcol-contrib/secrets"
 JAEGER_DATA_PATH = "/tmp/jaeger"
-# The collector's metrics endpoint as Prometheus reaches it on the compose network.
-COMPOSE_METRICS_TARGET = "otel-collector:8889"
 
 
 def write_local_collector_config(
@@ -754,14 +754,24 @@ def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
     return _write(dst, out)
 
 
-def write_prometheus_config(dst: str | os.PathLike[str], collector_metrics: str) -> Path:
-    """The project's prometheus/prometheus.yml scraping ``collector_metrics`` (host:port of
-    the collector's prometheus exporter) instead of the compose service; nothing else changed
-    (the relabelling Jaeger's Monitor tab needs stays as it is)."""
-    text = PROMETHEUS_CONFIG.read_text(encoding="utf-8")
-    if text.count(COMPOSE_METRICS_TARGET) != 1:
-        raise ValueError(f"{PROMETHEUS_CONFIG}: scrape target {COMPOSE_METRICS_TARGET} not found exactly once")
-    return _write(dst, [text.replace(COMPOSE_METRICS_TARGET, collector_metrics)])
+_TARGETS_RE = re.compile(r'^(\s*- targets: )\[.*\]$', re.MULTILINE)
+
+
+def write_prometheus_config(dst: str | os.PathLike[str], collector_metrics: "str | list[str]", *,
+                            src: str | os.PathLike[str] = PROMETHEUS_CONFIG) -> Path:
+    """The project's prometheus/prometheus.yml (or ``src``: prometheus/prometheus-fleet.yml)
+    scraping ``collector_metrics`` (host:port of the collector's prometheus exporter, or a list:
+    every gateway's) instead of the compose services; nothing else changed (the relabelling
+    Jaeger's Monitor tab needs stays as it is). Raises ValueError unless ``src`` has exactly
+    one `- targets: [...]` line, and when the list is empty."""
+    targets = [collector_metrics] if isinstance(collector_metrics, str) else list(collector_metrics)
+    if not targets:
+        raise ValueError("Prometheus needs at least one target")
+    text = Path(src).read_text(encoding="utf-8")
+    if len(_TARGETS_RE.findall(text)) != 1:
+        raise ValueError(f"{src}: `- targets: [...]` not found exactly once")
+    new = _TARGETS_RE.sub(lambda m: m.group(1) + json.dumps(targets), text)
+    return _write(dst, [new])
 
 
 def make_secrets(secrets_dir: str | os.PathLike[str] = SECRETS_DIR, *,
@@ -909,14 +919,16 @@ def start_collector(config: str | os.PathLike[str], health_port: int, *,
     return _start(argv, config.with_suffix(".log"), f"http://{LOCALHOST}:{health_port}/", timeout, env)
 
 
-def start_prometheus(workdir: str | os.PathLike[str], port: int, collector_metrics: str, *,
-                     binary: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
-    """Start Prometheus with the project's config, scraping ``collector_metrics`` (host:port),
-    its API on 127.0.0.1:``port`` and its data in workdir/prometheus_data (kept 2 days, as in
-    docker-compose.yml); returns once /-/ready answers."""
+def start_prometheus(workdir: str | os.PathLike[str], port: int, collector_metrics: "str | list[str]", *,
+                     binary: Path | None = None, timeout: float = 60.0,
+                     src: str | os.PathLike[str] = PROMETHEUS_CONFIG) -> subprocess.Popen:
+    """Start Prometheus with the project's config (``src``), scraping ``collector_metrics``
+    (host:port, or a list of them), its API on 127.0.0.1:``port`` and its data in
+    workdir/prometheus_data (kept 2 days, as in docker-compose.yml); returns once /-/ready
+    answers."""
     workdir = Path(workdir)
     _check_free([port])
-    config = write_prometheus_config(workdir / "prometheus.yml", collector_metrics)
+    config = write_prometheus_config(workdir / "prometheus.yml", collector_metrics, src=src)
     binary = binary or ensure_built(("prometheus",))["prometheus"]
     argv = [str(binary), f"--config.file={config}", f"--web.listen-address={LOCALHOST}:{port}",
             f"--storage.tsdb.path={workdir / 'prometheus_data'}", "--storage.tsdb.retention.time=2d"]
@@ -988,16 +1000,20 @@ class LocalBackends:
         self.collector_env = dict(collector_env or {})
         self.jaeger_env = dict(jaeger_env or {})
         self.secrets = make_secrets(self.workdir / "secrets") if secured else {}
+        self.jaeger: subprocess.Popen | None = None
+        self.collector: subprocess.Popen | None = None
+        self.prometheus: subprocess.Popen | None = None
+        self.front: subprocess.Popen | None = None
+        self.write_configs()
+
+    def write_configs(self) -> None:
+        """The collector's local config (and the secured overlay)."""
         self.config = write_local_collector_config(
             COLLECTOR_CONFIG, self.workdir / "collector.yaml", self.otlp_grpc, self.otlp_http,
             f"{LOCALHOST}:{self.jaeger_ports.otlp_grpc}", self.metrics, self.health,
             queue_dir=self.workdir / "otelcol_queue", internal_metrics_port=self.internal_metrics)
         self.overlays = (write_local_secured_config(self.workdir / "secured.yaml",
-                                                    self.workdir / "secrets"),) if secured else ()
-        self.jaeger: subprocess.Popen | None = None
-        self.collector: subprocess.Popen | None = None
-        self.prometheus: subprocess.Popen | None = None
-        self.front: subprocess.Popen | None = None
+                                                    self.workdir / "secrets"),) if self.secured else ()
 
     @property
     def scheme(self) -> str:
@@ -1064,16 +1080,89 @@ class LocalBackends:
             raise
         return self
 
+    def processes(self) -> "list[subprocess.Popen]":
+        """The processes started, in the order they stop: Prometheus, the collector(s), Jaeger."""
+        return [p for p in (self.prometheus, self.collector, self.front, self.jaeger) if p is not None]
+
     def close(self) -> None:
-        for proc in (self.prometheus, self.collector, self.front, self.jaeger):
-            if proc is not None:
-                stop(proc)
+        for proc in self.processes():
+            stop(proc)
 
     def __enter__(self) -> "LocalBackends":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LocalFleet(LocalBackends):
+    """The fleet tier of docs/scale.md on 127.0.0.1: one agent (collector/agent.yaml) in front of
+    ``gateways`` gateways (collector/gateway.yaml), all the fleet Collector; the gateways export
+    the traces they keep to Jaeger, and Prometheus (prometheus/prometheus-fleet.yml) scrapes
+    every gateway's span metrics. Everything else is LocalBackends': Jaeger, the search front,
+    Prometheus, the ports users may fix (``ports``: otlp_grpc, otlp_http and health are the
+    agent's, what engines point at; the gateways' ports are picked free). ``collector_env``
+    goes to the gateways (STEPSPAN_* policy variables, memory limits), on top of this process's
+    environment."""
+
+    def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2,
+                 collector_env: Mapping[str, str] | None = None,
+                 jaeger_env: Mapping[str, str] | None = None,
+                 ports: "Mapping[str, int] | None" = None,
+                 binaries: "Mapping[str, Path] | None" = None,
+                 ui_assets: str | os.PathLike[str] | None = None) -> None:
+        if gateways < 1:
+            raise BackendError("a fleet needs at least one gateway")
+        self.gateway_count = gateways
+        binaries = dict(binaries or ensure_built(("jaeger", "prometheus", "search_front", "otelcol_gateway")))
+        self.gateways: list[subprocess.Popen] = []
+        self.agent: subprocess.Popen | None = None
+        super().__init__(workdir, collector_env=collector_env, jaeger_env=jaeger_env, ports=ports,
+                         binaries=binaries, ui_assets=ui_assets)
+
+    def write_configs(self) -> None:
+        """The gateways' configs (each exporting to Jaeger), then the agent's, listing them."""
+        self.gateway_configs: list[tuple[Path, int, tuple[int, ...]]] = []  # config, health port, others
+        self.gateway_otlp: list[str] = []
+        self.gateway_metrics: list[str] = []
+        for i in range(1, self.gateway_count + 1):
+            grpc, http, metrics, health = free_ports(4)
+            config = write_local_collector_config(
+                GATEWAY_CONFIG, self.workdir / f"gateway-{i}.yaml", grpc, http,
+                f"{LOCALHOST}:{self.jaeger_ports.otlp_grpc}", metrics, health,
+                queue_dir=self.workdir / f"gateway-{i}_queue")
+            self.gateway_configs.append((config, health, (grpc, http, metrics)))
+            self.gateway_otlp.append(f"{LOCALHOST}:{grpc}")
+            self.gateway_metrics.append(f"{LOCALHOST}:{metrics}")
+        self.config = write_local_agent_config(
+            AGENT_CONFIG, self.workdir / "agent.yaml", self.otlp_grpc, self.otlp_http,
+            self.gateway_otlp, self.health, queue_dir=self.workdir / "agent_queue")
+        self.overlays = ()
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Each gateway's span metrics (Prometheus scrapes them all)."""
+        return [f"http://{target}/metrics" for target in self.gateway_metrics]
+
+    def start_collector(self) -> None:
+        """The gateways first (the agent's queue would hold the spans meanwhile, but a gateway
+        that fails to start is told at once), then the agent."""
+        binary = self.binaries["otelcol_gateway"]
+        self.gateways = []
+        for config, health, others in self.gateway_configs:
+            self.gateways.append(start_collector(config, health, binary=binary, env=self.collector_env,
+                                                 other_ports=others))
+        self.agent = self.collector = start_collector(self.config, self.health, binary=binary,
+                                                      other_ports=(self.otlp_grpc, self.otlp_http))
+
+    def start_prometheus(self) -> None:
+        self.prometheus = start_prometheus(self.workdir, self.prometheus_port, self.gateway_metrics,
+                                           binary=self.binaries["prometheus"], src=PROMETHEUS_FLEET_CONFIG)
+
+    def processes(self) -> "list[subprocess.Popen]":
+        """Prometheus, the agent (it flushes to the gateways), the gateways (they flush to
+        Jaeger), the search front, Jaeger."""
+        return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger) if p is not None]
 
 
 def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
@@ -1147,10 +1236,12 @@ def _cmd_secrets(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_dir() -> Path:
-    """Where `run` keeps Jaeger's Badger files and the collector's queue between runs."""
+def data_dir(fleet: bool = False) -> Path:
+    """Where `run` keeps Jaeger's Badger files and the collector's queue between runs; `run
+    --fleet` keeps its own beside it (backends-fleet)."""
     env = os.environ.get("OTEL_STEPSPAN_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "otel_stepspan" / "backends"
+    path = Path(env).expanduser() if env else Path.home() / ".local" / "share" / "otel_stepspan" / "backends"
+    return path.with_name(path.name + "-fleet") if fleet else path
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:
@@ -1158,27 +1249,46 @@ def _stop_on_signal(signum: int, frame: object) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    workdir = Path(args.data_dir)
+    if args.fleet and args.secured:
+        raise BackendError("--secured is for the single collector; the fleet's agent takes plain OTLP")
+    if args.gateways is not None and not args.fleet:
+        raise BackendError("--gateways needs --fleet")
+    workdir = Path(args.data_dir or data_dir(args.fleet))
     # Ctrl-C, `kill` and a service manager's SIGTERM all stop the backends it started; SIGINT is
     # set explicitly because a shell starting this in the background (`... &`) ignores it.
     signal.signal(signal.SIGINT, _stop_on_signal)
     signal.signal(signal.SIGTERM, _stop_on_signal)
-    stack = LocalBackends(workdir, secured=args.secured, ports={
-        "otlp_grpc": args.otlp_grpc_port, "otlp_http": args.otlp_http_port,
-        "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port,
-        "prometheus": args.prometheus_port}, ui_assets=args.ui_assets)
+    ports = {"otlp_grpc": args.otlp_grpc_port, "otlp_http": args.otlp_http_port,
+             "metrics": args.metrics_port, "health": args.health_port, "jaeger_ui": args.jaeger_ui_port,
+             "prometheus": args.prometheus_port}
+    if args.fleet:
+        ports.pop("metrics")  # each gateway has its own, picked free and printed
+        stack: LocalBackends = LocalFleet(workdir, gateways=2 if args.gateways is None else args.gateways, ports=ports,
+                                          ui_assets=args.ui_assets)
+    else:
+        stack = LocalBackends(workdir, secured=args.secured, ports=ports, ui_assets=args.ui_assets)
     with stack:
-        print(f"OTLP gRPC  {stack.otlp_grpc_endpoint}\nOTLP HTTP  {stack.otlp_http_endpoint}\n"
-              f"Jaeger     {stack.jaeger_url}/api/v3/services (UI and API, through the search front; "
-              f"Jaeger itself on {stack.jaeger_direct_url})\n"
-              f"metrics    {stack.metrics_url}\nPrometheus {stack.prometheus_url} (Jaeger's Monitor tab)\n"
-              f"data, logs {workdir}", flush=True)
+        if isinstance(stack, LocalFleet):
+            tier = "".join(f"gateway {i}  OTLP gRPC {otlp}, span metrics {url}\n" for i, (otlp, url) in
+                           enumerate(zip(stack.gateway_otlp, stack.metrics_urls), 1))
+            print(f"agent      OTLP gRPC {stack.otlp_grpc_endpoint}, OTLP HTTP {stack.otlp_http_endpoint}\n"
+                  f"engine     OTEL_EXPORTER_OTLP_ENDPOINT={stack.otlp_grpc_endpoint} (the agent)\n{tier}"
+                  f"Jaeger     {stack.jaeger_url}/api/v3/services (the kept traces, through the search front; "
+                  f"Jaeger itself on {stack.jaeger_direct_url})\n"
+                  f"Prometheus {stack.prometheus_url} (every gateway's span metrics; Jaeger's Monitor tab)\n"
+                  f"data, logs {workdir}", flush=True)
+        else:
+            print(f"OTLP gRPC  {stack.otlp_grpc_endpoint}\nOTLP HTTP  {stack.otlp_http_endpoint}\n"
+                  f"Jaeger     {stack.jaeger_url}/api/v3/services (UI and API, through the search front; "
+                  f"Jaeger itself on {stack.jaeger_direct_url})\n"
+                  f"metrics    {stack.metrics_url}\nPrometheus {stack.prometheus_url} (Jaeger's Monitor tab)\n"
+                  f"data, logs {workdir}", flush=True)
         if args.secured:
             print(f"engine     OTEL_EXPORTER_OTLP_CERTIFICATE={workdir / 'secrets' / 'ca.crt'}\n"
                   f"           OTEL_EXPORTER_OTLP_HEADERS=\"authorization=Bearer%20$(cat "
                   f"{workdir / 'secrets' / 'token'})\"", flush=True)
         try:
-            while all(p.poll() is None for p in (stack.jaeger, stack.collector, stack.prometheus)):
+            while all(p.poll() is None for p in stack.processes()):
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
@@ -1204,16 +1314,35 @@ def main(argv: list[str] | None = None) -> int:
     se = sub.add_parser("secrets", help="make a CA, a server certificate and a token (kept if present)")
     se.add_argument("--dir", default=str(SECRETS_DIR))
     se.set_defaults(func=_cmd_secrets)
-    r = sub.add_parser("run", help="run Jaeger (Badger) + collector + Prometheus on 127.0.0.1 until Ctrl-C")
-    r.add_argument("--otlp-grpc-port", type=int, default=4317)
-    r.add_argument("--otlp-http-port", type=int, default=4318)
-    r.add_argument("--metrics-port", type=int, default=8889)
-    r.add_argument("--health-port", type=int, default=13133)
+    r = sub.add_parser(
+        "run", help="run Jaeger (Badger) + collector + Prometheus on 127.0.0.1 until Ctrl-C; "
+                    "--fleet: an agent + gateways instead of the collector",
+        description="Run the backends on 127.0.0.1, without Docker, until Ctrl-C or SIGTERM (which stop "
+                    "everything started). Plain: one Collector (collector/config.yaml) in front of Jaeger, "
+                    "and Prometheus scraping its span metrics. --fleet: the tier of docs/scale.md "
+                    "instead of that Collector: one agent (collector/agent.yaml: engines point "
+                    "OTEL_EXPORTER_OTLP_ENDPOINT at its OTLP ports) load-balancing by trace id onto N "
+                    "gateways (collector/gateway.yaml: span metrics of every span, then tail sampling "
+                    "into Jaeger), and Prometheus (prometheus/prometheus-fleet.yml) scraping every "
+                    "gateway, read by Jaeger's Monitor tab; the gateways' ports are picked free and "
+                    "printed, and they read the policy variables (STEPSPAN_DECISION_WAIT, "
+                    "STEPSPAN_SLOW_DECODE_MS, STEPSPAN_KEEP_PERCENT, ...) from this environment. "
+                    "Binaries missing from the cache are built first (the fleet Collector: minutes).")
+    r.add_argument("--fleet", action="store_true",
+                   help="an agent and gateways (docs/scale.md) instead of the single collector")
+    r.add_argument("--gateways", type=int, metavar="N",
+                   help="with --fleet: how many gateways (default 2)")
+    r.add_argument("--otlp-grpc-port", type=int, default=4317, help="the collector's, or with --fleet the agent's")
+    r.add_argument("--otlp-http-port", type=int, default=4318, help="the collector's, or with --fleet the agent's")
+    r.add_argument("--metrics-port", type=int, default=8889,
+                   help="the collector's span metrics (not with --fleet: each gateway's port is picked free)")
+    r.add_argument("--health-port", type=int, default=13133, help="the collector's, or with --fleet the agent's")
     r.add_argument("--jaeger-ui-port", type=int, default=16686)
     r.add_argument("--prometheus-port", type=int, default=9090)
-    r.add_argument("--data-dir", default=str(data_dir()),
-                   help="Badger files, the collector's queue, logs (kept between runs; "
-                        "default $OTEL_STEPSPAN_DATA_DIR or ~/.local/share/otel_stepspan/backends)")
+    r.add_argument("--data-dir",
+                   help="Badger files, the collectors' queues, logs (kept between runs; default "
+                        "$OTEL_STEPSPAN_DATA_DIR or ~/.local/share/otel_stepspan/backends, with --fleet "
+                        "the same path ending in backends-fleet)")
     r.add_argument("--ui-assets", metavar="DIR",
                    help="a built jaeger-ui to serve (the directory with its index.html, e.g. "
                         "packages/jaeger-ui/build of the jaeger-ui repository after npm ci && npm run "

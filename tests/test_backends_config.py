@@ -119,6 +119,25 @@ def test_local_prometheus_config_changes_only_the_scrape_target(tmp_path):
     assert all(r["target_label"] == "span_name" for r in rules.values())
 
 
+def test_fleet_prometheus_config_scrapes_every_gateway_as_the_single_one_scrapes_the_collector(tmp_path):
+    """prometheus/prometheus-fleet.yml: one job over every gateway's span metrics, with the
+    interval and the relabelling of prometheus/prometheus.yml (the Monitor tab reads both alike);
+    `run --fleet` rewrites its targets and nothing else."""
+    single, fleet = (yaml.safe_load(f.read_text()) for f in (backends.PROMETHEUS_CONFIG, backends.PROMETHEUS_FLEET_CONFIG))
+    assert fleet["global"] == single["global"]
+    job, = fleet["scrape_configs"]
+    assert job["metric_relabel_configs"] == single["scrape_configs"][0]["metric_relabel_configs"]
+    agent = yaml.safe_load(backends.AGENT_CONFIG.read_text())
+    gateways = agent["exporters"]["load_balancing"]["resolver"]["static"]["hostnames"]
+    assert job["static_configs"] == [{"targets": [g.replace(":4317", ":8889") for g in gateways]}]
+    targets = ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"]
+    local = backends.write_prometheus_config(tmp_path / "p.yml", targets, src=backends.PROMETHEUS_FLEET_CONFIG)
+    (old, new), = _changed(backends.PROMETHEUS_FLEET_CONFIG, local)
+    assert yaml.safe_load(new.strip()[2:]) == {"targets": targets}
+    with pytest.raises(ValueError, match="target"):
+        backends.write_prometheus_config(tmp_path / "q.yml", [], src=backends.PROMETHEUS_FLEET_CONFIG)
+
+
 def test_jaeger_queries_the_prometheus_that_compose_and_run_start(tmp_path):
     compose_file = yaml.safe_load((backends.REPO_ROOT / "docker-compose.yml").read_text())
     assert f"prom/prometheus:v{backends.pinned_versions().prometheus}" == compose_file["services"]["prometheus"]["image"]
