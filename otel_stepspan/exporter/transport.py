@@ -93,15 +93,24 @@ class GrpcSender:
         self.metadata = tuple(_headers(environ).items())
         self.timeout_s = _timeout_s(environ)
         compression = grpc.Compression.Gzip if _gzip(environ) else None
+        # The exporter backs off between failed exports itself (up to 5 s). gRPC's channel has a
+        # reconnect back-off of its own (1 s, growing to 120 s) under which every export fails at
+        # once: after a Collector outage of a few seconds, that alone could delay the first
+        # export by many seconds after the Collector was back. Bounded here to our own.
+        options = (
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        )
         if insecure:
-            channel = grpc.insecure_channel(target, compression=compression)
+            channel = grpc.insecure_channel(target, options=options, compression=compression)
         else:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(otlp_setting(environ, "CERTIFICATE"), "certificate"),
                 private_key=_read(otlp_setting(environ, "CLIENT_KEY"), "client key"),
                 certificate_chain=_read(otlp_setting(environ, "CLIENT_CERTIFICATE"), "client certificate"),
             )
-            channel = grpc.secure_channel(target, credentials, compression=compression)
+            channel = grpc.secure_channel(target, credentials, options=options, compression=compression)
         self._channel = channel
         self._export = channel.unary_unary(GRPC_METHOD)  # bytes in, bytes out
 
