@@ -169,3 +169,23 @@ def monitor_series(jaeger_url: str, service: str, metric: str = "calls",
         series.setdefault(labels.get("operation", ""), []).append(
             [point["gaugeValue"]["doubleValue"] for point in metric_["metricPoints"]])
     return series
+
+
+def prometheus_query(prometheus_url: str, query: str, label: str) -> dict[str, float]:
+    """An instant PromQL query through Prometheus's own API: {value of ``label``: value}."""
+    url = f"{prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return {r["metric"].get(label, ""): float(r["value"][1]) for r in body["data"]["result"]}
+
+
+def poll(fetch, done, timeout_s: float, every_s: float):
+    """fetch() every ``every_s`` until done(answer) or ``timeout_s`` passed; the last answer
+    either way (the caller's assertion then says what was missing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = fetch()
+        if done(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(every_s)

@@ -42,7 +42,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import backends  # noqa: E402
-from backends_support import LOSS_LINE, engine_env, monitor_series, requires_go  # noqa: E402
+from backends_support import LOSS_LINE, engine_env, monitor_series, poll, prometheus_query, requires_go  # noqa: E402
 
 pytestmark = [pytest.mark.backends, requires_go]
 
@@ -88,21 +88,6 @@ def _jaeger_traces(jaeger: str, started: datetime) -> dict[str, list[dict]]:
                 traces.setdefault(span["traceId"], []).append(
                     {"name": span["name"], "attributes": {a["key"]: _value(a["value"]) for a in span.get("attributes", [])}})
     return traces
-
-
-def _prometheus(url: str, query: str, label: str) -> dict[str, float]:
-    status, body = _get_json(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': query})}")
-    assert status == 200 and body["status"] == "success", body
-    return {r["metric"].get(label, ""): float(r["value"][1]) for r in body["data"]["result"]}
-
-
-def _poll(fetch, done, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = fetch()
-        if done(got) or time.monotonic() > deadline:
-            return got
-        time.sleep(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +163,8 @@ def test_the_window_with_the_slow_step_is_searchable_in_jaeger(fleet_run, sent):
         return [spans for spans in traces.values()
                 if any(s["attributes"].get("forward.pass_id") == SLOW_PASS for s in spans)]
 
-    traces = _poll(lambda: _jaeger_traces(fleet_run["jaeger"], sent["started"]),
-                   lambda t: slow_window(t) and len(slow_window(t)[0]) == WINDOW + 1, 60)
+    traces = poll(lambda: _jaeger_traces(fleet_run["jaeger"], sent["started"]),
+                  lambda t: slow_window(t) and len(slow_window(t)[0]) == WINDOW + 1, 60, 1.0)
     found = slow_window(traces)
     assert found, f"the slow step's window is not in Jaeger ({len(traces)} traces of {SERVICE} are)"
     spans, = found
@@ -192,16 +177,16 @@ def test_the_window_with_the_slow_step_is_searchable_in_jaeger(fleet_run, sent):
 
 def test_prometheus_sums_every_gateways_span_metrics_to_the_steps_sent(fleet_run, sent):
     selector = f'traces_span_metrics_calls_total{{service_name="{SERVICE}",forward_mode!=""}}'
-    by_mode = _poll(lambda: _prometheus(fleet_run["prometheus"], f"sum by (forward_mode) ({selector})", "forward_mode"),
-                    lambda got: got == dict(sent["sent"]), 60)
+    by_mode = poll(lambda: prometheus_query(fleet_run["prometheus"], f"sum by (forward_mode) ({selector})", "forward_mode"),
+                  lambda got: got == dict(sent["sent"]), 60, 1.0)
     assert by_mode == dict(sent["sent"])  # every step, kept or dropped by tail sampling
-    instances = _prometheus(fleet_run["prometheus"], f"sum by (instance) ({selector})", "instance")
+    instances = prometheus_query(fleet_run["prometheus"], f"sum by (instance) ({selector})", "instance")
     assert len(instances) == GATEWAYS and all(n > 0 for n in instances.values()), instances
 
 
 def test_jaeger_monitor_tab_reads_the_gateways_summed(fleet_run, sent):
     steps = {f"step[{mode}]" for mode in sent["sent"]}
-    series = _poll(lambda: monitor_series(fleet_run["jaeger"], SERVICE, "calls"), lambda s: steps <= set(s), 60)
+    series = poll(lambda: monitor_series(fleet_run["jaeger"], SERVICE, "calls"), lambda s: steps <= set(s), 60, 1.0)
     assert steps <= set(series), series
     assert all(len(per_op) == 1 for per_op in series.values()), series  # one per mode, not per gateway
 

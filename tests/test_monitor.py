@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
-from backends_support import EngineRun, monitor_series, requires_go  # noqa: E402
+from backends_support import EngineRun, monitor_series, poll, prometheus_query, requires_go  # noqa: E402
 
 pytestmark = [pytest.mark.backends, requires_go]
 
@@ -58,22 +58,12 @@ def run(stack):
 
 
 def _prometheus(stack, query: str) -> dict[str, float]:
-    """An instant PromQL query through Prometheus's own API: {span_name: value}."""
-    url = f"{stack.prometheus_url}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    return {r["metric"].get("span_name", ""): float(r["value"][1]) for r in body["data"]["result"]}
+    """An instant PromQL query: {span_name: value}."""
+    return prometheus_query(stack.prometheus_url, query, "span_name")
 
 
 def _poll(fetch, done):
-    """fetch() until done(answer) or the deadline; the last answer either way."""
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        answer = fetch()
-        if done(answer) or time.monotonic() > deadline:
-            return answer
-        time.sleep(2.0)
+    return poll(fetch, done, DEADLINE_S, 2.0)
 
 
 def _expected_operations(run) -> set[str]:
