@@ -216,23 +216,17 @@ class ExporterProcessSink:
             self.failed_total += 1
 
     def _exporter_alive(self) -> bool:
-        """Whether the exporter still holds its end of the answers pipe (a read that does not
-        block: only asked when the ring is full)."""
+        """Whether the exporter still holds its end of the answers pipe: a pipe whose writer
+        has gone reports a hang-up, without anything being read from it (answers stay for
+        :meth:`_read_answer`). Only asked when the ring is full or a request cannot be put."""
         if self._status_fd is None:
             return False
         try:
-            ready, _, _ = select.select([self._status_fd], [], [], 0)
-            if not ready:
-                return True
-            chunk = os.read(self._status_fd, 1 << 16)
-        except BlockingIOError:
-            return True
+            poller = select.poll()
+            poller.register(self._status_fd, select.POLLIN)
+            return not any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
         except OSError:
             return False
-        if not chunk:
-            return False
-        self._answers += chunk  # an answer nobody waited for: kept for _read_answer
-        return True
 
     def _exporter_gone(self, why: str) -> None:
         if not self._broken:
@@ -349,19 +343,18 @@ class ExporterProcessSink:
         return None
 
     def _read_answer(self, seq: int, deadline: float) -> Optional[dict]:
+        ready, _, _ = select.select([self._status_fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return None
+        try:
+            chunk = os.read(self._status_fd, 1 << 16)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            self._status_fd = None  # the exporter is gone
+            return None
         answers = self._answers
-        if len(answers) < wire.HEADER_SIZE or len(answers) < wire.HEADER_SIZE + wire.frame_length(bytes(answers[: wire.HEADER_SIZE])):
-            ready, _, _ = select.select([self._status_fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                return None
-            try:
-                chunk = os.read(self._status_fd, 1 << 16)
-            except BlockingIOError:
-                return None
-            if not chunk:
-                self._status_fd = None  # the exporter is gone
-                return None
-            answers += chunk
+        answers += chunk
         found = None
         while len(answers) >= wire.HEADER_SIZE:
             length = wire.frame_length(bytes(answers[: wire.HEADER_SIZE]))
