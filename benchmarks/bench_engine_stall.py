@@ -91,7 +91,12 @@ def _pin_away_from_the_engine(engine_pid: int) -> None:
     from otel_stepspan.testing.processes import exporter_pids
 
     for pid in exporter_pids(engine_pid):
-        os.sched_setaffinity(pid, set(cpus[1:]))
+        # Every thread: gRPC's threads, started before this, keep the affinity they were born with.
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(task), set(cpus[1:]))
+            except OSError:  # a thread that has just ended
+                pass
 
 
 def set_up_sglang_provider(endpoint: str) -> None:
