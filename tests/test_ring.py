@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import marshal
 import os
+import shutil
 import struct
+from types import SimpleNamespace
 
 import pytest
 
+from otel_stepspan.exporter import wire
 from otel_stepspan.exporter.ring import HEADER, PREFIX, Ring
 
 
-@pytest.fixture
-def pair():
-    """The engine's end of a 4 KiB ring and the exporter's, closed after the test."""
+def _compiled_module():
+    """The compiled producer; where a C compiler is at hand the install must have built it."""
+    try:
+        from otel_stepspan.exporter import _ringput
+    except ImportError:
+        if shutil.which("cc") or shutil.which("gcc"):
+            raise AssertionError("otel_stepspan/exporter/_ringput.c was not built (reinstall: pip install -e .)")
+        pytest.skip("no C compiler here: the compiled producer was not built")
+    return _ringput
+
+
+@pytest.fixture(params=["python", "compiled"])
+def pair(request):
+    """The engine's end of a 4 KiB ring (putting with Ring.put, or with the compiled producer)
+    and the exporter's end, closed after the test."""
     engine = Ring.create(1 << 12)
+    if request.param == "compiled":
+        _compiled_module()
+        assert engine.use_compiled(wire.CAPTURED)
     exporter = Ring.attach(os.dup(engine.fd))
     yield engine, exporter
     engine.close()
@@ -83,3 +102,102 @@ def test_an_exporter_that_is_gone_is_told_from_one_that_is_only_behind():
     finally:
         sink._status_fd = None
         os.close(read_fd)
+
+
+def test_the_compiled_producer_writes_the_bytes_ring_put_writes():
+    """Same records in the same places: the compiled put and Ring.put byte for byte, and
+    put_captured the CAPTURED message that marshal.dumps packs for Ring.put (equal once loaded:
+    marshal flags objects that others refer to, so its bytes depend on reference counts)."""
+
+    def loaded(records: list[bytes]) -> list:
+        return [record if record[:1] in (b"", b"r") else marshal.loads(record) for record in records]
+
+    _compiled_module()
+    rings = [Ring.create(1 << 12), Ring.create(1 << 12)]
+    python, compiled = rings
+    assert compiled.use_compiled(wire.CAPTURED)
+    readers = [Ring.attach(os.dup(ring.fd)) for ring in rings]
+    try:
+        fields = ("decode", 4, None, None, 4, None, None, None, [1, 2], False, 7, ((1, 2, 1, False),))
+        for i in range(120):  # laps of the circle, records split across its end
+            parent = (i, i + 1, 1, True) if i % 3 else None
+            assert python.put(marshal.dumps((wire.CAPTURED, 10 * i, 10 * i + 5, 0, 1, parent, None, None, fields)))
+            assert compiled.producer.put_captured(10 * i, 10 * i + 5, 0, 1, parent, fields)
+            assert python.put(b"r" * (i % 13)) and compiled.put(b"r" * (i % 13))
+            if i % 5 == 0:
+                assert python._counters[0] == compiled._counters[0]  # the same bytes written
+                assert loaded(readers[0].take()) == loaded(readers[1].take())
+        assert loaded(readers[0].take()) == loaded(readers[1].take())
+        assert compiled.put_total == python.put_total == 240
+        assert readers[1].take() == [] and compiled.waiting() == 0
+    finally:
+        for ring in readers + rings:
+            ring.close()
+
+
+def test_the_compiled_producer_refuses_what_it_cannot_carry_and_puts_nothing(pair):
+    engine, exporter = pair
+    if engine.producer is None:
+        pytest.skip("the compiled producer's own checks")
+    with pytest.raises(ValueError):  # marshal cannot carry an object(): the caller describes the step itself
+        engine.producer.put_captured(1, 2, 0, 0, None, ("decode", object()))
+    with pytest.raises(TypeError, match="bytes"):
+        engine.put("a str")
+    assert exporter.take() == [] and engine.put_total == 0 and exporter.dropped() == 0
+    from otel_stepspan.exporter._ringput import Producer
+
+    with pytest.raises(ValueError, match="power of two"):
+        Producer(engine.map, 3000, wire.CAPTURED)
+    with pytest.raises(ValueError, match="cannot hold"):
+        Producer(engine.map, 1 << 13, wire.CAPTURED)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_sink_puts_the_same_records_with_either_producer(compiled):
+    """ExporterProcessSink.submit's compiled path (the usual step: put_captured) and its Python
+    path put the same messages: first steps, later ones, a parent, an error, a field marshal
+    cannot carry (described on the engine thread)."""
+    from otel_stepspan.integrations import sglang
+    from otel_stepspan.sinks.otel_process import ExporterProcessSink
+
+    if compiled:
+        _compiled_module()
+
+    def records(use_compiled: bool) -> list:
+        sink = ExporterProcessSink()
+        ring = Ring.create(1 << 16)
+        sink._ring, sink._started = ring, True  # no exporter process: the ring is read here
+        calls = []
+        if use_compiled:
+            assert ring.use_compiled(wire.CAPTURED)
+
+            def put_captured(*args):
+                calls.append(args[0])
+                return ring.producer.put_captured(*args)
+
+            sink._put_captured = put_captured
+        reader = Ring.attach(os.dup(ring.fd))
+        static = {"engine.name": "sglang"}
+        try:
+            for i in range(6):
+                batch = SimpleNamespace(batch_size=i + 1, extend_seq_lens_cpu=[3] * (i + 1) if i % 2 else None)
+                captured = sglang.capture(batch, False, i)
+                parent = None
+                error = RuntimeError("boom") if i == 3 else None
+                sink.submit(sglang.finish, captured, static, parent, 100 * i, 100 * i + 50, error)
+            unmarshallable = sglang.capture(SimpleNamespace(batch_size=2, extend_seq_lens_cpu=(object(),)), False, 9)
+            sink.submit(sglang.finish, unmarshallable, static, None, 900, 950, None)
+            assert sink.emitted_total == 7 and ring.put_total == 9  # and the static and finisher records
+            # The first step defines the finisher and the attributes, the error and the
+            # unmarshallable field take the Python path (the latter after put_captured refused it).
+            assert calls == ([100, 200, 400, 500, 900] if use_compiled else [])
+            return [marshal.loads(record) for record in reader.take()]
+        finally:
+            reader.close()
+            ring.close()
+
+    got = records(compiled)
+    assert got == records(False)
+    kinds = [message[0] for message in got]
+    assert kinds.count(wire.CAPTURED) == 6 and kinds.count(wire.STEP) == 1
+    assert kinds.index(wire.STATIC) < kinds.index(wire.CAPTURED)

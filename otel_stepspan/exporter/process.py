@@ -3,7 +3,7 @@
 An engine's scheduler loop is Python, and every microsecond another thread of the engine process
 holds the GIL is a microsecond the loop may wait once the GPU is done. So the engine process only
 copies a record per step into a ring in shared memory (:mod:`otel_stepspan.exporter.ring`); this
-process, one per engine process, reads the ring every few milliseconds, turns the records into
+process, one per engine process, reads the ring every 50 ms, turns the records into
 spans, encodes them and exports them. Nothing the engine does wakes it, except a flush.
 
 It is detached from the engine's process tree (see :mod:`otel_stepspan.exporter.__main__`), so an
@@ -45,12 +45,14 @@ _MAX_BACKOFF_S = 5.0
 #: receiver takes by default (``max_recv_msg_size_mib``), with room for the resource and framing.
 MAX_REQUEST_BYTES = 3 << 20
 _PID_CHECK_S = 1.0
-#: How often the ring is read while steps come: what a step waits in shared memory, and 200
-#: wake-ups a second of this process, none of the engine's (a flush wakes it at once).
-_POLL_S = 0.005
-#: ... and after a second without any: an idle engine's exporter wakes 20 times a second (about
-#: 0.1% of a core, measured with benchmarks/bench_paced.py's machine).
-_IDLE_POLL_S = 0.05
+#: How often the ring is read while steps come: what a step waits in shared memory (delivery is
+#: not hurried: a flush wakes this process at once), and 20 wake-ups a second of this process,
+#: none of the engine's. Each wake-up here costs the engine too, on a machine whose CPUs share
+#: caches: polling every 5 ms added 8-15 us to each paced 1 ms step on the benchmark's machine
+#: against 50 ms (benchmarks/bench_paced.py), and the ring holds seconds of steps.
+_POLL_S = 0.05
+#: ... and after a second without any: an idle engine's exporter wakes 4 times a second.
+_IDLE_POLL_S = 0.25
 #: Polls a record may stay unsettled (its length not matching its check) before the ring is
 #: taken for corrupt: stores seen out of order settle within the next poll.
 _MAX_UNSETTLED = 500

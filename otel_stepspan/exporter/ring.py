@@ -4,7 +4,7 @@ A pipe write costs the engine thread a system call and, when the exporter sleeps
 the wake-up of a process on another CPU: 6-14 us per paced step on the machines measured
 (``benchmarks/bench_paced.py``), several times the rest of the step's own cost. Here the engine
 copies each record into a ``memfd`` mapped by both processes and moves a counter; the exporter
-polls the counter every few milliseconds (as Perfetto's producers and LTTng's ring buffers leave
+polls the counter every 50 ms (as Perfetto's producers and LTTng's ring buffers leave
 their consumer to read on its own schedule), so nothing the engine does wakes anybody.
 
 Layout: a 4 KiB header, then ``capacity`` bytes (a power of two) used as a circle. A record is
@@ -48,7 +48,7 @@ _MASK = 0xFFFFFFFF
 #: CPUs whose stores other CPUs see in program order (total store order).
 _ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 #: 16 MiB: tens of thousands of steps, seconds of the largest batches' links, while the exporter
-#: reads every few milliseconds. Pages are only used once written.
+#: reads every 50 ms. Pages are only used once written.
 DEFAULT_CAPACITY = 16 << 20
 
 
@@ -67,10 +67,12 @@ class Ring:
         self._read = self._counters[_READ]
         self._room = capacity - (self._written - self._read)
         self.unsettled = 0
-        self.put_total = 0  # records this end has put
+        self._puts = 0  # records this end's Ring.put has put
         self._fence = None if _ORDERED_STORES else threading.Lock()
         if self._fence is not None:
             self._fence.acquire()  # held but while put() passes the bytes before the counter
+        #: The compiled producer (``_ringput.c``) where it was built: see :meth:`use_compiled`.
+        self.producer = None
 
     @classmethod
     def create(cls, capacity: int = DEFAULT_CAPACITY) -> "Ring":
@@ -88,9 +90,33 @@ class Ring:
         """The exporter's end of the ring the engine created: its size says the capacity."""
         return cls(fd, os.fstat(fd).st_size - HEADER)
 
+    def use_compiled(self, captured_tag: int) -> bool:
+        """Put records with the compiled producer (``_ringput.c``) from now on, when it was
+        built; False when it was not (this class's :meth:`put` goes on). The engine's end only.
+
+        A paced step runs with cold caches, where each Python-level operation costs about a
+        microsecond (``benchmarks/bench_paced.py``); the compiled put is one call, and
+        ``producer.put_captured`` packs a step's ``wire.CAPTURED`` message in the same call.
+        Its puts never interleave (each holds the GIL throughout), so they need no lock, and it
+        orders the counter after the bytes on every CPU."""
+        try:
+            from . import _ringput
+        except ImportError:
+            return False
+        self.producer = _ringput.Producer(self.map, self.capacity, captured_tag)
+        self.put = self.producer.put  # type: ignore[method-assign]
+        return True
+
+    @property
+    def put_total(self) -> int:
+        """Records this end has put."""
+        return self.producer.put_total if self.producer is not None else self._puts
+
     def close(self) -> None:
         """Unmap and close this process's end; the other end keeps the memory."""
         try:
+            if self.producer is not None:
+                self.producer.release()
             self._data.release()
             self._counters.release()
             self.map.close()
@@ -124,7 +150,7 @@ class Ring:
             fence.acquire()
         self._written = written + need
         self._room -= need
-        self.put_total += 1
+        self._puts += 1
         self._counters[_WRITTEN] = written + need
         return True
 

@@ -5,7 +5,7 @@ read from the batch with ``marshal`` and copies it into a ring in shared memory
 (:mod:`otel_stepspan.exporter.ring`); the exporter process describes the step (the
 :class:`~otel_stepspan.step.StepInfo`) from it. (An integration whose captured values are not
 plain, or whose ``finish`` does not declare ``in_exporter``, is described here first.) No system call, no
-thread or process woken: the exporter process reads the ring every few milliseconds on its own
+thread or process woken: the exporter process reads the ring every 50 ms on its own
 schedule. Building span ids and attributes, encoding OTLP, gRPC's threads, retries: all of that
 happens there (:mod:`otel_stepspan.exporter`), outside the engine's GIL.
 
@@ -107,6 +107,8 @@ class ExporterProcessSink:
         self._answers_lock = threading.Lock()
         self._answers = bytearray()
         self._ring: Optional[Ring] = None
+        #: The compiled ring's put_captured once the ring is made, where it was built.
+        self._put_captured: Optional[Callable[..., bool]] = None
         self._fd: Optional[int] = None  # the pipe's write end: its end tells the exporter we are gone
         self._status_fd: Optional[int] = None
         self._seq = 0
@@ -128,6 +130,22 @@ class ExporterProcessSink:
         extra: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Record one finished step. Never blocks, never raises."""
+        put_captured = self._put_captured
+        if put_captured is not None and error is None and not extra and type(captured) is not StepInfo:
+            # The usual step, once its finisher and attributes are known: one compiled call
+            # packs it and puts it in the ring (Ring.use_compiled).
+            finisher_id = self._finishers.get(finish, -1)
+            known = self._static_ids.get(id(static_attributes))
+            if finisher_id >= 0 and known is not None:
+                try:
+                    if put_captured(start_ns, end_ns, finisher_id, known[0], _parent_ids(parent) if parent else None,
+                                    captured):
+                        self.emitted_total += 1
+                    else:
+                        self._not_put()
+                    return
+                except ValueError:  # a value marshal cannot carry: described here, below
+                    pass
         if not self._started:
             self._start()
         known = self._static_ids.get(id(static_attributes))
@@ -189,10 +207,11 @@ class ExporterProcessSink:
             if known is not None:
                 return known[0]
             static_id = len(self._static_ids)
-            self._static_ids[id(attributes)] = (static_id, attributes)
             message = (wire.STATIC, static_id, {str(k): _plain(v) for k, v in attributes.items()})
             if self._ring is not None:
                 self._ring.put(_dumps(message))
+            # Known only once in the ring: submit's compiled path puts steps naming it unlocked.
+            self._static_ids[id(attributes)] = (static_id, attributes)
             return static_id
 
     def _cannot_pack(self) -> None:
@@ -292,6 +311,8 @@ class ExporterProcessSink:
                 os.close(steps_read)
                 os.close(status_write)
             self._ring = ring
+            if ring.use_compiled(_CAPTURED):
+                self._put_captured = ring.producer.put_captured
         threading.Thread(target=launcher.wait, name="otel_stepspan-exporter-launcher", daemon=True).start()
 
     def _after_fork_in_child(self) -> None:

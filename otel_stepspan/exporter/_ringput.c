@@ -1,0 +1,222 @@
+/* The engine's end of the step ring (otel_stepspan/exporter/ring.py), compiled.
+ *
+ * Why C: a paced step runs with cold caches (the GPU wait left the CPU idle for milliseconds),
+ * and then every Python-level operation on the engine thread costs about a microsecond
+ * (benchmarks/bench_paced.py). Packing a step and copying it into the ring from Python takes a
+ * dozen of them; here it is one call. The layout, the counters and the record format are the
+ * ones ring.py documents and reads; ring.py's own Ring.put is the same algorithm in Python, used
+ * where this module could not be built.
+ *
+ * Thread safety: every call runs holding the GIL and never releases it, so puts from several
+ * threads never interleave (all puts of a ring go through this type once it exists).
+ * Ordering: the counter is stored with release semantics after the record's bytes, so a reader
+ * on another CPU that sees the counter sees the bytes (x86 and ARM alike).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <marshal.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEADER 4096
+#define WRITTEN 0 /* indexes of the header's 64-bit words, as in ring.py */
+#define READ 8
+#define DROPPED 16
+#define PREFIX 8
+#ifndef Py_MARSHAL_VERSION
+#define Py_MARSHAL_VERSION 4
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;        /* the whole mapping: header then data */
+    int has_view;
+    uint64_t capacity;     /* a power of two */
+    uint64_t written;      /* bytes this end has written (mirrors the WRITTEN counter) */
+    uint64_t room;         /* bytes free as of the last look at READ */
+    unsigned long long put_total;
+    PyObject *captured_tag; /* wire.CAPTURED */
+} Producer;
+
+static inline volatile uint64_t *counters(Producer *self) {
+    return (volatile uint64_t *)self->view.buf;
+}
+
+static int copy_record(Producer *self, const char *payload, uint64_t size) {
+    uint64_t need = size + PREFIX;
+    volatile uint64_t *c = counters(self);
+    if (size > 0xFFFFFFFFu)
+        return 0;
+    if (need > self->room) {
+        uint64_t read = __atomic_load_n(&c[READ], __ATOMIC_ACQUIRE);
+        self->room = self->capacity - (self->written - read);
+        if (need > self->room) {
+            c[DROPPED] += 1;
+            return 0;
+        }
+    }
+    unsigned char *data = (unsigned char *)self->view.buf + HEADER;
+    uint64_t mask = self->capacity - 1;
+    uint32_t words[2] = {(uint32_t)size, (uint32_t)size ^ 0xFFFFFFFFu};
+    unsigned char prefix[PREFIX];
+    /* little-endian length and its complement, as ring.py's struct "<II" */
+    for (int i = 0; i < 4; i++) {
+        prefix[i] = (unsigned char)(words[0] >> (8 * i));
+        prefix[4 + i] = (unsigned char)(words[1] >> (8 * i));
+    }
+    uint64_t at = self->written & mask;
+    /* the prefix, then the payload, each split across the end of the circle when it must be */
+    const unsigned char *parts[2] = {prefix, (const unsigned char *)payload};
+    uint64_t lens[2] = {PREFIX, size};
+    for (int p = 0; p < 2; p++) {
+        uint64_t first = self->capacity - at;
+        if (lens[p] <= first) {
+            memcpy(data + at, parts[p], lens[p]);
+        } else {
+            memcpy(data + at, parts[p], first);
+            memcpy(data, parts[p] + first, lens[p] - first);
+        }
+        at = (at + lens[p]) & mask;
+    }
+    self->written += need;
+    self->room -= need;
+    self->put_total += 1;
+    __atomic_store_n(&c[WRITTEN], self->written, __ATOMIC_RELEASE);
+    return 1;
+}
+
+static PyObject *put_bytes(Producer *self, PyObject *marshalled) {
+    char *bytes;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(marshalled, &bytes, &size) < 0)
+        return NULL;
+    return PyBool_FromLong(copy_record(self, bytes, (uint64_t)size));
+}
+
+static PyObject *Producer_put(Producer *self, PyObject *payload) {
+    if (!PyBytes_Check(payload)) {
+        PyErr_Format(PyExc_TypeError, "a ring record is bytes, not %.100s", Py_TYPE(payload)->tp_name);
+        return NULL;
+    }
+    return put_bytes(self, payload);
+}
+
+/* put_captured(start_ns, end_ns, finisher_id, static_id, parent_ids, fields) -> bool
+ * The CAPTURED message of wire.py, (CAPTURED, start, end, finisher, static, parent, None, None,
+ * tuple(fields)), marshalled and put. Raises ValueError when marshal cannot carry a field (the
+ * caller then describes the step itself, as with marshal.dumps). */
+static PyObject *Producer_put_captured(Producer *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "put_captured takes 6 arguments");
+        return NULL;
+    }
+    PyObject *fields = PySequence_Tuple(args[5]);
+    if (fields == NULL)
+        return NULL;
+    PyObject *message = PyTuple_Pack(9, self->captured_tag, args[0], args[1], args[2], args[3], args[4],
+                                     Py_None, Py_None, fields);
+    Py_DECREF(fields);
+    if (message == NULL)
+        return NULL;
+    PyObject *marshalled = PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION);
+    Py_DECREF(message);
+    if (marshalled == NULL)
+        return NULL;
+    PyObject *result = put_bytes(self, marshalled);
+    Py_DECREF(marshalled);
+    return result;
+}
+
+static int Producer_init(Producer *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"mapping", "capacity", "captured_tag", NULL};
+    PyObject *mapping, *tag;
+    unsigned long long capacity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKO", names, &mapping, &capacity, &tag))
+        return -1;
+    if (capacity == 0 || (capacity & (capacity - 1))) {
+        PyErr_Format(PyExc_ValueError, "the ring's capacity must be a power of two, not %llu", capacity);
+        return -1;
+    }
+    if (self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "a Producer is initialised once");
+        return -1;
+    }
+    if (PyObject_GetBuffer(mapping, &self->view, PyBUF_WRITABLE) < 0)
+        return -1;
+    self->has_view = 1;
+    if ((uint64_t)self->view.len < HEADER + capacity) {
+        PyErr_Format(PyExc_ValueError, "a mapping of %zd bytes cannot hold a ring of %llu", self->view.len, capacity);
+        return -1;
+    }
+    volatile uint64_t *c = counters(self);
+    self->capacity = capacity;
+    self->written = c[WRITTEN];
+    self->room = capacity - (self->written - c[READ]);
+    Py_INCREF(tag);
+    Py_XSETREF(self->captured_tag, tag);
+    return 0;
+}
+
+static PyObject *Producer_release(Producer *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static void Producer_dealloc(Producer *self) {
+    if (self->has_view)
+        PyBuffer_Release(&self->view);
+    Py_XDECREF(self->captured_tag);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Producer_get_put_total(Producer *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->put_total);
+}
+
+static PyMethodDef Producer_methods[] = {
+    {"put", (PyCFunction)Producer_put, METH_O, "put(payload: bytes) -> bool: copy one record in; False (counted as dropped) when full"},
+    {"put_captured", (PyCFunction)(void (*)(void))Producer_put_captured, METH_FASTCALL,
+     "put_captured(start_ns, end_ns, finisher_id, static_id, parent_ids, fields) -> bool"},
+    {"release", (PyCFunction)Producer_release, METH_NOARGS, "let go of the mapping (before it is closed)"},
+    {NULL},
+};
+
+static PyGetSetDef Producer_getset[] = {
+    {"put_total", (getter)Producer_get_put_total, NULL, "records this end has put", NULL},
+    {NULL},
+};
+
+static PyTypeObject ProducerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_stepspan.exporter._ringput.Producer",
+    .tp_doc = "The engine's end of a step ring: Producer(mapping, capacity, captured_tag)",
+    .tp_basicsize = sizeof(Producer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Producer_init,
+    .tp_dealloc = (destructor)Producer_dealloc,
+    .tp_methods = Producer_methods,
+    .tp_getset = Producer_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ringput", "The engine's end of the step ring, compiled (see ring.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ringput(void) {
+    if (PyType_Ready(&ProducerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ProducerType);
+    if (PyModule_AddObject(m, "Producer", (PyObject *)&ProducerType) < 0) {
+        Py_DECREF(&ProducerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
