@@ -1139,7 +1139,8 @@ def kafka_group_offsets(broker: str, group: str = KAFKA_GROUP, *, topic: str = K
     """{partition: (offset ``group`` committed, or None; the partition's end offset)} for
     ``topic``, from Kafka's own consumer-groups tool (ConsumerGroupCommand --describe, as
     `kafka-consumer-groups.sh` runs it): end - committed is what the ingesters have yet to
-    store, and where a restarted one resumes. A few seconds (a JVM starts)."""
+    store, and where a restarted one resumes; {} while the group has committed nothing. A few
+    seconds (a JVM starts)."""
     java, _ = find_java_tools(maven=False)
     argv = [java, "-cp", str((libs or fetch_kafka()) / "*"), "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
             "--bootstrap-server", broker, "--describe", "--group", group]
@@ -1149,8 +1150,6 @@ def kafka_group_offsets(broker: str, group: str = KAFKA_GROUP, *, topic: str = K
         fields = line.split()
         if len(fields) >= 5 and fields[0] == group and fields[1] == topic:
             offsets[int(fields[2])] = (None if fields[3] == "-" else int(fields[3]), int(fields[4]))
-    if not offsets:
-        raise BackendError(f"Kafka knows no offsets of group {group} on {topic}:\n{out}")
     return offsets
 
 

@@ -10,10 +10,10 @@ are exact. Jaeger takes no OTLP in this setup, so what it holds came through Kaf
 
 1. Every step sent reaches Jaeger's HTTP API through Kafka; the consumer group has committed to
    the end of the topic.
-2. The Kafka broker stopped mid-run and started again 4 s later: no step missing (the gateways'
-   queues on disk hold what Kafka could not take).
-3. The Jaeger ingester SIGKILLed mid-run and started again 4 s later: no step missing; it
-   resumed from the offsets its group committed before the kill.
+2. The Kafka broker stopped once the gateways write a run's windows to it, and started again
+   4 s later: no step missing (the gateways' queues on disk hold what Kafka could not take).
+3. The Jaeger ingester SIGKILLed once it has stored and committed part of a run, and started
+   again 4 s later: no step missing; it read on from the offsets its group had committed.
 4. `python scripts/backends.py run --fleet --kafka` as a user runs it: it prints Kafka's
    broker and topic, every step sent through its agent is in its Jaeger, SIGTERM stops
    everything (exit 0, every port free), and a second `run` on the same data dir (Kafka's log
@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
-from backends_support import EngineRun, requires_go, requires_kafka, wait_stored  # noqa: E402
+from backends_support import EngineRun, poll, requires_go, requires_kafka, wait_stored  # noqa: E402
 
 RATE = 100.0  # steps per second
 OUTAGE_S = 4.0
@@ -48,16 +49,22 @@ OUTAGE_S = 4.0
 ENGINE_ENV = {"OTEL_STEPSPAN_TIMELINE_SECONDS": "2"}
 
 
-def test_the_overlays_name_one_topic_and_read_the_brokers_from_one_variable(tmp_path):
-    """What the gateways write is what Jaeger reads, and what `run --fleet --kafka` prints."""
-    gateway = backends.GATEWAY_KAFKA_CONFIG.read_text()
-    ingester = backends.JAEGER_INGESTER_CONFIG.read_text()
-    for text in (gateway, ingester):
-        assert f"topic: {backends.KAFKA_TOPIC}\n" in text
-        assert "encoding: otlp_proto\n" in text
-        assert f"brokers: ${{env:{backends.ENV_KAFKA_BROKERS}:-kafka:9092}}\n" in text
-    assert f"group_id: {backends.KAFKA_GROUP}\n" in ingester
-    assert "initial_offset: earliest\n" in ingester
+def test_the_overlays_name_one_topic_and_keep_what_a_restart_would_lose(tmp_path):
+    """What the gateways write is what Jaeger reads (and what `run --fleet --kafka` prints);
+    the settings the restart tests below rely on, but cannot force to fail, are as documented."""
+    gateway = yaml.safe_load(backends.GATEWAY_KAFKA_CONFIG.read_text())
+    ingester = yaml.safe_load(backends.JAEGER_INGESTER_CONFIG.read_text())
+    exporter, receiver = gateway["exporters"]["kafka"], ingester["receivers"]["kafka"]
+    for kafka in (exporter, receiver):
+        assert kafka["traces"] == {"topic": backends.KAFKA_TOPIC, "encoding": "otlp_proto"}
+        assert kafka["brokers"] == f"${{env:{backends.ENV_KAFKA_BROKERS}:-kafka:9092}}"
+    assert gateway["service"]["pipelines"]["traces/sampled"] == {"exporters": ["kafka"]}
+    assert exporter["sending_queue"]["storage"] == "file_storage/queue"  # gateway.yaml's, on disk
+    assert exporter["retry_on_failure"]["max_elapsed_time"] == "0s" and exporter["producer"]["required_acks"] == "all"
+    assert ingester["service"]["pipelines"]["traces"] == {"receivers": ["kafka"]}
+    assert receiver["group_id"] == backends.KAFKA_GROUP and receiver["initial_offset"] == "earliest"
+    # an offset is committed only once the store took the record's spans
+    assert receiver["message_marking"] == {"after": True, "on_error": False}
     config = backends.write_kafka_config(tmp_path / "kafka.properties", backends.KafkaPorts(1111, 2222),
                                          data_dir=tmp_path / "data")
     settings = dict(line.split("=", 1) for line in config.read_text().splitlines() if "=" in line and line[0] != "#")
@@ -66,6 +73,11 @@ def test_the_overlays_name_one_topic_and_read_the_brokers_from_one_variable(tmp_
     assert settings["controller.quorum.bootstrap.servers"] == "127.0.0.1:2222"
     assert settings["log.dirs"] == str((tmp_path / "data").resolve())
     assert settings["log.retention.hours"] == "24" and settings["log.retention.bytes"] == str(2 * 2**30)
+
+
+def test_run_kafka_without_fleet_is_refused(capsys):
+    assert backends.main(["run", "--kafka"]) == 1
+    assert "--kafka needs --fleet" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +101,12 @@ def _offsets(stack: backends.LocalFleet) -> dict[int, tuple[int, int]]:
     partition no record went to yet)."""
     offsets = backends.kafka_group_offsets(stack.kafka_broker, libs=stack.binaries["kafka"])
     return {partition: (committed or 0, end) for partition, (committed, end) in offsets.items()}
+
+
+def _committed_and_end(stack: backends.LocalFleet) -> tuple[int, int]:
+    """(records the group committed, records the topic holds), over all partitions."""
+    offsets = _offsets(stack).values()
+    return sum(committed for committed, _ in offsets), sum(end for _, end in offsets)
 
 
 def _settled_offsets(stack: backends.LocalFleet) -> dict[int, tuple[int, int]]:
@@ -120,8 +138,12 @@ def test_every_step_reaches_jaeger_through_kafka(fleet):
 @requires_go
 @requires_kafka
 def test_a_kafka_restart_mid_run_loses_nothing(fleet):
-    run = EngineRun.start(fleet.otlp_grpc_endpoint, "kafka-restart", 14, RATE, **ENGINE_ENV)
-    time.sleep(4)
+    _, end_before = _committed_and_end(fleet)
+    run = EngineRun.start(fleet.otlp_grpc_endpoint, "kafka-restart", 16, RATE, **ENGINE_ENV)
+    # Stopped once the gateways are writing this run's windows (the first ones are decided
+    # about 7 s in), so that the outage is in the middle of the flow.
+    _, end = poll(lambda: _committed_and_end(fleet), lambda got: got[1] > end_before, 20, 0.5)
+    assert end > end_before, "the gateways wrote nothing to Kafka"
     before = fleet.kafka
     backends.stop(fleet.kafka, timeout=30)
     assert before.returncode is not None and not backends._port_open(fleet.kafka_ports.broker)
@@ -136,20 +158,22 @@ def test_a_kafka_restart_mid_run_loses_nothing(fleet):
 @requires_go
 @requires_kafka
 def test_the_ingester_killed_mid_run_resumes_from_its_offsets_and_loses_nothing(fleet):
-    run = EngineRun.start(fleet.otlp_grpc_endpoint, "kafka-ingester-kill", 14, RATE, **ENGINE_ENV)
-    time.sleep(4)
+    committed_before, _ = _committed_and_end(fleet)
+    run = EngineRun.start(fleet.otlp_grpc_endpoint, "kafka-ingester-kill", 16, RATE, **ENGINE_ENV)
+    # Killed once it has stored and committed part of this run: mid-flow.
+    committed, _ = poll(lambda: _committed_and_end(fleet), lambda got: got[0] > committed_before, 20, 0.5)
+    assert committed > committed_before, "the ingester committed nothing of this run"
     backends.kill(fleet.jaeger)
-    at_kill = _offsets(fleet)
+    committed_at_kill, _ = _committed_and_end(fleet)
     time.sleep(OUTAGE_S)
     fleet.start_jaeger()
     run.finish()
     _assert_all_stored(fleet, run)
     at_end = _settled_offsets(fleet)
     assert all(committed == end for committed, end in at_end.values()), at_end
-    # The group had committed before the kill (the earlier tests' records and this run's
-    # first seconds), and records came after it: the restarted ingester read on from there.
-    committed_at_kill = sum(committed for committed, _ in at_kill.values())
-    assert 0 < committed_at_kill < sum(end for _, end in at_end.values()), (at_kill, at_end)
+    # Records came after the offsets committed before the kill: the restarted ingester read on
+    # from there, and committed them all.
+    assert committed_at_kill < sum(end for _, end in at_end.values()), (committed_at_kill, at_end)
 
 
 def _run_fleet_kafka(workdir: Path, ports: list[int]) -> tuple[subprocess.Popen, str]:
