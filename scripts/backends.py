@@ -17,15 +17,20 @@ stands on Jaeger's UI port in front of Jaeger's query port (`run` and LocalBacke
 
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
-    python scripts/backends.py build --fleet   # ... and the fleet Collector (agent, gateway)
+    python scripts/backends.py build --fleet   # ... and the fleet Collector (agent, gateway),
+                                          # and Kafka's jars (Maven) when java and mvn are there
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
     python scripts/backends.py validate   # `otelcol validate` on every collector config
-                                          # (--fleet: agent.yaml and gateway.yaml too)
+                                          # (--fleet: agent.yaml, gateway.yaml, the Kafka
+                                          # overlays gateway-kafka.yaml and ingester.yaml too)
     python scripts/backends.py secrets    # CA, server certificate, token in collector/secrets/
     python scripts/backends.py run [--secured] [--data-dir DIR]
                                           # Jaeger (Badger) + collector + Prometheus on 127.0.0.1;
                                           # Ctrl-C stops; spans, the collector's queue and the
                                           # metrics stay in DIR
+    python scripts/backends.py run --fleet [--kafka]
+                                          # agent + gateways instead of the collector; --kafka:
+                                          # Kafka between the gateways and Jaeger (docs/scale.md)
 
 From Python (e.g. pytest):
     paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path, "prometheus": Path}
@@ -35,6 +40,8 @@ From Python (e.g. pytest):
                                                 # (collector/gateway.yaml too)
     ensure_built(("otelcol_gateway",))          # the fleet Collector (docs/scale.md), on demand
     write_local_agent_config(src, dst, ...)     # collector/agent.yaml, local endpoints and gateways
+    LocalFleet(workdir, kafka=True)             # ... with Kafka; start_kafka(), stop and kill it
+    fetch_kafka()                               # Kafka's jars (Maven Central), on demand
 
 Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
   * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.165.0` works; ocb
@@ -122,6 +129,29 @@ BUILDER_CONFIG = COLLECTOR_DIR / "builder-config.yaml"
 GATEWAY_BUILDER_CONFIG = COLLECTOR_DIR / "gateway-builder-config.yaml"
 AGENT_CONFIG = COLLECTOR_DIR / "agent.yaml"
 GATEWAY_CONFIG = COLLECTOR_DIR / "gateway.yaml"
+# Kafka between the gateways and Jaeger (docs/scale.md): the gateways write the traces they keep
+# to one topic (collector/gateway-kafka.yaml, an overlay on gateway.yaml) and Jaeger ingests it
+# (jaeger/ingester.yaml, an overlay on jaeger/config.yaml). Kafka itself runs from Maven
+# Central's jars on the machine's Java, fetched with Maven into the cache (fetch_kafka).
+GATEWAY_KAFKA_CONFIG = COLLECTOR_DIR / "gateway-kafka.yaml"
+JAEGER_INGESTER_CONFIG = REPO_ROOT / "jaeger" / "ingester.yaml"
+KAFKA_CONFIG = REPO_ROOT / "kafka" / "server.properties"
+KAFKA_LOG4J_CONFIG = REPO_ROOT / "kafka" / "log4j2.properties"
+# The Kafka release, pinned HERE (4.1.1: run here as a single KRaft node; Maven Central serves
+# 4.0.0 to 4.4.0). log4j-core comes with it at KAFKA_LOG4J_VERSION, and the SLF4J binding Kafka
+# leaves out must be that same version: fetch_kafka checks it.
+KAFKA_VERSION = "4.1.1"
+KAFKA_LOG4J_VERSION = "2.24.3"
+KAFKA_ARTIFACTS = ("org.apache.kafka:kafka_2.13", "org.apache.kafka:kafka-server",
+                   "org.apache.kafka:kafka-storage", "org.apache.kafka:kafka-tools")
+MAVEN_DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+# What the overlays name (printed by `run --fleet --kafka`; tests check the files say the same).
+KAFKA_TOPIC = "otel-stepspan-spans"
+KAFKA_GROUP = "otel-stepspan-jaeger"
+# The variable both overlays read their brokers from (host:port, comma-separated).
+ENV_KAFKA_BROKERS = "STEPSPAN_KAFKA_BROKERS"
+# The broker's JVM: a modest heap (it keeps its data in the OS page cache, not on the heap).
+KAFKA_JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true")
 
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
 JAEGER_IMAGE = "jaegertracing/jaeger"
@@ -515,11 +545,79 @@ def build_search_front(*, force: bool = False) -> Path:
     return built_once(binary, force, build)
 
 
+def kafka_libs_dir() -> Path:
+    """Where Kafka's jars are (or will be): one folder, there only once complete."""
+    return backends_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+def find_java_tools(*, maven: bool = True) -> tuple[str, str | None]:
+    """(java, mvn): the commands that fetch and run Kafka; mvn only when ``maven``."""
+    java, mvn = shutil.which("java"), shutil.which("mvn")
+    if not java or (maven and not mvn):
+        raise BackendError(
+            "Kafka runs from Maven Central's jars: it needs java (17 or newer) and, to fetch the "
+            "jars the first time, mvn (Maven 3) on PATH (Debian: apt-get install openjdk-17-jre-headless maven)")
+    return java, mvn if maven else None
+
+
+def kafka_pom() -> str:
+    """A throw-away Maven project whose runtime dependencies are Kafka's broker, its storage
+    and tools (StorageTool formats the KRaft log), and the log4j SLF4J binding Kafka's server
+    needs but does not depend on; connect-runtime (Kafka Connect, ~40 jars) is left out."""
+    deps = []
+    for coordinate in KAFKA_ARTIFACTS:
+        group, artifact = coordinate.split(":")
+        exclusion = ("<exclusions><exclusion><groupId>org.apache.kafka</groupId>"
+                     "<artifactId>connect-runtime</artifactId></exclusion></exclusions>")
+        deps.append(f"<dependency><groupId>{group}</groupId><artifactId>{artifact}</artifactId>"
+                    f"<version>{KAFKA_VERSION}</version>{exclusion}</dependency>")
+    deps.append("<dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl"
+                f"</artifactId><version>{KAFKA_LOG4J_VERSION}</version></dependency>")
+    body = "\n    ".join(deps)
+    return ('<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
+            "  <modelVersion>4.0.0</modelVersion>\n"
+            "  <groupId>local.otel-stepspan</groupId><artifactId>kafka-jars</artifactId>"
+            "<version>1</version><packaging>pom</packaging>\n"
+            f"  <dependencies>\n    {body}\n  </dependencies>\n</project>\n")
+
+
+def fetch_kafka(*, force: bool = False) -> Path:
+    """Kafka's jars (KAFKA_VERSION) in kafka_libs_dir(), fetched from Maven Central with
+    `mvn dependency:copy-dependencies` when missing (about 45 MB; seconds once Maven's own
+    cache holds them). Written beside, then renamed into place: a folder there is complete."""
+    libs = kafka_libs_dir()
+    with _lock(libs.parent.with_name(libs.parent.name + ".lock")):
+        if libs.is_dir() and not force:
+            return libs
+        _, mvn = find_java_tools()
+        libs.parent.mkdir(parents=True, exist_ok=True)
+        pom = libs.parent / "pom.xml"
+        pom.write_text(kafka_pom(), encoding="utf-8")
+        tmp = libs.with_name("libs.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.monotonic()
+        _log(f"fetching Kafka {KAFKA_VERSION}'s jars from Maven Central into {libs}")
+        _run([str(mvn), "-B", "-q", "-f", str(pom), f"{MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies",
+              "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"],
+             cwd=libs.parent, env=os.environ, what=f"mvn: fetch Kafka {KAFKA_VERSION}")
+        for jar in (f"kafka_2.13-{KAFKA_VERSION}.jar", f"log4j-core-{KAFKA_LOG4J_VERSION}.jar"):
+            if not (tmp / jar).is_file():
+                raise BackendError(f"Kafka {KAFKA_VERSION}'s jars hold no {jar}: KAFKA_LOG4J_VERSION in "
+                                   f"{__file__} must be the log4j-core version Kafka depends on "
+                                   f"(see {sorted(f.name for f in tmp.glob('log4j-core-*'))})")
+        shutil.rmtree(libs, ignore_errors=True)
+        tmp.rename(libs)
+        _log(f"Kafka {KAFKA_VERSION} fetched in {time.monotonic() - t0:.0f}s: {libs} "
+             f"({sum(f.stat().st_size for f in libs.iterdir()) / 2**20:.0f} MiB)")
+    return libs
+
+
 def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus",
                                                   "search_front"),
                  *, force: bool = False) -> dict[str, Path]:
     """Build the missing binaries; return {"otelcol": Path, "jaeger": Path, "prometheus": Path,
-    "search_front": Path}, and "otelcol_gateway" (the fleet Collector) when it is asked for."""
+    "search_front": Path}, and "otelcol_gateway" (the fleet Collector) and "kafka" (the folder
+    of Kafka's jars, fetched with Maven) when they are asked for."""
     v = pinned_versions()
     out: dict[str, Path] = {}
     if "otelcol" in components:
@@ -532,6 +630,8 @@ def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus
         out["search_front"] = build_search_front(force=force)
     if "otelcol_gateway" in components:
         out["otelcol_gateway"] = build_gateway(force=force)
+    if "kafka" in components:
+        out["kafka"] = fetch_kafka(force=force)
     return out
 
 
@@ -774,6 +874,32 @@ def write_prometheus_config(dst: str | os.PathLike[str], collector_metrics: "str
     return _write(dst, [new])
 
 
+@dataclass(frozen=True)
+class KafkaPorts:
+    broker: int  # what the gateways and Jaeger connect to (STEPSPAN_KAFKA_BROKERS)
+    controller: int  # the KRaft controller's (the node's own quorum)
+
+
+def write_kafka_config(dst: str | os.PathLike[str], ports: KafkaPorts, *,
+                       data_dir: str | os.PathLike[str], host: str = LOCALHOST) -> Path:
+    """The project's kafka/server.properties with its listeners and the controller quorum on
+    ``host`` and its log in ``data_dir``; nothing else changed (retention stays as documented
+    there). Raises ValueError unless each of those keys is set exactly once."""
+    wanted = {
+        "controller.quorum.bootstrap.servers": f"{host}:{ports.controller}",
+        "listeners": f"PLAINTEXT://{host}:{ports.broker},CONTROLLER://{host}:{ports.controller}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{ports.broker}",
+        "log.dirs": str(Path(data_dir).resolve()),
+    }
+    lines = KAFKA_CONFIG.read_text(encoding="utf-8").splitlines(keepends=True)
+    for key, value in wanted.items():
+        at = [i for i, line in enumerate(lines) if line.split("=", 1)[0].strip() == key]
+        if len(at) != 1:
+            raise ValueError(f"{KAFKA_CONFIG}: `{key}=` not found exactly once")
+        lines[at[0]] = f"{key}={value}\n"
+    return _write(dst, lines)
+
+
 def make_secrets(secrets_dir: str | os.PathLike[str] = SECRETS_DIR, *,
                  days: int = 825) -> dict[str, Path]:
     """A private CA, a server certificate it signs (for localhost, 127.0.0.1 and the compose
@@ -866,16 +992,24 @@ def _check_free(ports: "list[int] | tuple[int, ...]", host: str = LOCALHOST) -> 
                 raise BackendError(f"{host}:{port} is already in use ({e})") from None
 
 
-def _start(argv: list[str], log_path: Path, health_url: str, timeout: float,
-           env: Mapping[str, str] | None = None) -> subprocess.Popen:
+def _start(argv: list[str], log_path: Path, health_url: str | None, timeout: float,
+           env: Mapping[str, str] | None = None,
+           ready: "Callable[[subprocess.Popen, int], None] | None" = None) -> subprocess.Popen:
+    """Start ``argv`` with its output appended to ``log_path``; return once ``health_url``
+    answers 200, or, for a process with no HTTP health (Kafka), once ``ready(proc, offset)``
+    returns (``offset``: the log's size before the start)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
+    offset = log.tell()
     _log(f"starting: {' '.join(argv)}  (log: {log_path})")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             cwd=log_path.parent, env={**os.environ, **(env or {})})
     log.close()
     try:
-        wait_http_ok(health_url, timeout, proc)
+        if ready is not None:
+            ready(proc, offset)
+        else:
+            wait_http_ok(health_url, timeout, proc)
         time.sleep(0.3)
         if proc.poll() is not None:
             raise BackendError(f"process exited with {proc.returncode} right after start")
@@ -891,17 +1025,20 @@ def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
                  env: Mapping[str, str] | None = None,
                  binary: Path | None = None, timeout: float = 60.0,
                  prometheus_url: str | None = None,
-                 ui_assets: str | os.PathLike[str] | None = None) -> subprocess.Popen:
+                 ui_assets: str | os.PathLike[str] | None = None,
+                 overlays: "tuple[Path, ...]" = ()) -> subprocess.Popen:
     """Start Jaeger v2 with the project's config (Badger in ``data_dir``, by default
-    workdir/jaeger_data) on 127.0.0.1; returns once it is healthy. Starting it again with the
+    workdir/jaeger_data) on 127.0.0.1, and ``overlays`` merged on top of it (jaeger/ingester.yaml:
+    read Kafka instead of OTLP); returns once it is healthy. Starting it again with the
     same directories finds every span it stored before. ``env`` adds variables
-    (JAEGER_RETENTION); the Monitor tab queries ``prometheus_url`` (see write_jaeger_config)."""
+    (JAEGER_RETENTION, STEPSPAN_KAFKA_BROKERS); the Monitor tab queries ``prometheus_url`` (see
+    write_jaeger_config)."""
     workdir = Path(workdir)
     _check_free([ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc, ports.health])
     config = write_jaeger_config(workdir / "jaeger.yaml", ports, prometheus_url=prometheus_url,
                                  data_dir=data_dir or workdir / "jaeger_data", ui_assets=ui_assets)
     binary = binary or ensure_built(("jaeger",))["jaeger"]
-    return _start([str(binary), f"--config={config}"], workdir / "jaeger.log",
+    return _start([str(binary), f"--config={config}", *(f"--config={o}" for o in overlays)], workdir / "jaeger.log",
                   f"http://{LOCALHOST}:{ports.health}/status", timeout, env)
 
 
@@ -944,6 +1081,76 @@ def start_search_front(port: int, jaeger_url: str, log_path: Path, *, factor: in
     argv = [str(binary), f"-listen={LOCALHOST}:{port}", f"-jaeger={jaeger_url}",
             *([f"-factor={factor}"] if factor else [])]
     return _start(argv, log_path, f"http://{LOCALHOST}:{port}/api/services", timeout)
+
+
+def _port_open(port: int, host: str = LOCALHOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def start_kafka(workdir: str | os.PathLike[str], ports: KafkaPorts, *,
+                data_dir: str | os.PathLike[str] | None = None,
+                libs: Path | None = None, timeout: float = 90.0) -> subprocess.Popen:
+    """Start Kafka (kafka/server.properties: one KRaft node, broker and controller) on
+    127.0.0.1 with its log in ``data_dir`` (by default workdir/kafka_data); returns once the
+    broker said it started and takes connections. The first start formats the data dir (a new
+    cluster id); later ones keep it, and with it every topic, record and committed offset."""
+    workdir = Path(workdir)
+    data = Path(data_dir or workdir / "kafka_data")
+    _check_free([ports.broker, ports.controller])
+    config = write_kafka_config(workdir / "kafka.properties", ports, data_dir=data)
+    libs = libs or fetch_kafka()
+    java, _ = find_java_tools(maven=False)
+    classpath = ["-cp", str(libs / "*")]
+    if not (data / "meta.properties").is_file():
+        _log(f"formatting Kafka's log in {data} (first start: a new cluster)")
+        cluster_id = _run([java, *classpath, "kafka.tools.StorageTool", "random-uuid"], cwd=workdir,
+                          env=os.environ, what="Kafka StorageTool random-uuid").strip().splitlines()[-1]
+        if not re.fullmatch(r"[A-Za-z0-9_-]{22}", cluster_id):
+            raise BackendError(f"Kafka StorageTool random-uuid printed {cluster_id!r}, not a cluster id")
+        _run([java, *classpath, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+              "-c", str(config)], cwd=workdir, env=os.environ, what=f"Kafka StorageTool format {data}")
+    log_path = workdir / "kafka.log"
+
+    def ready(proc: subprocess.Popen, offset: int) -> None:
+        """The broker's own line that it started, in this start's part of the log, then its port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BackendError(f"Kafka exited with {proc.returncode} before it started")
+            with open(log_path, "rb") as fh:
+                fh.seek(offset)
+                if b"Kafka Server started" in fh.read() and _port_open(ports.broker):
+                    return
+            time.sleep(0.2)
+        raise BackendError(f"Kafka not started after {timeout}s")
+
+    argv = [java, *KAFKA_JVM_OPTIONS, f"-Dlog4j2.configurationFile={KAFKA_LOG4J_CONFIG}", *classpath,
+            "kafka.Kafka", str(config)]
+    t0 = time.monotonic()
+    proc = _start(argv, log_path, None, timeout, ready=ready)
+    _log(f"Kafka {KAFKA_VERSION} ready on {LOCALHOST}:{ports.broker} in {time.monotonic() - t0:.1f}s")
+    return proc
+
+
+def kafka_group_offsets(broker: str, group: str = KAFKA_GROUP, *, topic: str = KAFKA_TOPIC,
+                        libs: Path | None = None) -> dict[int, tuple[int | None, int]]:
+    """{partition: (offset ``group`` committed, or None; the partition's end offset)} for
+    ``topic``, from Kafka's own consumer-groups tool (ConsumerGroupCommand --describe, as
+    `kafka-consumer-groups.sh` runs it): end - committed is what the ingesters have yet to
+    store, and where a restarted one resumes; {} while the group has committed nothing. A few
+    seconds (a JVM starts)."""
+    java, _ = find_java_tools(maven=False)
+    argv = [java, "-cp", str((libs or fetch_kafka()) / "*"), "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+            "--bootstrap-server", broker, "--describe", "--group", group]
+    out = _run(argv, cwd=REPO_ROOT, env=os.environ, what=f"Kafka consumer-groups --describe {group}")
+    offsets: dict[int, tuple[int | None, int]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0] == group and fields[1] == topic:
+            offsets[int(fields[2])] = (None if fields[3] == "-" else int(fields[3]), int(fields[4]))
+    return offsets
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -1004,6 +1211,7 @@ class LocalBackends:
         self.collector: subprocess.Popen | None = None
         self.prometheus: subprocess.Popen | None = None
         self.front: subprocess.Popen | None = None
+        self.jaeger_overlays: tuple[Path, ...] = ()  # merged over jaeger/config.yaml
         self.write_configs()
 
     def write_configs(self) -> None:
@@ -1052,7 +1260,7 @@ class LocalBackends:
     def start_jaeger(self) -> None:
         self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, env=self.jaeger_env,
                                    binary=self.binaries["jaeger"], prometheus_url=self.prometheus_url,
-                                   ui_assets=self.ui_assets)
+                                   ui_assets=self.ui_assets, overlays=self.jaeger_overlays)
         # The search front outlives Jaeger's restarts, as a reverse proxy would (502 meanwhile).
         if self.front is None or self.front.poll() is not None:
             self.front = start_search_front(
@@ -1103,9 +1311,15 @@ class LocalFleet(LocalBackends):
     Prometheus, the ports users may fix (``ports``: otlp_grpc, otlp_http and health are the
     agent's, what engines point at; the gateways' ports are picked free). ``collector_env``
     goes to the gateways (STEPSPAN_* policy variables, memory limits), on top of this process's
-    environment."""
+    environment.
 
-    def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2,
+    With ``kafka``, Kafka runs between the gateways and Jaeger (docs/scale.md): one KRaft node
+    (kafka/server.properties, its log in workdir/kafka_data, ``ports`` kafka and
+    kafka_controller or free ones), the gateways write to it (collector/gateway-kafka.yaml over
+    gateway.yaml) and Jaeger ingests from it (jaeger/ingester.yaml over jaeger/config.yaml),
+    both told the broker by STEPSPAN_KAFKA_BROKERS. Kafka starts first and stops last."""
+
+    def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2, kafka: bool = False,
                  collector_env: Mapping[str, str] | None = None,
                  jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
@@ -1114,11 +1328,48 @@ class LocalFleet(LocalBackends):
         if gateways < 1:
             raise BackendError("a fleet needs at least one gateway")
         self.gateway_count = gateways
-        binaries = dict(binaries or ensure_built(("jaeger", "prometheus", "search_front", "otelcol_gateway")))
+        wanted = ("jaeger", "prometheus", "search_front", "otelcol_gateway", *(("kafka",) if kafka else ()))
+        binaries = dict(binaries or ensure_built(wanted))
         self.gateways: list[subprocess.Popen] = []
         self.agent: subprocess.Popen | None = None
+        self.kafka: subprocess.Popen | None = None
+        self.kafka_ports: KafkaPorts | None = None
+        collector_env, jaeger_env = dict(collector_env or {}), dict(jaeger_env or {})
+        if kafka:
+            ports = dict(ports or {})
+            self.kafka_ports = KafkaPorts(ports.pop("kafka", None) or free_port(),
+                                          ports.pop("kafka_controller", None) or free_port())
+            collector_env[ENV_KAFKA_BROKERS] = jaeger_env[ENV_KAFKA_BROKERS] = self.kafka_broker
         super().__init__(workdir, collector_env=collector_env, jaeger_env=jaeger_env, ports=ports,
                          binaries=binaries, ui_assets=ui_assets)
+        self.gateway_overlays: tuple[Path, ...] = (GATEWAY_KAFKA_CONFIG,) if kafka else ()
+        self.jaeger_overlays = (JAEGER_INGESTER_CONFIG,) if kafka else ()
+
+    @property
+    def kafka_broker(self) -> str:
+        """host:port of the Kafka broker (with ``kafka``)."""
+        if self.kafka_ports is None:
+            raise BackendError("this fleet runs without Kafka")
+        return f"{LOCALHOST}:{self.kafka_ports.broker}"
+
+    def start_kafka(self) -> None:
+        """Kafka on its ports and data dir (started again after a stop or a kill, it keeps every
+        record and committed offset)."""
+        if self.kafka_ports is None:
+            raise BackendError("this fleet runs without Kafka")
+        self.kafka = start_kafka(self.workdir, self.kafka_ports, libs=self.binaries["kafka"])
+
+    def start(self) -> "LocalFleet":
+        """Kafka (if any) first: the gateways and Jaeger's ingester connect to it; then the rest
+        as LocalBackends starts it. Anything started is stopped again if a start fails."""
+        try:
+            if self.kafka_ports is not None:
+                self.start_kafka()
+            super().start()
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     def write_configs(self) -> None:
         """The gateways' configs (each exporting to Jaeger), then the agent's, listing them."""
@@ -1151,7 +1402,7 @@ class LocalFleet(LocalBackends):
         self.gateways = []
         for config, health, others in self.gateway_configs:
             self.gateways.append(start_collector(config, health, binary=binary, env=self.collector_env,
-                                                 other_ports=others))
+                                                 other_ports=others, extra_configs=self.gateway_overlays))
         self.agent = self.collector = start_collector(self.config, self.health, binary=binary,
                                                       other_ports=(self.otlp_grpc, self.otlp_http))
 
@@ -1161,8 +1412,9 @@ class LocalFleet(LocalBackends):
 
     def processes(self) -> "list[subprocess.Popen]":
         """Prometheus, the agent (it flushes to the gateways), the gateways (they flush to
-        Jaeger), the search front, Jaeger."""
-        return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger) if p is not None]
+        Jaeger or Kafka), the search front, Jaeger (an ingester commits its offsets), Kafka."""
+        return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger, self.kafka)
+                if p is not None]
 
 
 def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
@@ -1174,6 +1426,15 @@ def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise BackendError(f"collector rejects {config} {' '.join(map(str, overlays))}:\n{proc.stdout}")
+
+
+def validate_jaeger_config(config: Path = JAEGER_CONFIG, *overlays: Path) -> None:
+    """`jaeger validate` on a config and overlays merged on top of it (jaeger/ingester.yaml)."""
+    binary = ensure_built(("jaeger",))["jaeger"]
+    argv = [str(binary), "validate", f"--config={config}", *(f"--config={o}" for o in overlays)]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise BackendError(f"Jaeger rejects {config} {' '.join(map(str, overlays))}:\n{proc.stdout}")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1203,6 +1464,8 @@ def _cmd_paths(_: argparse.Namespace) -> int:
           f"(ocb v{gateway_version()}, built with --fleet)")
     for name, p in binary_paths(v).items():
         print(f"{name}\t{p}\t{'built' if p.is_file() else 'missing'}")
+    libs = kafka_libs_dir()
+    print(f"kafka\t{libs}\t{'fetched' if libs.is_dir() else 'missing'} (Kafka {KAFKA_VERSION}'s jars)")
     return 0
 
 
@@ -1210,6 +1473,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     components = tuple(args.only or ("otelcol", "jaeger", "prometheus", "search_front"))
     if args.fleet and "otelcol_gateway" not in components:
         components += ("otelcol_gateway",)
+    if args.fleet and "kafka" not in components:
+        try:
+            find_java_tools()
+            components += ("kafka",)
+        except BackendError as e:  # the Kafka tests then skip (fail in CI), saying why
+            _log(f"Kafka not fetched: {e}")
     for name, p in ensure_built(components, force=args.force).items():
         print(f"{name}\t{p}")
     if not args.only:
@@ -1224,9 +1493,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         validate_collector_config(config, *overlays)
         print(f"{' + '.join(map(str, (config, *overlays)))}: valid")
     if args.fleet:
-        for config in (AGENT_CONFIG, GATEWAY_CONFIG):
-            validate_collector_config(config, binary=ensure_built(("otelcol_gateway",))["otelcol_gateway"])
-            print(f"{config}: valid")
+        for config, *overlays in ([AGENT_CONFIG], [GATEWAY_CONFIG], [GATEWAY_CONFIG, GATEWAY_KAFKA_CONFIG]):
+            validate_collector_config(config, *overlays,
+                                      binary=ensure_built(("otelcol_gateway",))["otelcol_gateway"])
+            print(f"{' + '.join(map(str, (config, *overlays)))}: valid")
+        validate_jaeger_config(JAEGER_CONFIG, JAEGER_INGESTER_CONFIG)
+        print(f"{JAEGER_CONFIG} + {JAEGER_INGESTER_CONFIG}: valid")
     return 0
 
 
@@ -1253,6 +1525,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise BackendError("--secured is for the single collector; the fleet's agent takes plain OTLP")
     if args.gateways is not None and not args.fleet:
         raise BackendError("--gateways needs --fleet")
+    if args.kafka and not args.fleet:
+        raise BackendError("--kafka needs --fleet: Kafka sits between the fleet's gateways and Jaeger")
     workdir = Path(args.data_dir or data_dir(args.fleet))
     # Ctrl-C, `kill` and a service manager's SIGTERM all stop the backends it started; SIGINT is
     # set explicitly because a shell starting this in the background (`... &`) ignores it.
@@ -1263,8 +1537,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
              "prometheus": args.prometheus_port}
     if args.fleet:
         ports.pop("metrics")  # each gateway has its own, picked free and printed
+        if args.kafka:
+            ports.update(kafka=args.kafka_port, kafka_controller=args.kafka_controller_port)
         stack: LocalBackends = LocalFleet(workdir, gateways=2 if args.gateways is None else args.gateways, ports=ports,
-                                          ui_assets=args.ui_assets)
+                                          kafka=args.kafka, ui_assets=args.ui_assets)
     else:
         stack = LocalBackends(workdir, secured=args.secured, ports=ports, ui_assets=args.ui_assets)
     with stack:
@@ -1273,6 +1549,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            enumerate(zip(stack.gateway_otlp, stack.metrics_urls), 1))
             print(f"agent      OTLP gRPC {stack.otlp_grpc_endpoint}, OTLP HTTP {stack.otlp_http_endpoint}\n"
                   f"engine     OTEL_EXPORTER_OTLP_ENDPOINT={stack.otlp_grpc_endpoint} (the agent)\n{tier}"
+                  + (f"Kafka      {stack.kafka_broker}, topic {KAFKA_TOPIC} (the gateways write the kept "
+                     f"traces; Jaeger ingests them as consumer group {KAFKA_GROUP})\n" if args.kafka else "") +
                   f"Jaeger     {stack.jaeger_url}/api/v3/services (the kept traces, through the search front; "
                   f"Jaeger itself on {stack.jaeger_direct_url})\n"
                   f"Prometheus {stack.prometheus_url} (every gateway's span metrics; Jaeger's Monitor tab)\n"
@@ -1300,16 +1578,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the missing binaries, print their paths")
     b.add_argument("--only", action="append",
-                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway"])
+                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway", "kafka"])
     b.add_argument("--fleet", action="store_true",
-                   help="also build the fleet Collector (collector/agent.yaml, collector/gateway.yaml)")
+                   help="also build the fleet Collector (collector/agent.yaml, collector/gateway.yaml) and "
+                        "fetch Kafka's jars with Maven (skipped, with a line saying so, without java and mvn)")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     b.set_defaults(func=_cmd_build)
     sub.add_parser("paths", help="print binary paths, build nothing").set_defaults(func=_cmd_paths)
     va = sub.add_parser("validate", help="otelcol validate the collector configs (plain, secured)")
     va.add_argument("--config", default=str(COLLECTOR_CONFIG))
     va.add_argument("--fleet", action="store_true",
-                    help="also validate collector/agent.yaml and collector/gateway.yaml (builds the fleet Collector)")
+                    help="also validate collector/agent.yaml, collector/gateway.yaml, and the Kafka overlays "
+                         "collector/gateway-kafka.yaml and jaeger/ingester.yaml (builds the fleet Collector)")
     va.set_defaults(func=_cmd_validate)
     se = sub.add_parser("secrets", help="make a CA, a server certificate and a token (kept if present)")
     se.add_argument("--dir", default=str(SECRETS_DIR))
@@ -1327,11 +1607,23 @@ def main(argv: list[str] | None = None) -> int:
                     "gateway, read by Jaeger's Monitor tab; the gateways' ports are picked free and "
                     "printed, and they read the policy variables (STEPSPAN_DECISION_WAIT, "
                     "STEPSPAN_SLOW_DECODE_MS, STEPSPAN_KEEP_PERCENT, ...) from this environment. "
-                    "Binaries missing from the cache are built first (the fleet Collector: minutes).")
+                    "--fleet --kafka: Kafka too (kafka/server.properties, one KRaft node on --kafka-port), "
+                    f"the gateways write the traces they keep to its topic {KAFKA_TOPIC} "
+                    "(collector/gateway-kafka.yaml) and Jaeger ingests them from there "
+                    "(jaeger/ingester.yaml) into the same store its query reads; Kafka starts first and "
+                    "stops last, and its records and offsets stay in DATA_DIR/kafka_data. "
+                    "Binaries missing from the cache are built first (the fleet Collector: minutes; "
+                    "Kafka's jars: seconds, with java and mvn).")
     r.add_argument("--fleet", action="store_true",
                    help="an agent and gateways (docs/scale.md) instead of the single collector")
     r.add_argument("--gateways", type=int, metavar="N",
                    help="with --fleet: how many gateways (default 2)")
+    r.add_argument("--kafka", action="store_true",
+                   help=f"with --fleet: Kafka between the gateways and Jaeger (one KRaft node from Maven "
+                        f"Central's jars, fetched when missing; topic {KAFKA_TOPIC}); Jaeger ingests from it")
+    r.add_argument("--kafka-port", type=int, default=9092, help="with --kafka: the broker's")
+    r.add_argument("--kafka-controller-port", type=int, default=9093,
+                   help="with --kafka: the KRaft controller's")
     r.add_argument("--otlp-grpc-port", type=int, default=4317, help="the collector's, or with --fleet the agent's")
     r.add_argument("--otlp-http-port", type=int, default=4318, help="the collector's, or with --fleet the agent's")
     r.add_argument("--metrics-port", type=int, default=8889,

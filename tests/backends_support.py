@@ -30,6 +30,12 @@ requires_go = pytest.mark.skipif(
     shutil.which("go") is None and not os.environ.get(backends.ENV_GO),
     reason="Go is not installed: the real Collector, Jaeger and Docker Compose cannot be built",
 )
+# Kafka runs from Maven Central's jars on Java (scripts/backends.py, fetch_kafka): java, and mvn
+# unless the jars are fetched already. CI turns this skip into a failure too.
+requires_kafka = pytest.mark.skipif(
+    shutil.which("java") is None or (shutil.which("mvn") is None and not backends.kafka_libs_dir().is_dir()),
+    reason="java (and mvn, to fetch Kafka's jars) not installed: Kafka cannot run",
+)
 PACED_MODES = Path(__file__).parent / "programs" / "paced_modes.py"
 # The library's loss report, one line per interval (never one per span).
 LOSS_LINE = re.compile(r"otel_stepspan: lost (\d+) step spans")
