@@ -154,43 +154,43 @@ def test_the_compiled_producer_refuses_what_it_cannot_carry_and_puts_nothing(pai
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_sink_puts_the_same_records_with_either_producer(compiled):
-    """ExporterProcessSink.submit's compiled path (the usual step: put_captured) and its Python
-    path put the same messages: first steps, later ones, a parent, an error, a field marshal
-    cannot carry (described on the engine thread)."""
+    """ExporterProcessSink's compiled submitter (the usual step in one call) and its Python
+    submit put the same messages: first steps, later ones, an error, a field marshal cannot
+    carry (described on the engine thread), a current span in the context."""
     from otel_stepspan.integrations import sglang
     from otel_stepspan.sinks.otel_process import ExporterProcessSink
 
     if compiled:
         _compiled_module()
 
+    from opentelemetry import context, trace
+
+    empty = context.Context()  # what the engine thread usually has: no current span
+    current = trace.set_span_in_context(
+        trace.NonRecordingSpan(trace.SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=trace.TraceFlags(1)))
+    )
+
     def records(use_compiled: bool) -> list:
         sink = ExporterProcessSink()
         ring = Ring.create(1 << 16)
-        sink._ring, sink._started = ring, True  # no exporter process: the ring is read here
-        calls = []
-        if use_compiled:
-            assert ring.use_compiled(wire.CAPTURED)
-
-            def put_captured(*args):
-                calls.append(args[0])
-                return ring.producer.put_captured(*args)
-
-            sink._put_captured = put_captured
+        sink._started = True  # no exporter process: the ring is read here
+        sink._attach_ring(ring, compiled=use_compiled)
+        assert (type(sink.submit).__name__ == "Submitter") == use_compiled
         reader = Ring.attach(os.dup(ring.fd))
         static = {"engine.name": "sglang"}
         try:
             for i in range(6):
                 batch = SimpleNamespace(batch_size=i + 1, extend_seq_lens_cpu=[3] * (i + 1) if i % 2 else None)
                 captured = sglang.capture(batch, False, i)
-                parent = None
+                parent = current if i == 4 else empty if i == 5 else None
                 error = RuntimeError("boom") if i == 3 else None
                 sink.submit(sglang.finish, captured, static, parent, 100 * i, 100 * i + 50, error)
             unmarshallable = sglang.capture(SimpleNamespace(batch_size=2, extend_seq_lens_cpu=(object(),)), False, 9)
             sink.submit(sglang.finish, unmarshallable, static, None, 900, 950, None)
             assert sink.emitted_total == 7 and ring.put_total == 9  # and the static and finisher records
             # The first step defines the finisher and the attributes, the error and the
-            # unmarshallable field take the Python path (the latter after put_captured refused it).
-            assert calls == ([100, 200, 400, 500, 900] if use_compiled else [])
+            # unmarshallable field take the Python path (the latter after the submitter tried).
+            assert sink._emitted == (4 if use_compiled else 7)
             return [marshal.loads(record) for record in reader.take()]
         finally:
             reader.close()
@@ -201,3 +201,4 @@ def test_the_sink_puts_the_same_records_with_either_producer(compiled):
     kinds = [message[0] for message in got]
     assert kinds.count(wire.CAPTURED) == 6 and kinds.count(wire.STEP) == 1
     assert kinds.index(wire.STATIC) < kinds.index(wire.CAPTURED)
+    assert [m[5] for m in got if m[0] == wire.CAPTURED] == [None, None, None, None, (0xABC, 0xDEF, 1, True), None]

@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <marshal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -38,11 +39,17 @@ typedef struct {
     PyObject *captured_tag; /* wire.CAPTURED */
 } Producer;
 
+static PyTypeObject SubmitterType; /* below */
+
 static inline volatile uint64_t *counters(Producer *self) {
     return (volatile uint64_t *)self->view.buf;
 }
 
 static int copy_record(Producer *self, const char *payload, uint64_t size) {
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "the ring is closed");
+        return -1;
+    }
     uint64_t need = size + PREFIX;
     volatile uint64_t *c = counters(self);
     if (size > 0xFFFFFFFFu)
@@ -90,7 +97,8 @@ static PyObject *put_bytes(Producer *self, PyObject *marshalled) {
     Py_ssize_t size;
     if (PyBytes_AsStringAndSize(marshalled, &bytes, &size) < 0)
         return NULL;
-    return PyBool_FromLong(copy_record(self, bytes, (uint64_t)size));
+    int put = copy_record(self, bytes, (uint64_t)size);
+    return put < 0 ? NULL : PyBool_FromLong(put);
 }
 
 static PyObject *Producer_put(Producer *self, PyObject *payload) {
@@ -105,27 +113,156 @@ static PyObject *Producer_put(Producer *self, PyObject *payload) {
  * The CAPTURED message of wire.py, (CAPTURED, start, end, finisher, static, parent, None, None,
  * tuple(fields)), marshalled and put. Raises ValueError when marshal cannot carry a field (the
  * caller then describes the step itself, as with marshal.dumps). */
+static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, PyObject *finisher_id,
+                        PyObject *static_id, PyObject *parent_ids, PyObject *captured) {
+    PyObject *fields = PySequence_Tuple(captured);
+    if (fields == NULL)
+        return -1;
+    PyObject *message = PyTuple_Pack(9, self->captured_tag, start_ns, end_ns, finisher_id, static_id, parent_ids,
+                                     Py_None, Py_None, fields);
+    Py_DECREF(fields);
+    if (message == NULL)
+        return -1;
+    PyObject *marshalled = PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION);
+    Py_DECREF(message);
+    if (marshalled == NULL)
+        return -1;
+    int put = copy_record(self, PyBytes_AS_STRING(marshalled), (uint64_t)PyBytes_GET_SIZE(marshalled));
+    Py_DECREF(marshalled);
+    return put;
+}
+
 static PyObject *Producer_put_captured(Producer *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "put_captured takes 6 arguments");
         return NULL;
     }
-    PyObject *fields = PySequence_Tuple(args[5]);
-    if (fields == NULL)
-        return NULL;
-    PyObject *message = PyTuple_Pack(9, self->captured_tag, args[0], args[1], args[2], args[3], args[4],
-                                     Py_None, Py_None, fields);
-    Py_DECREF(fields);
-    if (message == NULL)
-        return NULL;
-    PyObject *marshalled = PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION);
-    Py_DECREF(message);
-    if (marshalled == NULL)
-        return NULL;
-    PyObject *result = put_bytes(self, marshalled);
-    Py_DECREF(marshalled);
-    return result;
+    int put = put_captured(self, args[0], args[1], args[2], args[3], args[4], args[5]);
+    return put < 0 ? NULL : PyBool_FromLong(put);
 }
+
+/* Submitter: ExporterProcessSink.submit for the usual step, as one call with no Python frame.
+ *
+ * submitter(finishers, static_ids, slow, not_put, step_info_type) is installed as the sink's
+ * own `submit`. Called as submit(finish, captured, static_attributes, parent, start_ns, end_ns,
+ * error) it puts the step as put_captured does when the step is the usual one: no error, no
+ * extra, no current span in `parent`, `captured` not already a StepInfo, its finisher known by
+ * a number >= 0 in `finishers` and its static attributes known by id() in `static_ids`. Anything
+ * else, and anything that fails on the way, is handed to `slow` (the sink's Python submit, which
+ * never raises) with the same arguments: the sink's behaviour is the Python one. A full ring
+ * calls `not_put()`, which counts the step. Never raises. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Producer *producer;
+    PyObject *finishers;
+    PyObject *static_ids;
+    PyObject *slow;
+    PyObject *not_put;
+    PyObject *step_info_type;
+    unsigned long long emitted;
+} Submitter;
+
+static PyObject *Submitter_vectorcall(Submitter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || nargs != 7 || !self->producer->has_view)
+        goto slow;
+    PyObject *finish = args[0], *captured = args[1], *statics = args[2], *parent = args[3], *error = args[6];
+    if (error != Py_None || (PyObject *)Py_TYPE(captured) == self->step_info_type)
+        goto slow;
+    if (parent != Py_None) {
+        int current = PyObject_IsTrue(parent); /* an empty context, the usual one, is false */
+        if (current != 0)
+            goto slow_clear;
+    }
+    PyObject *finisher_id = PyDict_GetItemWithError(self->finishers, finish); /* borrowed */
+    if (finisher_id == NULL || !PyLong_CheckExact(finisher_id) || PyLong_AsLong(finisher_id) < 0)
+        goto slow_clear;
+    PyObject *key = PyLong_FromVoidPtr(statics);
+    if (key == NULL)
+        goto slow_clear;
+    PyObject *known = PyDict_GetItemWithError(self->static_ids, key); /* borrowed */
+    Py_DECREF(key);
+    if (known == NULL || !PyTuple_Check(known) || PyTuple_GET_SIZE(known) < 1)
+        goto slow_clear;
+    int put = put_captured(self->producer, args[4], args[5], finisher_id, PyTuple_GET_ITEM(known, 0), Py_None,
+                           captured);
+    if (put < 0)
+        goto slow_clear; /* e.g. a value marshal cannot carry: the sink describes the step itself */
+    if (put) {
+        self->emitted += 1;
+        Py_RETURN_NONE;
+    }
+    PyObject *counted = PyObject_CallNoArgs(self->not_put);
+    if (counted == NULL)
+        PyErr_Clear();
+    Py_XDECREF(counted);
+    Py_RETURN_NONE;
+slow_clear:
+    PyErr_Clear();
+slow:
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+static PyObject *Producer_submitter(Producer *self, PyObject *args) {
+    PyObject *finishers, *static_ids, *slow, *not_put, *step_info_type;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!", &PyDict_Type, &finishers, &PyDict_Type, &static_ids, &slow, &not_put,
+                          &PyType_Type, &step_info_type))
+        return NULL;
+    if (!PyCallable_Check(slow) || !PyCallable_Check(not_put)) {
+        PyErr_SetString(PyExc_TypeError, "submitter: slow and not_put must be callable");
+        return NULL;
+    }
+    Submitter *submitter = PyObject_New(Submitter, &SubmitterType);
+    if (submitter == NULL)
+        return NULL;
+    submitter->vectorcall = (vectorcallfunc)Submitter_vectorcall;
+    Py_INCREF(self);
+    submitter->producer = self;
+    Py_INCREF(finishers);
+    submitter->finishers = finishers;
+    Py_INCREF(static_ids);
+    submitter->static_ids = static_ids;
+    Py_INCREF(slow);
+    submitter->slow = slow;
+    Py_INCREF(not_put);
+    submitter->not_put = not_put;
+    Py_INCREF(step_info_type);
+    submitter->step_info_type = step_info_type;
+    submitter->emitted = 0;
+    return (PyObject *)submitter;
+}
+
+static void Submitter_dealloc(Submitter *self) {
+    Py_XDECREF(self->producer);
+    Py_XDECREF(self->finishers);
+    Py_XDECREF(self->static_ids);
+    Py_XDECREF(self->slow);
+    Py_XDECREF(self->not_put);
+    Py_XDECREF(self->step_info_type);
+    PyObject_Free(self);
+}
+
+static PyObject *Submitter_get_emitted(Submitter *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->emitted);
+}
+
+static PyGetSetDef Submitter_getset[] = {
+    {"emitted", (getter)Submitter_get_emitted, NULL, "steps this submitter put in the ring", NULL},
+    {NULL},
+};
+
+static PyTypeObject SubmitterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "otel_stepspan.exporter._ringput.Submitter",
+    .tp_doc = "ExporterProcessSink.submit for the usual step (see Producer.submitter)",
+    .tp_basicsize = sizeof(Submitter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Submitter, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)Submitter_dealloc,
+    .tp_getset = Submitter_getset,
+};
 
 static int Producer_init(Producer *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"mapping", "capacity", "captured_tag", NULL};
@@ -180,6 +317,8 @@ static PyMethodDef Producer_methods[] = {
     {"put", (PyCFunction)Producer_put, METH_O, "put(payload: bytes) -> bool: copy one record in; False (counted as dropped) when full"},
     {"put_captured", (PyCFunction)(void (*)(void))Producer_put_captured, METH_FASTCALL,
      "put_captured(start_ns, end_ns, finisher_id, static_id, parent_ids, fields) -> bool"},
+    {"submitter", (PyCFunction)Producer_submitter, METH_VARARGS,
+     "submitter(finishers, static_ids, slow, not_put, step_info_type): the sink's submit for the usual step"},
     {"release", (PyCFunction)Producer_release, METH_NOARGS, "let go of the mapping (before it is closed)"},
     {NULL},
 };
@@ -207,7 +346,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__ringput(void) {
-    if (PyType_Ready(&ProducerType) < 0)
+    if (PyType_Ready(&ProducerType) < 0 || PyType_Ready(&SubmitterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -98,7 +98,7 @@ class ExporterProcessSink:
 
     def _reset(self) -> None:
         self.dropped_total = 0  # steps dropped here: the ring was full
-        self.emitted_total = 0  # steps put in the ring
+        self._emitted = 0  # steps put in the ring by the Python submit
         self.failed_total = 0  # steps lost: could not be packed, or the exporter is gone
         self._pid = os.getpid()
         self._static_ids: dict[int, tuple[int, Mapping[str, AttributeValue]]] = {}
@@ -107,8 +107,7 @@ class ExporterProcessSink:
         self._answers_lock = threading.Lock()
         self._answers = bytearray()
         self._ring: Optional[Ring] = None
-        #: The compiled ring's put_captured once the ring is made, where it was built.
-        self._put_captured: Optional[Callable[..., bool]] = None
+        self.__dict__.pop("submit", None)  # the compiled submitter of a ring that is gone
         self._fd: Optional[int] = None  # the pipe's write end: its end tells the exporter we are gone
         self._status_fd: Optional[int] = None
         self._seq = 0
@@ -129,23 +128,11 @@ class ExporterProcessSink:
         error: Optional[BaseException],
         extra: Optional[Mapping[str, Any]] = None,
     ) -> None:
-        """Record one finished step. Never blocks, never raises."""
-        put_captured = self._put_captured
-        if put_captured is not None and error is None and not extra and type(captured) is not StepInfo:
-            # The usual step, once its finisher and attributes are known: one compiled call
-            # packs it and puts it in the ring (Ring.use_compiled).
-            finisher_id = self._finishers.get(finish, -1)
-            known = self._static_ids.get(id(static_attributes))
-            if finisher_id >= 0 and known is not None:
-                try:
-                    if put_captured(start_ns, end_ns, finisher_id, known[0], _parent_ids(parent) if parent else None,
-                                    captured):
-                        self.emitted_total += 1
-                    else:
-                        self._not_put()
-                    return
-                except ValueError:  # a value marshal cannot carry: described here, below
-                    pass
+        """Record one finished step. Never blocks, never raises.
+
+        Once the ring is made with the compiled producer, the instance's own ``submit`` is its
+        compiled submitter (:meth:`_attach_ring`): the usual step goes into the ring in that one
+        call, and everything else comes here."""
         if not self._started:
             self._start()
         known = self._static_ids.get(id(static_attributes))
@@ -181,7 +168,7 @@ class ExporterProcessSink:
         with self._lock:
             ring = self._ring
             if ring is not None and ring.put(payload):
-                self.emitted_total += 1
+                self._emitted += 1
                 return
         self._not_put()
 
@@ -310,10 +297,27 @@ class ExporterProcessSink:
             finally:
                 os.close(steps_read)
                 os.close(status_write)
-            self._ring = ring
-            if ring.use_compiled(_CAPTURED):
-                self._put_captured = ring.producer.put_captured
+            self._attach_ring(ring)
         threading.Thread(target=launcher.wait, name="otel_stepspan-exporter-launcher", daemon=True).start()
+
+    def _attach_ring(self, ring: Ring, compiled: bool = True) -> None:
+        """Put steps into ``ring`` from now on; with the compiled producer where it was built
+        (and ``compiled``): then the usual step is one call of its submitter, installed as this
+        sink's ``submit``, with no Python frame (a paced step's cold cost, see
+        ``benchmarks/bench_paced.py``); its other steps go to the Python :meth:`submit`. The
+        submitter reads the same dicts of finishers and attributes as the Python path."""
+        self._ring = ring
+        if compiled and ring.use_compiled(_CAPTURED):
+            python_submit = ExporterProcessSink.submit.__get__(self)
+            self.submit = ring.producer.submitter(  # type: ignore[method-assign]
+                self._finishers, self._static_ids, python_submit, self._not_put, StepInfo
+            )
+
+    @property
+    def emitted_total(self) -> int:
+        """Steps put in the ring, by either path."""
+        fast = self.__dict__.get("submit")
+        return self._emitted + (fast.emitted if fast is not None else 0)
 
     def _after_fork_in_child(self) -> None:
         # The child must not write into its parent's ring or pipe; it starts its own exporter on
