@@ -135,10 +135,21 @@ def test_the_compiled_producer_writes_the_bytes_ring_put_writes():
             ring.close()
 
 
-def test_the_compiled_producer_refuses_what_it_cannot_carry_and_puts_nothing(pair):
-    engine, exporter = pair
-    if engine.producer is None:
-        pytest.skip("the compiled producer's own checks")
+def test_the_compiled_producer_refuses_what_it_cannot_carry_and_puts_nothing():
+    _compiled_module()
+    engine = Ring.create(1 << 12)
+    assert engine.use_compiled(wire.CAPTURED)
+    exporter = Ring.attach(os.dup(engine.fd))
+    try:
+        _refuses(engine, exporter)
+    finally:
+        engine.close()
+        exporter.close()
+    with pytest.raises(ValueError, match="closed"):  # released with the ring: nothing is written
+        engine.producer.put(b"after close")
+
+
+def _refuses(engine: Ring, exporter: Ring) -> None:
     with pytest.raises(ValueError):  # marshal cannot carry an object(): the caller describes the step itself
         engine.producer.put_captured(1, 2, 0, 0, None, ("decode", object()))
     with pytest.raises(TypeError, match="bytes"):
