@@ -36,6 +36,11 @@ requires_kafka = pytest.mark.skipif(
     shutil.which("java") is None or (shutil.which("mvn") is None and not backends.kafka_libs_dir().is_dir()),
     reason="java (and mvn, to fetch Kafka's jars) not installed: Kafka cannot run",
 )
+# OpenSearch runs from Maven Central's jars too (fetch_opensearch); same rule.
+requires_opensearch = pytest.mark.skipif(
+    shutil.which("java") is None or (shutil.which("mvn") is None and not backends.opensearch_home().is_dir()),
+    reason="java (and mvn, to fetch OpenSearch's jars) not installed: OpenSearch cannot run",
+)
 PACED_MODES = Path(__file__).parent / "programs" / "paced_modes.py"
 # The library's loss report, one line per interval (never one per span).
 LOSS_LINE = re.compile(r"otel_stepspan: lost (\d+) step spans")
@@ -153,6 +158,16 @@ def wait_stored(jaeger_url: str, service: str, since_ns: int, expected: int, tim
         if got.unique >= expected or time.monotonic() > deadline:
             return got
         time.sleep(2.0)
+
+
+def assert_all_stored(stack: backends.LocalBackends, run: EngineRun) -> None:
+    """Every step ``run`` sent is in the Jaeger of ``stack`` once: none lost on the way, none
+    twice, the count of each mode exact."""
+    got = wait_stored(stack.jaeger_url, run.service, run.started_ns, run.steps)
+    assert run.reported_lost == 0, run.stderr
+    assert got.missing(run.steps) == [], f"{len(got.missing(run.steps))} of {run.steps} steps missing"
+    assert got.by_mode == run.sent
+    assert got.unique == run.steps
 
 
 def monitor_series(jaeger_url: str, service: str, metric: str = "calls",

@@ -41,7 +41,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
-from backends_support import EngineRun, poll, requires_go, requires_kafka, wait_stored  # noqa: E402
+from backends_support import EngineRun, assert_all_stored, poll, requires_go, requires_kafka, wait_stored  # noqa: E402
 
 RATE = 100.0  # steps per second
 OUTAGE_S = 4.0
@@ -88,14 +88,6 @@ def fleet(tmp_path_factory):
         yield stack
 
 
-def _assert_all_stored(stack: backends.LocalFleet, run: EngineRun) -> None:
-    got = wait_stored(stack.jaeger_url, run.service, run.started_ns, run.steps)
-    assert run.reported_lost == 0, run.stderr
-    assert got.missing(run.steps) == [], f"{len(got.missing(run.steps))} of {run.steps} steps missing"
-    assert got.by_mode == run.sent
-    assert got.unique == run.steps
-
-
 def _offsets(stack: backends.LocalFleet) -> dict[int, tuple[int, int]]:
     """{partition: (committed, end)} of Jaeger's group; 0 committed where none was (a
     partition no record went to yet)."""
@@ -125,7 +117,7 @@ def _settled_offsets(stack: backends.LocalFleet) -> dict[int, tuple[int, int]]:
 @requires_kafka
 def test_every_step_reaches_jaeger_through_kafka(fleet):
     run = EngineRun.start(fleet.otlp_grpc_endpoint, "kafka-path", 8, RATE, **ENGINE_ENV).finish()
-    _assert_all_stored(fleet, run)
+    assert_all_stored(fleet, run)
     # Jaeger's OTLP receiver is defined but in no pipeline: Kafka was the only way in.
     assert not backends._port_open(fleet.jaeger_ports.otlp_grpc)
     offsets = _settled_offsets(fleet)
@@ -150,7 +142,7 @@ def test_a_kafka_restart_mid_run_loses_nothing(fleet):
     time.sleep(OUTAGE_S)
     fleet.start_kafka()
     run.finish()
-    _assert_all_stored(fleet, run)
+    assert_all_stored(fleet, run)
     assert fleet.kafka.pid != before.pid
 
 
@@ -168,7 +160,7 @@ def test_the_ingester_killed_mid_run_resumes_from_its_offsets_and_loses_nothing(
     time.sleep(OUTAGE_S)
     fleet.start_jaeger()
     run.finish()
-    _assert_all_stored(fleet, run)
+    assert_all_stored(fleet, run)
     at_end = _settled_offsets(fleet)
     assert all(committed == end for committed, end in at_end.values()), at_end
     # Records came after the offsets committed before the kill: the restarted ingester read on
