@@ -13,8 +13,11 @@ engine stand-in (tests/programs/paced_modes.py) sent: the counts are exact.
    not red, Jaeger's search keeps answering from the replicas on os1, and no step is missing;
    os2 started again, the cluster is green again.
 3. The project's CLI (`otel-stepspan search`, `stats`) against this Jaeger finds every step.
+4. `python scripts/backends.py run --fleet --kafka --opensearch` as a user runs it: it prints
+   both nodes, every step sent through its agent is in its Jaeger, and SIGTERM stops
+   everything (exit 0, every port free, no node left running).
 
-One fleet serves 1-3. About a minute and a half once built (`python scripts/backends.py build
+One fleet serves 1-3, `run` its own. About two minutes once built (`python scripts/backends.py build
 --fleet`). Skips where Go or Java is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those
 skips into failures.
 """
@@ -22,6 +25,7 @@ skips into failures.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import urllib.request
@@ -33,7 +37,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 from backends_support import (  # noqa: E402
-    EngineRun, assert_all_stored, poll, requires_go, requires_kafka, requires_opensearch, stored, Stored,
+    EngineRun, Stored, assert_all_stored, poll, requires_go, requires_kafka, requires_opensearch, sigterm,
+    start_run, stored, wait_stored,
 )
 
 from otel_stepspan.cli.jaeger import JaegerError  # noqa: E402
@@ -139,3 +144,20 @@ def test_the_cli_searches_and_summarises_jaeger_on_opensearch(fleet, capsys):
     rows = {row["mode"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert rows.pop("all")["steps"] == run.steps
     assert {mode: row["steps"] for mode, row in rows.items()} == dict(run.sent), rows
+
+
+@_mark
+def test_run_fleet_kafka_opensearch_serves_and_stops(tmp_path):
+    ports = backends.free_ports(7)
+    proc, text = start_run(tmp_path, ports, "--kafka", "--opensearch")
+    try:
+        nodes = [line for line in text.splitlines() if line.startswith("OpenSearch ")]
+        assert len(nodes) == 1 and nodes[0].count("http://127.0.0.1:") == 2, text
+        run = EngineRun.start(f"http://127.0.0.1:{ports[0]}", "os-run", 3, RATE, **ENGINE_ENV).finish()
+        got = wait_stored(f"http://127.0.0.1:{ports[3]}", run.service, run.started_ns, run.steps)
+        assert got.missing(run.steps) == [] and got.by_mode == run.sent
+    finally:
+        status = sigterm(proc)
+    assert status == 0
+    backends._check_free(ports)
+    backends._check_free([int(port) for port in re.findall(r"http://127\.0\.0\.1:(\d+)", nodes[0])])  # both nodes gone
