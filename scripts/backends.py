@@ -1292,7 +1292,7 @@ def start_opensearch(workdir: str | os.PathLike[str], node: OpenSearchNode,
                      timeout: float = 90.0) -> subprocess.Popen:
     """Start one OpenSearch node of ``cluster`` (opensearch/opensearch.yml) on 127.0.0.1, its
     config, data and log under workdir/opensearch-<name>/; returns once its HTTP port answers
-    (the cluster may not have formed yet: see wait_opensearch_health). Started again on the same
+    (the cluster may not have formed yet: see opensearch_health). Started again on the same
     folders, it finds its shards there."""
     folder = Path(workdir) / f"opensearch-{node.name}"
     conf, data, logs = folder / "config", folder / "data", folder / "logs"
