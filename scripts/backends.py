@@ -18,7 +18,8 @@ stands on Jaeger's UI port in front of Jaeger's query port (`run` and LocalBacke
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
     python scripts/backends.py build --fleet   # ... and the fleet Collector (agent, gateway),
-                                          # and Kafka's jars (Maven) when java and mvn are there
+                                          # and Kafka's and OpenSearch's jars (Maven) when java
+                                          # and mvn are there
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
     python scripts/backends.py validate   # `otelcol validate` on every collector config
                                           # (--fleet: agent.yaml, gateway.yaml, the Kafka
@@ -28,9 +29,10 @@ CLI (stdlib only, Python >= 3.10):
                                           # Jaeger (Badger) + collector + Prometheus on 127.0.0.1;
                                           # Ctrl-C stops; spans, the collector's queue and the
                                           # metrics stay in DIR
-    python scripts/backends.py run --fleet [--kafka]
+    python scripts/backends.py run --fleet [--kafka] [--opensearch]
                                           # agent + gateways instead of the collector; --kafka:
-                                          # Kafka between the gateways and Jaeger (docs/scale.md)
+                                          # Kafka between the gateways and Jaeger (docs/scale.md);
+                                          # --opensearch: Jaeger on two OpenSearch nodes
 
 From Python (e.g. pytest):
     paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path, "prometheus": Path}
@@ -42,6 +44,8 @@ From Python (e.g. pytest):
     write_local_agent_config(src, dst, ...)     # collector/agent.yaml, local endpoints and gateways
     LocalFleet(workdir, kafka=True)             # ... with Kafka; start_kafka(), stop and kill it
     fetch_kafka()                               # Kafka's jars (Maven Central), on demand
+    LocalFleet(workdir, opensearch=True)        # Jaeger on two OpenSearch nodes; start_opensearch()
+    fetch_opensearch()                          # OpenSearch's jars (Maven Central), on demand
 
 Findings that shaped this script (Go 1.26, proxy as seen 2026-11):
   * Collector: `go install go.opentelemetry.io/collector/cmd/builder@v0.165.0` works; ocb
@@ -152,6 +156,30 @@ KAFKA_GROUP = "otel-stepspan-jaeger"
 ENV_KAFKA_BROKERS = "STEPSPAN_KAFKA_BROKERS"
 # The broker's JVM: a modest heap (it keeps its data in the OS page cache, not on the heap).
 KAFKA_JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true")
+
+# OpenSearch as the fleet's Jaeger store (docs/scale.md): two nodes from Maven Central's jars on
+# the machine's Java 17, fetched with Maven into the cache (fetch_opensearch), Jaeger pointed at
+# them by jaeger/opensearch.yaml (jaeger/config.yaml with OpenSearch for Badger). 2.19.6 is the newest 2.x
+# Maven Central serves; 3.x needs Java 21. log4j-core is not in OpenSearch's published
+# dependencies: it is added at the log4j-api version OpenSearch brings (fetch_opensearch checks).
+OPENSEARCH_VERSION = "2.19.6"
+OPENSEARCH_LOG4J_VERSION = "2.25.4"
+OPENSEARCH_DIR = REPO_ROOT / "opensearch"
+OPENSEARCH_CONFIG = OPENSEARCH_DIR / "opensearch.yml"
+OPENSEARCH_LOG4J_CONFIG = OPENSEARCH_DIR / "log4j2.properties"
+OPENSEARCH_NETTY_POLICY = OPENSEARCH_DIR / "transport-netty4.policy"
+JAEGER_OPENSEARCH_CONFIG = REPO_ROOT / "jaeger" / "opensearch.yaml"
+# The variable jaeger/opensearch.yaml reads the nodes' URLs from (a YAML list).
+ENV_OPENSEARCH_URLS = "STEPSPAN_OPENSEARCH_URLS"
+# The node's JVM: what OpenSearch's own launcher (bin/opensearch, config/jvm.options) passes,
+# with a small heap (290-380 MB RSS measured at 512 MB).
+OPENSEARCH_JVM_OPTIONS = (
+    "-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true", "-Dfile.encoding=UTF-8",
+    "-Djna.nosys=true", "-XX:-OmitStackTraceInFastThrow", "-Dio.netty.noUnsafe=true",
+    "-Dio.netty.noKeySetOptimization=true", "-Dio.netty.recycler.maxCapacityPerThread=0",
+    "-Dio.netty.allocator.numDirectArenas=0", "-Dlog4j.shutdownHookEnabled=false",
+    "-Dlog4j2.disable.jmx=true", "-Djava.locale.providers=SPI,COMPAT",
+    "-Dopensearch.distribution.type=tar")
 
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
 JAEGER_IMAGE = "jaegertracing/jaeger"
@@ -612,6 +640,78 @@ def fetch_kafka(*, force: bool = False) -> Path:
     return libs
 
 
+def opensearch_home() -> Path:
+    """OpenSearch's home (lib/, modules/transport-netty4/, bin/, extensions/): there only once
+    complete."""
+    return backends_dir() / f"opensearch-{OPENSEARCH_VERSION}"
+
+
+def _maven_pom(name: str, dependencies: "list[tuple[str, str, str]]") -> str:
+    """A throw-away Maven project whose runtime dependencies are ``dependencies`` (group,
+    artifact, version): what `mvn dependency:copy-dependencies` copies."""
+    deps = "\n    ".join(f"<dependency><groupId>{g}</groupId><artifactId>{a}</artifactId>"
+                          f"<version>{v}</version></dependency>" for g, a, v in dependencies)
+    return ('<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
+            "  <modelVersion>4.0.0</modelVersion>\n"
+            f"  <groupId>local.otel-stepspan</groupId><artifactId>{name}</artifactId>"
+            "<version>1</version><packaging>pom</packaging>\n"
+            f"  <dependencies>\n    {deps}\n  </dependencies>\n</project>\n")
+
+
+def _copy_dependencies(pom_text: str, pom: Path, out: Path, what: str) -> None:
+    pom.write_text(pom_text, encoding="utf-8")
+    _run(["nice", "-n", "10", str(find_java_tools()[1]), "-B", "-q", "-f", str(pom),
+          f"{MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={out}"],
+         cwd=pom.parent, env=os.environ, what=f"mvn: fetch {what}")
+
+
+def fetch_opensearch(*, force: bool = False) -> Path:
+    """OpenSearch's home (OPENSEARCH_VERSION) at opensearch_home(), put together from Maven
+    Central's jars with `mvn dependency:copy-dependencies` when missing (about 45 MB; seconds once
+    Maven's own cache holds them): the server and its dependencies in lib/, with log4j-core and
+    the plugin class loader its published list leaves out; the one module Jaeger needs, HTTP and
+    node-to-node transport, in modules/transport-netty4/ with a descriptor and a security policy
+    (opensearch/transport-netty4.policy) that the module's jar does not carry; the empty bin/,
+    extensions/ and plugins/ the node expects. Written beside, then renamed into place."""
+    home = opensearch_home()
+    with _lock(home.with_name(home.name + ".lock")):
+        if home.is_dir() and not force:
+            return home
+        tmp = home.with_name(home.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module = tmp / "modules" / "transport-netty4"
+        for folder in (tmp / "lib", module, tmp / "bin", tmp / "extensions", tmp / "plugins"):
+            folder.mkdir(parents=True)
+        t0 = time.monotonic()
+        _log(f"fetching OpenSearch {OPENSEARCH_VERSION}'s jars from Maven Central into {home}")
+        _copy_dependencies(_maven_pom("opensearch-jars", [
+            ("org.opensearch", "opensearch", OPENSEARCH_VERSION),
+            ("org.opensearch", "opensearch-plugin-classloader", OPENSEARCH_VERSION),
+            ("org.apache.logging.log4j", "log4j-core", OPENSEARCH_LOG4J_VERSION)]),
+            tmp / "pom.xml", tmp / "lib", f"OpenSearch {OPENSEARCH_VERSION}")
+        _copy_dependencies(_maven_pom("opensearch-transport-netty4", [
+            ("org.opensearch.plugin", "transport-netty4-client", OPENSEARCH_VERSION)]),
+            tmp / "pom-netty4.xml", module, "OpenSearch's transport-netty4 module")
+        for jar in (tmp / "lib" / f"opensearch-{OPENSEARCH_VERSION}.jar",
+                    tmp / "lib" / f"log4j-api-{OPENSEARCH_LOG4J_VERSION}.jar",
+                    module / f"transport-netty4-client-{OPENSEARCH_VERSION}.jar"):
+            if not jar.is_file():
+                raise BackendError(f"OpenSearch {OPENSEARCH_VERSION}'s jars hold no {jar.name}: "
+                                   f"OPENSEARCH_LOG4J_VERSION in {__file__} must be the log4j-api version "
+                                   f"OpenSearch depends on (see {sorted(f.name for f in (tmp / 'lib').glob('log4j-*'))})")
+        (module / "plugin-descriptor.properties").write_text(
+            "description=Netty 4 based transport and HTTP (fetched by scripts/backends.py)\n"
+            f"version={OPENSEARCH_VERSION}\nname=transport-netty4\n"
+            "classname=org.opensearch.transport.Netty4Plugin\njava.version=11\n"
+            f"opensearch.version={OPENSEARCH_VERSION}\n", encoding="utf-8")
+        shutil.copyfile(OPENSEARCH_NETTY_POLICY, module / "plugin-security.policy")
+        shutil.rmtree(home, ignore_errors=True)
+        tmp.rename(home)
+        size = sum(f.stat().st_size for f in home.rglob("*.jar")) / 2**20
+        _log(f"OpenSearch {OPENSEARCH_VERSION} fetched in {time.monotonic() - t0:.0f}s: {home} ({size:.0f} MiB)")
+    return home
+
+
 def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus",
                                                   "search_front"),
                  *, force: bool = False) -> dict[str, Path]:
@@ -632,6 +732,8 @@ def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus
         out["otelcol_gateway"] = build_gateway(force=force)
     if "kafka" in components:
         out["kafka"] = fetch_kafka(force=force)
+    if "opensearch" in components:
+        out["opensearch"] = fetch_opensearch(force=force)
     return out
 
 
@@ -829,8 +931,10 @@ class JaegerPorts:
 def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
                         data_dir: str | os.PathLike[str], host: str = LOCALHOST,
                         prometheus_url: str | None = None,
-                        ui_assets: str | os.PathLike[str] | None = None) -> Path:
-    """The project's jaeger/config.yaml (Badger storage) with its endpoints on ``host``, its
+                        ui_assets: str | os.PathLike[str] | None = None,
+                        src: Path = JAEGER_CONFIG) -> Path:
+    """The project's jaeger/config.yaml (Badger storage; or ``src``: jaeger/opensearch.yaml,
+    whose store is given by STEPSPAN_OPENSEARCH_URLS) with its endpoints on ``host``, its
     Badger directories under ``data_dir`` and its metric backend (the Monitor tab's) at
     ``prometheus_url`` (default http://host:9090, where `run` puts Prometheus); nothing else
     changed, but for ``ui_assets``: a built jaeger-ui (the directory holding its index.html) for
@@ -844,7 +948,8 @@ def write_jaeger_config(dst: str | os.PathLike[str], ports: JaegerPorts, *,
         ("receivers", "otlp", "protocols", "grpc"): f"{host}:{ports.otlp_grpc}",
         ("receivers", "otlp", "protocols", "http"): f"{host}:{ports.otlp_http}",
     }
-    out, _ = _rewrite(JAEGER_CONFIG, wanted, {JAEGER_DATA_PATH: str(Path(data_dir).resolve())})
+    badger = {JAEGER_DATA_PATH: str(Path(data_dir).resolve())} if src == JAEGER_CONFIG else {}
+    out, _ = _rewrite(src, wanted, badger)
     if ui_assets is not None:
         assets = Path(ui_assets).resolve()
         if not (assets / "index.html").is_file():
@@ -1026,17 +1131,18 @@ def start_jaeger(workdir: str | os.PathLike[str], ports: JaegerPorts, *,
                  binary: Path | None = None, timeout: float = 60.0,
                  prometheus_url: str | None = None,
                  ui_assets: str | os.PathLike[str] | None = None,
-                 overlays: "tuple[Path, ...]" = ()) -> subprocess.Popen:
+                 overlays: "tuple[Path, ...]" = (),
+                 src: Path = JAEGER_CONFIG) -> subprocess.Popen:
     """Start Jaeger v2 with the project's config (Badger in ``data_dir``, by default
     workdir/jaeger_data) on 127.0.0.1, and ``overlays`` merged on top of it (jaeger/ingester.yaml:
     read Kafka instead of OTLP); returns once it is healthy. Starting it again with the
     same directories finds every span it stored before. ``env`` adds variables
     (JAEGER_RETENTION, STEPSPAN_KAFKA_BROKERS); the Monitor tab queries ``prometheus_url`` (see
-    write_jaeger_config)."""
+    write_jaeger_config); ``src`` jaeger/opensearch.yaml stores in OpenSearch instead."""
     workdir = Path(workdir)
     _check_free([ports.otlp_grpc, ports.otlp_http, ports.query_http, ports.query_grpc, ports.health])
     config = write_jaeger_config(workdir / "jaeger.yaml", ports, prometheus_url=prometheus_url,
-                                 data_dir=data_dir or workdir / "jaeger_data", ui_assets=ui_assets)
+                                 data_dir=data_dir or workdir / "jaeger_data", ui_assets=ui_assets, src=src)
     binary = binary or ensure_built(("jaeger",))["jaeger"]
     return _start([str(binary), f"--config={config}", *(f"--config={o}" for o in overlays)], workdir / "jaeger.log",
                   f"http://{LOCALHOST}:{ports.health}/status", timeout, env)
@@ -1134,6 +1240,86 @@ def start_kafka(workdir: str | os.PathLike[str], ports: KafkaPorts, *,
     return proc
 
 
+@dataclass(frozen=True)
+class OpenSearchNode:
+    name: str  # node.name, and the folder of its config, data and log under the workdir
+    http: int  # what Jaeger talks to (STEPSPAN_OPENSEARCH_URLS)
+    transport: int  # node to node
+    cluster_manager: bool  # eligible to manage the cluster (else a data node only)
+
+
+def write_opensearch_config(conf_dir: str | os.PathLike[str], node: OpenSearchNode,
+                            cluster: "list[OpenSearchNode]", *, data_dir: str | os.PathLike[str],
+                            logs_dir: str | os.PathLike[str]) -> Path:
+    """The project's opensearch/opensearch.yml and log4j2.properties in ``conf_dir``, the first
+    with this node's settings appended: its name and roles, ports, the other nodes' transport
+    ports to find them by, who may manage the cluster, and where its data and logs go."""
+    managers = [n.name for n in cluster if n.cluster_manager]
+    if not managers:
+        raise BackendError("an OpenSearch cluster needs a cluster-manager-eligible node")
+    roles = ["cluster_manager", "data", "ingest"] if node.cluster_manager else ["data", "ingest"]
+    settings = {
+        "node.name": node.name, "node.roles": roles, "http.port": node.http, "transport.port": node.transport,
+        "discovery.seed_hosts": [f"{LOCALHOST}:{n.transport}" for n in cluster],
+        "cluster.initial_cluster_manager_nodes": managers,
+        "path.data": str(Path(data_dir).resolve()), "path.logs": str(Path(logs_dir).resolve()),
+    }
+    conf = Path(conf_dir)
+    text = OPENSEARCH_CONFIG.read_text(encoding="utf-8") + "\n# Set by scripts/backends.py for this node:\n"
+    text += "".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items())
+    _write(conf / "opensearch.yml", [text])
+    shutil.copyfile(OPENSEARCH_LOG4J_CONFIG, conf / "log4j2.properties")
+    return conf / "opensearch.yml"
+
+
+def _as_unprivileged() -> list[str]:
+    """The command prefix that runs a node as an unprivileged user when this process is root:
+    OpenSearch refuses to run as root. `unshare --user --map-user=1000` starts it in a user
+    namespace of its own where it is uid 1000, with no capability at all, while its files stay
+    this user's (it can read the cache under root's 0700 home and write its folders as root's
+    files would be written, nothing more). [] when not root."""
+    if os.geteuid() != 0:
+        return []
+    unshare = shutil.which("unshare")
+    if not unshare:
+        raise BackendError("OpenSearch refuses to run as root, and unshare (util-linux), which would start "
+                           "it as an unprivileged user, is not on PATH")
+    return [unshare, "--user", "--map-user=1000", "--map-group=1000"]
+
+
+def start_opensearch(workdir: str | os.PathLike[str], node: OpenSearchNode,
+                     cluster: "list[OpenSearchNode]", *, home: Path | None = None,
+                     timeout: float = 90.0) -> subprocess.Popen:
+    """Start one OpenSearch node of ``cluster`` (opensearch/opensearch.yml) on 127.0.0.1, its
+    config, data and log under workdir/opensearch-<name>/; returns once its HTTP port answers
+    (the cluster may not have formed yet: see opensearch_health). Started again on the same
+    folders, it finds its shards there."""
+    folder = Path(workdir) / f"opensearch-{node.name}"
+    conf, data, logs = folder / "config", folder / "data", folder / "logs"
+    for path in (conf, data, logs):
+        path.mkdir(parents=True, exist_ok=True)
+    _check_free([node.http, node.transport])
+    write_opensearch_config(conf, node, cluster, data_dir=data, logs_dir=logs)
+    home = home or fetch_opensearch()
+    java, _ = find_java_tools(maven=False)
+    argv = [*_as_unprivileged(), java, *OPENSEARCH_JVM_OPTIONS,
+            f"-Djava.io.tmpdir={data}", f"-Dopensearch.path.home={home}", f"-Dopensearch.path.conf={conf}",
+            "-cp", str(home / "lib" / "*"), "org.opensearch.bootstrap.OpenSearch"]
+    t0 = time.monotonic()
+    proc = _start(argv, Path(workdir) / f"opensearch-{node.name}.log", f"http://{LOCALHOST}:{node.http}/", timeout)
+    _log(f"OpenSearch {OPENSEARCH_VERSION} node {node.name} answers on {LOCALHOST}:{node.http} "
+         f"in {time.monotonic() - t0:.1f}s")
+    return proc
+
+
+def opensearch_health(url: str, **params: str) -> dict:
+    """GET /_cluster/health of the node at ``url`` (its JSON: status green/yellow/red,
+    number_of_nodes, unassigned_shards...); ``params`` such as wait_for_status=green."""
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    with urllib.request.urlopen(f"{url}/_cluster/health?{query}", timeout=70) as r:
+        return json.load(r)
+
+
 def kafka_group_offsets(broker: str, group: str = KAFKA_GROUP, *, topic: str = KAFKA_TOPIC,
                         libs: Path | None = None) -> dict[int, tuple[int | None, int]]:
     """{partition: (offset ``group`` committed, or None; the partition's end offset)} for
@@ -1211,7 +1397,8 @@ class LocalBackends:
         self.collector: subprocess.Popen | None = None
         self.prometheus: subprocess.Popen | None = None
         self.front: subprocess.Popen | None = None
-        self.jaeger_overlays: tuple[Path, ...] = ()  # merged over jaeger/config.yaml
+        self.jaeger_config = JAEGER_CONFIG  # or jaeger/opensearch.yaml (LocalFleet)
+        self.jaeger_overlays: tuple[Path, ...] = ()  # merged over it
         self.write_configs()
 
     def write_configs(self) -> None:
@@ -1260,7 +1447,8 @@ class LocalBackends:
     def start_jaeger(self) -> None:
         self.jaeger = start_jaeger(self.workdir, self.jaeger_ports, env=self.jaeger_env,
                                    binary=self.binaries["jaeger"], prometheus_url=self.prometheus_url,
-                                   ui_assets=self.ui_assets, overlays=self.jaeger_overlays)
+                                   ui_assets=self.ui_assets, overlays=self.jaeger_overlays,
+                                   src=self.jaeger_config)
         # The search front outlives Jaeger's restarts, as a reverse proxy would (502 meanwhile).
         if self.front is None or self.front.poll() is not None:
             self.front = start_search_front(
@@ -1317,9 +1505,16 @@ class LocalFleet(LocalBackends):
     (kafka/server.properties, its log in workdir/kafka_data, ``ports`` kafka and
     kafka_controller or free ones), the gateways write to it (collector/gateway-kafka.yaml over
     gateway.yaml) and Jaeger ingests from it (jaeger/ingester.yaml over jaeger/config.yaml),
-    both told the broker by STEPSPAN_KAFKA_BROKERS. Kafka starts first and stops last."""
+    both told the broker by STEPSPAN_KAFKA_BROKERS. Kafka starts first and stops last.
+
+    With ``opensearch``, Jaeger's store is a cluster of two OpenSearch nodes instead of Badger
+    (jaeger/opensearch.yaml instead of jaeger/config.yaml, the nodes' URLs in STEPSPAN_OPENSEARCH_URLS):
+    os1 may manage the cluster and holds data, os2 holds data; every index has one replica, so
+    either node holds every span. Their config, data and logs are in workdir/opensearch-<node>/.
+    They start first (the cluster green before Jaeger starts) and stop last."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2, kafka: bool = False,
+                 opensearch: bool = False,
                  collector_env: Mapping[str, str] | None = None,
                  jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
@@ -1328,7 +1523,8 @@ class LocalFleet(LocalBackends):
         if gateways < 1:
             raise BackendError("a fleet needs at least one gateway")
         self.gateway_count = gateways
-        wanted = ("jaeger", "prometheus", "search_front", "otelcol_gateway", *(("kafka",) if kafka else ()))
+        wanted = ("jaeger", "prometheus", "search_front", "otelcol_gateway", *(("kafka",) if kafka else ()),
+                  *(("opensearch",) if opensearch else ()))
         binaries = dict(binaries or ensure_built(wanted))
         self.gateways: list[subprocess.Popen] = []
         self.agent: subprocess.Popen | None = None
@@ -1340,10 +1536,41 @@ class LocalFleet(LocalBackends):
             self.kafka_ports = KafkaPorts(ports.pop("kafka", None) or free_port(),
                                           ports.pop("kafka_controller", None) or free_port())
             collector_env[ENV_KAFKA_BROKERS] = jaeger_env[ENV_KAFKA_BROKERS] = self.kafka_broker
+        self.opensearch_nodes: list[OpenSearchNode] = []
+        self.opensearch: dict[str, subprocess.Popen] = {}
+        if opensearch:
+            http1, transport1, http2, transport2 = free_ports(4)
+            self.opensearch_nodes = [OpenSearchNode("os1", http1, transport1, cluster_manager=True),
+                                     OpenSearchNode("os2", http2, transport2, cluster_manager=False)]
+            jaeger_env[ENV_OPENSEARCH_URLS] = "[" + ", ".join(self.opensearch_urls) + "]"
         super().__init__(workdir, collector_env=collector_env, jaeger_env=jaeger_env, ports=ports,
                          binaries=binaries, ui_assets=ui_assets)
         self.gateway_overlays: tuple[Path, ...] = (GATEWAY_KAFKA_CONFIG,) if kafka else ()
+        self.jaeger_config = JAEGER_OPENSEARCH_CONFIG if opensearch else JAEGER_CONFIG
         self.jaeger_overlays = (JAEGER_INGESTER_CONFIG,) if kafka else ()
+
+    @property
+    def opensearch_urls(self) -> list[str]:
+        """The OpenSearch nodes' HTTP URLs (with ``opensearch``), what Jaeger is given."""
+        return [f"http://{LOCALHOST}:{node.http}" for node in self.opensearch_nodes]
+
+    def start_opensearch(self, name: str | None = None) -> None:
+        """Start the OpenSearch node ``name`` (os1, os2; by default every node not running), then
+        wait until the cluster has every node and every shard assigned (green)."""
+        nodes = [n for n in self.opensearch_nodes if n.name == name or
+                 (name is None and (n.name not in self.opensearch or self.opensearch[n.name].poll() is not None))]
+        if not nodes:
+            raise BackendError(f"no OpenSearch node {name!r} in this fleet ({[n.name for n in self.opensearch_nodes]})")
+        t0 = time.monotonic()
+        for node in nodes:
+            self.opensearch[node.name] = start_opensearch(self.workdir, node, self.opensearch_nodes,
+                                                          home=self.binaries["opensearch"])
+        health = opensearch_health(self.opensearch_urls[0], wait_for_status="green",
+                                   wait_for_nodes=str(len(self.opensearch_nodes)), timeout="60s")
+        if health["status"] != "green" or health["number_of_nodes"] != len(self.opensearch_nodes):
+            raise BackendError(f"OpenSearch cluster not green with every node after 60 s: {health}")
+        _log(f"OpenSearch cluster green with {health['number_of_nodes']} nodes {time.monotonic() - t0:.1f}s after "
+             f"starting {', '.join(n.name for n in nodes)}")
 
     @property
     def kafka_broker(self) -> str:
@@ -1363,6 +1590,8 @@ class LocalFleet(LocalBackends):
         """Kafka (if any) first: the gateways and Jaeger's ingester connect to it; then the rest
         as LocalBackends starts it. Anything started is stopped again if a start fails."""
         try:
+            if self.opensearch_nodes:
+                self.start_opensearch()
             if self.kafka_ports is not None:
                 self.start_kafka()
             super().start()
@@ -1412,9 +1641,10 @@ class LocalFleet(LocalBackends):
 
     def processes(self) -> "list[subprocess.Popen]":
         """Prometheus, the agent (it flushes to the gateways), the gateways (they flush to
-        Jaeger or Kafka), the search front, Jaeger (an ingester commits its offsets), Kafka."""
-        return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger, self.kafka)
-                if p is not None]
+        Jaeger or Kafka), the search front, Jaeger (an ingester commits its offsets), Kafka, the
+        OpenSearch nodes (the data node before the cluster manager)."""
+        return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger, self.kafka,
+                            *reversed(self.opensearch.values())) if p is not None]
 
 
 def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
@@ -1429,7 +1659,8 @@ def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
 
 
 def validate_jaeger_config(config: Path = JAEGER_CONFIG, *overlays: Path) -> None:
-    """`jaeger validate` on a config and overlays merged on top of it (jaeger/ingester.yaml)."""
+    """`jaeger validate` on a config (jaeger/config.yaml, jaeger/opensearch.yaml) and overlays
+    merged on top of it (jaeger/ingester.yaml)."""
     binary = ensure_built(("jaeger",))["jaeger"]
     argv = [str(binary), "validate", f"--config={config}", *(f"--config={o}" for o in overlays)]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -1466,6 +1697,8 @@ def _cmd_paths(_: argparse.Namespace) -> int:
         print(f"{name}\t{p}\t{'built' if p.is_file() else 'missing'}")
     libs = kafka_libs_dir()
     print(f"kafka\t{libs}\t{'fetched' if libs.is_dir() else 'missing'} (Kafka {KAFKA_VERSION}'s jars)")
+    home = opensearch_home()
+    print(f"opensearch\t{home}\t{'fetched' if home.is_dir() else 'missing'} (OpenSearch {OPENSEARCH_VERSION}'s jars)")
     return 0
 
 
@@ -1476,9 +1709,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.fleet and "kafka" not in components:
         try:
             find_java_tools()
-            components += ("kafka",)
-        except BackendError as e:  # the Kafka tests then skip (fail in CI), saying why
-            _log(f"Kafka not fetched: {e}")
+            components += ("kafka", "opensearch")
+        except BackendError as e:  # the Kafka and OpenSearch tests then skip (fail in CI), saying why
+            _log(f"Kafka and OpenSearch not fetched: {e}")
     for name, p in ensure_built(components, force=args.force).items():
         print(f"{name}\t{p}")
     if not args.only:
@@ -1497,8 +1730,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             validate_collector_config(config, *overlays,
                                       binary=ensure_built(("otelcol_gateway",))["otelcol_gateway"])
             print(f"{' + '.join(map(str, (config, *overlays)))}: valid")
-        validate_jaeger_config(JAEGER_CONFIG, JAEGER_INGESTER_CONFIG)
-        print(f"{JAEGER_CONFIG} + {JAEGER_INGESTER_CONFIG}: valid")
+        for config in (JAEGER_CONFIG, JAEGER_OPENSEARCH_CONFIG):
+            validate_jaeger_config(config, JAEGER_INGESTER_CONFIG)
+            print(f"{config} + {JAEGER_INGESTER_CONFIG}: valid")
     return 0
 
 
@@ -1527,6 +1761,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise BackendError("--gateways needs --fleet")
     if args.kafka and not args.fleet:
         raise BackendError("--kafka needs --fleet: Kafka sits between the fleet's gateways and Jaeger")
+    if args.opensearch and not args.fleet:
+        raise BackendError("--opensearch needs --fleet: it is the store of the fleet's Jaeger")
     workdir = Path(args.data_dir or data_dir(args.fleet))
     # Ctrl-C, `kill` and a service manager's SIGTERM all stop the backends it started; SIGINT is
     # set explicitly because a shell starting this in the background (`... &`) ignores it.
@@ -1540,7 +1776,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.kafka:
             ports.update(kafka=args.kafka_port, kafka_controller=args.kafka_controller_port)
         stack: LocalBackends = LocalFleet(workdir, gateways=2 if args.gateways is None else args.gateways, ports=ports,
-                                          kafka=args.kafka, ui_assets=args.ui_assets)
+                                          kafka=args.kafka, opensearch=args.opensearch, ui_assets=args.ui_assets)
     else:
         stack = LocalBackends(workdir, secured=args.secured, ports=ports, ui_assets=args.ui_assets)
     with stack:
@@ -1551,6 +1787,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   f"engine     OTEL_EXPORTER_OTLP_ENDPOINT={stack.otlp_grpc_endpoint} (the agent)\n{tier}"
                   + (f"Kafka      {stack.kafka_broker}, topic {KAFKA_TOPIC} (the gateways write the kept "
                      f"traces; Jaeger ingests them as consumer group {KAFKA_GROUP})\n" if args.kafka else "") +
+                  (f"OpenSearch {', '.join(stack.opensearch_urls)} (Jaeger's store: nodes os1, os2, one replica; "
+                   f"indices jaeger-span-YYYY-MM-DD, jaeger-service-YYYY-MM-DD)\n" if args.opensearch else "") +
                   f"Jaeger     {stack.jaeger_url}/api/v3/services (the kept traces, through the search front; "
                   f"Jaeger itself on {stack.jaeger_direct_url})\n"
                   f"Prometheus {stack.prometheus_url} (every gateway's span metrics; Jaeger's Monitor tab)\n"
@@ -1578,10 +1816,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the missing binaries, print their paths")
     b.add_argument("--only", action="append",
-                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway", "kafka"])
+                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway", "kafka",
+                            "opensearch"])
     b.add_argument("--fleet", action="store_true",
                    help="also build the fleet Collector (collector/agent.yaml, collector/gateway.yaml) and "
-                        "fetch Kafka's jars with Maven (skipped, with a line saying so, without java and mvn)")
+                        "fetch Kafka's and OpenSearch's jars with Maven (skipped, with a line saying so, without "
+                        "java and mvn)")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     b.set_defaults(func=_cmd_build)
     sub.add_parser("paths", help="print binary paths, build nothing").set_defaults(func=_cmd_paths)
@@ -1589,7 +1829,8 @@ def main(argv: list[str] | None = None) -> int:
     va.add_argument("--config", default=str(COLLECTOR_CONFIG))
     va.add_argument("--fleet", action="store_true",
                     help="also validate collector/agent.yaml, collector/gateway.yaml, and the Kafka overlays "
-                         "collector/gateway-kafka.yaml and jaeger/ingester.yaml (builds the fleet Collector)")
+                         "collector/gateway-kafka.yaml and jaeger/ingester.yaml (over jaeger/config.yaml and "
+                         "jaeger/opensearch.yaml; builds the fleet Collector)")
     va.set_defaults(func=_cmd_validate)
     se = sub.add_parser("secrets", help="make a CA, a server certificate and a token (kept if present)")
     se.add_argument("--dir", default=str(SECRETS_DIR))
@@ -1612,8 +1853,12 @@ def main(argv: list[str] | None = None) -> int:
                     "(collector/gateway-kafka.yaml) and Jaeger ingests them from there "
                     "(jaeger/ingester.yaml) into the same store its query reads; Kafka starts first and "
                     "stops last, and its records and offsets stay in DATA_DIR/kafka_data. "
+                    "--fleet --opensearch: Jaeger's store is a cluster of two OpenSearch 2.19 nodes "
+                    "(opensearch/opensearch.yml, jaeger/opensearch.yaml: daily indices, one replica) instead "
+                    "of Badger, on ports picked free and printed; they start first (about 10 s, until the "
+                    "cluster is green) and stop last, their data in DATA_DIR/opensearch-os1 and -os2. "
                     "Binaries missing from the cache are built first (the fleet Collector: minutes; "
-                    "Kafka's jars: seconds, with java and mvn).")
+                    "Kafka's and OpenSearch's jars: seconds, with java and mvn).")
     r.add_argument("--fleet", action="store_true",
                    help="an agent and gateways (docs/scale.md) instead of the single collector")
     r.add_argument("--gateways", type=int, metavar="N",
@@ -1621,6 +1866,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--kafka", action="store_true",
                    help=f"with --fleet: Kafka between the gateways and Jaeger (one KRaft node from Maven "
                         f"Central's jars, fetched when missing; topic {KAFKA_TOPIC}); Jaeger ingests from it")
+    r.add_argument("--opensearch", action="store_true",
+                   help="with --fleet: Jaeger stores in two OpenSearch nodes (Maven Central's jars, fetched when "
+                        "missing; one replica) instead of Badger")
     r.add_argument("--kafka-port", type=int, default=9092, help="with --kafka: the broker's")
     r.add_argument("--kafka-controller-port", type=int, default=9093,
                    help="with --kafka: the KRaft controller's")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -35,6 +38,11 @@ requires_go = pytest.mark.skipif(
 requires_kafka = pytest.mark.skipif(
     shutil.which("java") is None or (shutil.which("mvn") is None and not backends.kafka_libs_dir().is_dir()),
     reason="java (and mvn, to fetch Kafka's jars) not installed: Kafka cannot run",
+)
+# OpenSearch runs from Maven Central's jars too (fetch_opensearch); same rule.
+requires_opensearch = pytest.mark.skipif(
+    shutil.which("java") is None or (shutil.which("mvn") is None and not backends.opensearch_home().is_dir()),
+    reason="java (and mvn, to fetch OpenSearch's jars) not installed: OpenSearch cannot run",
 )
 PACED_MODES = Path(__file__).parent / "programs" / "paced_modes.py"
 # The library's loss report, one line per interval (never one per span).
@@ -155,6 +163,16 @@ def wait_stored(jaeger_url: str, service: str, since_ns: int, expected: int, tim
         time.sleep(2.0)
 
 
+def assert_all_stored(stack: backends.LocalBackends, run: EngineRun) -> None:
+    """Every step ``run`` sent is in the Jaeger of ``stack`` once: none lost on the way, none
+    twice, the count of each mode exact."""
+    got = wait_stored(stack.jaeger_url, run.service, run.started_ns, run.steps)
+    assert run.reported_lost == 0, run.stderr
+    assert got.missing(run.steps) == [], f"{len(got.missing(run.steps))} of {run.steps} steps missing"
+    assert got.by_mode == run.sent
+    assert got.unique == run.steps
+
+
 def monitor_series(jaeger_url: str, service: str, metric: str = "calls",
                    **params: str) -> dict[str, list[list[float]]]:
     """What Jaeger's Monitor tab asks for its operations table, as the UI asks it:
@@ -195,3 +213,41 @@ def poll(fetch, done, timeout_s: float, every_s: float):
         if done(answer) or time.monotonic() > deadline:
             return answer
         time.sleep(every_s)
+
+
+def start_run(workdir: Path, ports: list[int], *flags: str) -> tuple[subprocess.Popen, str]:
+    """`backends.py run --fleet FLAGS` (--kafka, --opensearch) with every fixed port given
+    (``ports``: OTLP gRPC, OTLP HTTP, health, Jaeger UI, Prometheus, then with --kafka the
+    broker and the controller), every window kept, until it printed its endpoints: (the
+    process, what it printed). Its stderr goes to workdir/run.stderr."""
+    grpc, http, health, jaeger_ui, prometheus, *kafka = ports
+    argv = [sys.executable, str(backends.REPO_ROOT / "scripts" / "backends.py"), "run", "--fleet", *flags,
+            "--data-dir", str(workdir), "--otlp-grpc-port", str(grpc), "--otlp-http-port", str(http),
+            "--health-port", str(health), "--jaeger-ui-port", str(jaeger_ui), "--prometheus-port", str(prometheus),
+            *(["--kafka-port", str(kafka[0]), "--kafka-controller-port", str(kafka[1])] if kafka else [])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPSPAN_", "OTEL_"))}
+    env.update(STEPSPAN_KEEP_PERCENT="100", STEPSPAN_DECISION_WAIT="5s")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(workdir / "run.stderr", "a"),
+                            stdin=subprocess.DEVNULL, text=True, env=env, cwd=backends.REPO_ROOT)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    printed: list[str] = []
+    deadline = time.monotonic() + 120
+    while not (printed and printed[-1].startswith("data, logs")):
+        try:
+            printed.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"run --fleet {' '.join(flags)} printed no endpoints in 120 s: {printed}\n"
+                                 f"{(workdir / 'run.stderr').read_text()[-3000:]}") from None
+    return proc, "".join(printed)
+
+
+def sigterm(proc: subprocess.Popen) -> int:
+    """SIGTERM, then `run`'s exit status (killed, and the test failed, after 60 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise

@@ -27,12 +27,7 @@ minutes once the binaries are built and Kafka's jars fetched
 
 from __future__ import annotations
 
-import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,7 +36,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
-from backends_support import EngineRun, poll, requires_go, requires_kafka, wait_stored  # noqa: E402
+from backends_support import (  # noqa: E402
+    EngineRun, assert_all_stored, poll, requires_go, requires_kafka, sigterm, start_run, wait_stored,
+)
 
 RATE = 100.0  # steps per second
 OUTAGE_S = 4.0
@@ -88,14 +85,6 @@ def fleet(tmp_path_factory):
         yield stack
 
 
-def _assert_all_stored(stack: backends.LocalFleet, run: EngineRun) -> None:
-    got = wait_stored(stack.jaeger_url, run.service, run.started_ns, run.steps)
-    assert run.reported_lost == 0, run.stderr
-    assert got.missing(run.steps) == [], f"{len(got.missing(run.steps))} of {run.steps} steps missing"
-    assert got.by_mode == run.sent
-    assert got.unique == run.steps
-
-
 def _offsets(stack: backends.LocalFleet) -> dict[int, tuple[int, int]]:
     """{partition: (committed, end)} of Jaeger's group; 0 committed where none was (a
     partition no record went to yet)."""
@@ -125,7 +114,7 @@ def _settled_offsets(stack: backends.LocalFleet) -> dict[int, tuple[int, int]]:
 @requires_kafka
 def test_every_step_reaches_jaeger_through_kafka(fleet):
     run = EngineRun.start(fleet.otlp_grpc_endpoint, "kafka-path", 8, RATE, **ENGINE_ENV).finish()
-    _assert_all_stored(fleet, run)
+    assert_all_stored(fleet, run)
     # Jaeger's OTLP receiver is defined but in no pipeline: Kafka was the only way in.
     assert not backends._port_open(fleet.jaeger_ports.otlp_grpc)
     offsets = _settled_offsets(fleet)
@@ -150,7 +139,7 @@ def test_a_kafka_restart_mid_run_loses_nothing(fleet):
     time.sleep(OUTAGE_S)
     fleet.start_kafka()
     run.finish()
-    _assert_all_stored(fleet, run)
+    assert_all_stored(fleet, run)
     assert fleet.kafka.pid != before.pid
 
 
@@ -168,47 +157,12 @@ def test_the_ingester_killed_mid_run_resumes_from_its_offsets_and_loses_nothing(
     time.sleep(OUTAGE_S)
     fleet.start_jaeger()
     run.finish()
-    _assert_all_stored(fleet, run)
+    assert_all_stored(fleet, run)
     at_end = _settled_offsets(fleet)
     assert all(committed == end for committed, end in at_end.values()), at_end
     # Records came after the offsets committed before the kill: the restarted ingester read on
     # from there, and committed them all.
     assert committed_at_kill < sum(end for _, end in at_end.values()), (committed_at_kill, at_end)
-
-
-def _run_fleet_kafka(workdir: Path, ports: list[int]) -> tuple[subprocess.Popen, str]:
-    """`backends.py run --fleet --kafka` with every fixed port given, until it printed its
-    endpoints: (the process, what it printed)."""
-    grpc, http, health, jaeger_ui, prometheus, kafka, controller = ports
-    argv = [sys.executable, str(backends.REPO_ROOT / "scripts" / "backends.py"), "run", "--fleet", "--kafka",
-            "--data-dir", str(workdir), "--otlp-grpc-port", str(grpc), "--otlp-http-port", str(http),
-            "--health-port", str(health), "--jaeger-ui-port", str(jaeger_ui), "--prometheus-port", str(prometheus),
-            "--kafka-port", str(kafka), "--kafka-controller-port", str(controller)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPSPAN_", "OTEL_"))}
-    env.update(STEPSPAN_KEEP_PERCENT="100", STEPSPAN_DECISION_WAIT="5s")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(workdir / "run.stderr", "a"),
-                            stdin=subprocess.DEVNULL, text=True, env=env, cwd=backends.REPO_ROOT)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    printed: list[str] = []
-    deadline = time.monotonic() + 120
-    while not (printed and printed[-1].startswith("data, logs")):
-        try:
-            printed.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-        except queue.Empty:
-            proc.kill()
-            raise AssertionError(f"run --fleet --kafka printed no endpoints in 120 s: {printed}\n"
-                                 f"{(workdir / 'run.stderr').read_text()[-3000:]}") from None
-    return proc, "".join(printed)
-
-
-def _sigterm(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 @pytest.mark.backends
@@ -217,7 +171,7 @@ def _sigterm(proc: subprocess.Popen) -> int:
 def test_run_fleet_kafka_serves_stops_and_keeps_what_it_stored(tmp_path):
     ports = backends.free_ports(7)
     grpc, jaeger = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[3]}"
-    proc, text = _run_fleet_kafka(tmp_path, ports)
+    proc, text = start_run(tmp_path, ports, "--kafka")
     try:
         assert (f"Kafka      127.0.0.1:{ports[5]}, topic {backends.KAFKA_TOPIC} " in text
                 and backends.KAFKA_GROUP in text), text
@@ -225,15 +179,15 @@ def test_run_fleet_kafka_serves_stops_and_keeps_what_it_stored(tmp_path):
         got = wait_stored(jaeger, run.service, run.started_ns, run.steps)
         assert got.missing(run.steps) == [] and got.by_mode == run.sent
     finally:
-        status = _sigterm(proc)
+        status = sigterm(proc)
     assert status == 0
     backends._check_free(ports)  # Kafka, Jaeger's front, the agent, Prometheus: all gone
-    proc, _ = _run_fleet_kafka(tmp_path, ports)
+    proc, _ = start_run(tmp_path, ports, "--kafka")
     try:
         again = wait_stored(jaeger, run.service, run.started_ns, run.steps, timeout_s=10)
         assert again.missing(run.steps) == [] and again.by_mode == run.sent
     finally:
-        assert _sigterm(proc) == 0
+        assert sigterm(proc) == 0
     stderr = (tmp_path / "run.stderr").read_text()
     ready = f"Kafka {backends.KAFKA_VERSION} ready on 127.0.0.1:{ports[5]}"
     assert stderr.count("formatting Kafka's log") == 1 and stderr.count(ready) == 2, stderr[-2000:]
