@@ -96,7 +96,8 @@ class Ring:
 
         A paced step runs with cold caches, where each Python-level operation costs about a
         microsecond (``benchmarks/bench_paced.py``); the compiled put is one call, and
-        ``producer.put_captured`` packs a step's ``wire.CAPTURED`` message in the same call.
+        ``producer.submitter`` (the sink's ``submit`` for the usual step) packs a step's
+        ``wire.CAPTURED`` message in the same call.
         Its puts never interleave (each holds the GIL throughout), so they need no lock, and it
         orders the counter after the bytes on every CPU."""
         try:

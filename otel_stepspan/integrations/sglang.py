@@ -178,13 +178,10 @@ def capture(forward_batch: Any, is_draft_worker: bool = False, pass_id: Optional
             verify_total = as_count(getattr(layout, "total_verify_tokens", None))
             verify_lens = getattr(layout, "verify_lens_cpu", None)
         verify_width = _tokens_per_request(spec_info)
-    forward_mode = getattr(forward_batch, "forward_mode", None)
-    known = _mode_by_member.get(id(forward_mode))  # mode_name's memo, read here: one call less
     return _tuple_new(
         Captured,
         (
-            "draft" if is_draft_worker
-            else known[1] if known is not None and known[0] is forward_mode else mode_name(forward_mode),
+            "draft" if is_draft_worker else mode_name(getattr(forward_batch, "forward_mode", None)),
             getattr(forward_batch, "batch_size", None),
             getattr(forward_batch, "extend_seq_lens_cpu", None),
             getattr(forward_batch, "extend_num_tokens", None),
