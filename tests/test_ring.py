@@ -104,9 +104,23 @@ def test_an_exporter_that_is_gone_is_told_from_one_that_is_only_behind():
         os.close(read_fd)
 
 
+def _finish(fields):  # a finisher the submitters below know by number 0
+    return fields
+
+
+def _submitter(ring: Ring, statics: dict, slow=None, not_put=None):
+    """The compiled submitter of ``ring``, knowing ``_finish`` as finisher 0 and ``statics`` as
+    attributes 1, as ExporterProcessSink installs it; ``slow`` records what it hands on."""
+    from otel_stepspan.step import StepInfo
+
+    return ring.producer.submitter(
+        {_finish: 0}, {id(statics): (1,)}, slow or (lambda *args: None), not_put or (lambda: None), StepInfo
+    )
+
+
 def test_the_compiled_producer_writes_the_bytes_ring_put_writes():
-    """Same records in the same places: the compiled put and Ring.put byte for byte, and
-    put_captured the CAPTURED message that marshal.dumps packs for Ring.put (equal once loaded:
+    """Same records in the same places: the compiled put and Ring.put byte for byte, and the
+    submitter's CAPTURED message the one marshal.dumps packs for Ring.put (equal once loaded:
     marshal flags objects that others refer to, so its bytes depend on reference counts)."""
 
     def loaded(records: list[bytes]) -> list:
@@ -116,19 +130,20 @@ def test_the_compiled_producer_writes_the_bytes_ring_put_writes():
     rings = [Ring.create(1 << 12), Ring.create(1 << 12)]
     python, compiled = rings
     assert compiled.use_compiled(wire.CAPTURED)
+    statics = {"engine.name": "sglang"}
+    submit = _submitter(compiled, statics)
     readers = [Ring.attach(os.dup(ring.fd)) for ring in rings]
     try:
-        fields = ("decode", 4, None, None, 4, None, None, None, [1, 2], False, 7, ((1, 2, 1, False),))
         for i in range(120):  # laps of the circle, records split across its end
-            parent = (i, i + 1, 1, True) if i % 3 else None
-            assert python.put(marshal.dumps((wire.CAPTURED, 10 * i, 10 * i + 5, 0, 1, parent, None, None, fields)))
-            assert compiled.producer.put_captured(10 * i, 10 * i + 5, 0, 1, parent, fields)
+            fields = ("decode", 4, None, None, 4, None, None, None, [1, 2] * (i % 4), False, i, ((1, 2, 1, False),))
+            assert python.put(marshal.dumps((wire.CAPTURED, 10 * i, 10 * i + 5, 0, 1, None, None, None, fields)))
+            submit(_finish, fields, statics, None, 10 * i, 10 * i + 5, None)
             assert python.put(b"r" * (i % 13)) and compiled.put(b"r" * (i % 13))
             if i % 5 == 0:
                 assert python._counters[0] == compiled._counters[0]  # the same bytes written
                 assert loaded(readers[0].take()) == loaded(readers[1].take())
         assert loaded(readers[0].take()) == loaded(readers[1].take())
-        assert compiled.put_total == python.put_total == 240
+        assert compiled.put_total == python.put_total == 240 and submit.emitted == 120
         assert readers[1].take() == [] and compiled.waiting() == 0
     finally:
         for ring in readers + rings:
@@ -150,8 +165,16 @@ def test_the_compiled_producer_refuses_what_it_cannot_carry_and_puts_nothing():
 
 
 def _refuses(engine: Ring, exporter: Ring) -> None:
-    with pytest.raises(ValueError):  # marshal cannot carry an object(): the caller describes the step itself
-        engine.producer.put_captured(1, 2, 0, 0, None, ("decode", object()))
+    statics = {"engine.name": "sglang"}
+    handed_on: list = []
+    submit = _submitter(engine, statics, slow=lambda *args: handed_on.append(args))
+    # marshal cannot carry an object(): the submitter hands the step to the Python path, which
+    # describes it on the engine thread; so too a step it does not know the finisher or attributes of.
+    odd = ("decode", object())
+    submit(_finish, odd, statics, None, 1, 2, None)
+    submit(len, ("decode",), statics, None, 3, 4, None)
+    submit(_finish, ("decode",), {"other": 1}, None, 5, 6, None)
+    assert [args[1] for args in handed_on] == [odd, ("decode",), ("decode",)] and submit.emitted == 0
     with pytest.raises(TypeError, match="bytes"):
         engine.put("a str")
     assert exporter.take() == [] and engine.put_total == 0 and exporter.dropped() == 0

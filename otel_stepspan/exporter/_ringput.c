@@ -109,10 +109,9 @@ static PyObject *Producer_put(Producer *self, PyObject *payload) {
     return put_bytes(self, payload);
 }
 
-/* put_captured(start_ns, end_ns, finisher_id, static_id, parent_ids, fields) -> bool
- * The CAPTURED message of wire.py, (CAPTURED, start, end, finisher, static, parent, None, None,
- * tuple(fields)), marshalled and put. Raises ValueError when marshal cannot carry a field (the
- * caller then describes the step itself, as with marshal.dumps). */
+/* The CAPTURED message of wire.py, (CAPTURED, start, end, finisher, static, parent, None, None,
+ * tuple(fields)), marshalled and put: 1 put, 0 refused (full, counted), -1 with ValueError when
+ * marshal cannot carry a field (the submitter then hands the step to the Python path). */
 static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, PyObject *finisher_id,
                         PyObject *static_id, PyObject *parent_ids, PyObject *captured) {
     PyObject *fields = PySequence_Tuple(captured);
@@ -132,20 +131,11 @@ static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, Py
     return put;
 }
 
-static PyObject *Producer_put_captured(Producer *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "put_captured takes 6 arguments");
-        return NULL;
-    }
-    int put = put_captured(self, args[0], args[1], args[2], args[3], args[4], args[5]);
-    return put < 0 ? NULL : PyBool_FromLong(put);
-}
-
 /* Submitter: ExporterProcessSink.submit for the usual step, as one call with no Python frame.
  *
  * submitter(finishers, static_ids, slow, not_put, step_info_type) is installed as the sink's
  * own `submit`. Called as submit(finish, captured, static_attributes, parent, start_ns, end_ns,
- * error) it puts the step as put_captured does when the step is the usual one: no error, no
+ * error) it puts the step's CAPTURED message when the step is the usual one: no error, no
  * extra, no current span in `parent`, `captured` not already a StepInfo, its finisher known by
  * a number >= 0 in `finishers` and its static attributes known by id() in `static_ids`. Anything
  * else, and anything that fails on the way, is handed to `slow` (the sink's Python submit, which
@@ -315,8 +305,6 @@ static PyObject *Producer_get_put_total(Producer *self, void *closure) {
 
 static PyMethodDef Producer_methods[] = {
     {"put", (PyCFunction)Producer_put, METH_O, "put(payload: bytes) -> bool: copy one record in; False (counted as dropped) when full"},
-    {"put_captured", (PyCFunction)(void (*)(void))Producer_put_captured, METH_FASTCALL,
-     "put_captured(start_ns, end_ns, finisher_id, static_id, parent_ids, fields) -> bool"},
     {"submitter", (PyCFunction)Producer_submitter, METH_VARARGS,
      "submitter(finishers, static_ids, slow, not_put, step_info_type): the sink's submit for the usual step"},
     {"release", (PyCFunction)Producer_release, METH_NOARGS, "let go of the mapping (before it is closed)"},
