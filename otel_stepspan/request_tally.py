@@ -139,6 +139,24 @@ class RequestLedger:
                     tally.places_dropped += 1
         return evicted
 
+    def recomputing(self, links: Sequence[Sequence[Any]]) -> int:
+        """How many of a step's requests (``RequestLink`` fields) do prompt work after having
+        decoded in an earlier step: recomputed after a preemption. The step's own
+        ``forward.recomputes``, read before :meth:`add` counts the step, by the rule
+        :meth:`add` counts ``request.recomputes`` with. A request this ledger no longer holds
+        (reported idle, or evicted) is not known to have decoded, so its prompt work reads as a
+        first prefill.
+
+        Runs once per step where the spans are made: a dict lookup for prompt work only."""
+        tallies = self._open
+        count = 0
+        for link in links:
+            if link[4] == "prefill":
+                tally = tallies.get(link[0])
+                if tally is not None and tally.decoded:
+                    count += 1
+        return count
+
     def _evict_idlest(self) -> RequestTally:
         key = min(self._open, key=lambda k: self._open[k].end_ns)
         return self._open.pop(key)
