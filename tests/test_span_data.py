@@ -108,10 +108,12 @@ def test_a_step_counts_the_requests_it_recomputes_after_they_decoded():
     assert _recomputes(spans, [_as("r-1", "prefill", 129), _as("r-2", "decode", 1)]) == 1
     assert _recomputes(spans, [_as("r-1", "prefill", 7), _as("r-2", "prefill", 33)]) == 2  # both, r-1 in 2 chunks
     assert _recomputes(spans, [_as("r-1", "decode", 1), _as("r-3", "prefill", 12)]) == 0  # r-3: new
+    assert _recomputes(spans, [_as("r-3", "verify", 4)]) == 0  # r-3 decodes speculatively
+    assert _recomputes(spans, [_as("r-3", "prefill", 16)]) == 1  # and is preempted
     assert _recomputes(spans, []) == 0  # the engine traces requests; this step computed none of them
     assert _recomputes(spans, None) is None  # the engine traces no requests
     reports = {report.attributes["request.id"]: report.attributes for report in spans.close_all().reports}
-    assert (reports["r-1"]["request.recomputes"], reports["r-2"]["request.recomputes"]) == (2, 1)
+    assert [reports[r]["request.recomputes"] for r in ("r-1", "r-2", "r-3")] == [2, 1, 1]
 
 
 def test_a_recompute_over_the_link_limit_is_counted():
