@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 SPAN_NAME = "request.steps"
+#: The work that generates a request's tokens, plain or speculative: prompt work (``prefill``)
+#: for a request after a step of this work is a recompute after a preemption.
+GENERATING_WORK = frozenset(("decode", "verify"))
 DEFAULT_IDLE_SECONDS = 5.0
 #: Requests followed at once; past it the one idle longest is reported early, so a flood of
 #: requests that never finish cannot grow the exporter without bound.
@@ -57,7 +60,7 @@ class RequestTally:
     in_steps_ns: int = 0
     #: work ("prefill", "decode", "verify", ...) -> [steps, tokens]
     by_work: dict[str, list[int]] = field(default_factory=dict)
-    #: prefill steps that came after a decode: the request was preempted and recomputed
+    #: prefill steps that came after a decode or verify: the request was preempted and recomputed
     recomputes: int = 0
     decoded: bool = False
     #: (trace id, span id) of each window root (or lone step) that holds its steps, in order
@@ -128,7 +131,7 @@ class RequestLedger:
                 entry = tally.by_work.setdefault(str(work) or "unknown", [0, 0])
             entry[0] += 1
             entry[1] += count
-            if work == "decode":
+            if work in GENERATING_WORK:
                 tally.decoded = True
             elif work == "prefill" and tally.decoded:
                 tally.recomputes += 1
@@ -138,6 +141,24 @@ class RequestLedger:
                 else:
                     tally.places_dropped += 1
         return evicted
+
+    def recomputing(self, links: Sequence[Sequence[Any]]) -> int:
+        """How many of a step's requests (``RequestLink`` fields) do prompt work after having
+        decoded (or verified) in an earlier step: recomputed after a preemption. The step's own
+        ``forward.recomputes``, read before :meth:`add` counts the step, by the rule
+        :meth:`add` counts ``request.recomputes`` with. A request this ledger no longer holds
+        (reported idle, or evicted) is not known to have decoded, so its prompt work reads as a
+        first prefill.
+
+        Runs once per step where the spans are made: a dict lookup for prompt work only."""
+        tallies = self._open
+        count = 0
+        for link in links:
+            if link[4] == "prefill":
+                tally = tallies.get(link[0])
+                if tally is not None and tally.decoded:
+                    count += 1
+        return count
 
     def _evict_idlest(self) -> RequestTally:
         key = min(self._open, key=lambda k: self._open[k].end_ns)

@@ -92,6 +92,10 @@ class StepSpan(NamedTuple):
     requests: Optional[Sequence[Sequence[Any]]]
     #: Requests over the link limit, not linked.
     links_dropped: int
+    #: ``forward.recomputes``: the step's requests (linked or over the limit) doing prompt work
+    #: after having decoded, by the request ledger's history; None when the engine traces no
+    #: requests or the ledger is off (request reports off).
+    recomputes: Optional[int]
     static_id: Any
     extra: Optional[Mapping[str, Any]]
     #: The exception event's attributes: the span is ERROR (:func:`error_description`).
@@ -164,16 +168,18 @@ class StepSpans:
         named = self._shapes.get(shape)
         if named is None:
             named = self._name_and_counts(shape)
-        carried, dropped = None, 0
+        carried, dropped, recomputes = None, 0, None
         if links is not None:
             carried = links[: self.link_limit]
             dropped = len(links) - len(carried)
+            if self._ledger is not None:
+                recomputes = self._ledger.recomputing(links)
         window = closed = None
         if parent is None and self._timeline is not None:
             window, closed = self._timeline.place(start_ns, end_ns, mode, ntok, static_id)
         return _new_step_span(StepSpan, (
-            named[0], shape, named[1], step_scalars(pass_id, queued, kv_tokens), carried, links, dropped, static_id,
-            extra, error, start_ns, end_ns, window, closed,
+            named[0], shape, named[1], step_scalars(pass_id, queued, kv_tokens), carried, links, dropped, recomputes,
+            static_id, extra, error, start_ns, end_ns, window, closed,
         ))
 
     def _name_and_counts(self, shape: tuple) -> tuple[str, dict[str, AttributeValue]]:
@@ -192,7 +198,7 @@ class StepSpans:
         attributes: dict[str, Any] = dict(step.counts)
         attributes.update(step.scalars)
         if step.links is not None:
-            attributes.update(request_attributes(step.links, step.links_dropped))
+            attributes.update(request_attributes(step.links, step.links_dropped, step.recomputes))
         attributes.update(static)
         if step.extra:
             attributes.update(step.extra)

@@ -164,12 +164,15 @@ def step_scalars(pass_id: Optional[int], queued_requests: Optional[int], kv_toke
     return scalars
 
 
-def link_counts(carried: int, total: int) -> dict[str, int]:
-    """``forward.request_links`` (links carried) and ``forward.request_links_dropped`` (requests
-    over the limit, only when some are)."""
+def link_counts(carried: int, total: int, recomputes: Optional[int]) -> dict[str, int]:
+    """``forward.request_links`` (links carried), ``forward.request_links_dropped`` (requests
+    over the limit, only when some are) and ``forward.recomputes`` (requests recomputed after a
+    preemption, linked or not; None when nobody kept the requests' history, and then absent)."""
     counts = {"forward.request_links": carried}
     if total > carried:
         counts["forward.request_links_dropped"] = total - carried
+    if recomputes is not None:
+        counts["forward.recomputes"] = recomputes
     return counts
 
 
@@ -185,15 +188,18 @@ def request_array_items(link: Sequence[object]) -> tuple[str, str, int]:
     return str(link[0]), str(link[4]), tokens if type(tokens) is int else UNKNOWN  # type: ignore[return-value]
 
 
-def request_attributes(carried: Sequence[Sequence[object]], dropped: int) -> dict[str, SpanValue]:
+def request_attributes(
+    carried: Sequence[Sequence[object]], dropped: int, recomputes: Optional[int]
+) -> dict[str, SpanValue]:
     """The step attributes that go with the request links a span carries.
 
     ``forward.request_links`` counts the links carried, ``forward.request_links_dropped`` those
-    over the limit (only when some are). ``forward.request_ids``, ``forward.request_work`` and
+    over the limit (only when some are), ``forward.recomputes`` the step's requests recomputed
+    after a preemption (:func:`link_counts`). ``forward.request_ids``, ``forward.request_work`` and
     ``forward.request_tokens`` repeat each carried link's attributes as arrays in link order:
     stores that keep a link's ids but drop its attributes (Jaeger) keep these, so a request's
     report reads the same from them as from a file (docs/spans.md)."""
-    attributes: dict[str, SpanValue] = dict(link_counts(len(carried), len(carried) + dropped))
+    attributes: dict[str, SpanValue] = dict(link_counts(len(carried), len(carried) + dropped, recomputes))
     if carried:
         items = [request_array_items(link) for link in carried]
         for index, key in enumerate(REQUEST_ARRAYS):

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from otel_stepspan import StepInfo, flush, runtime
 from otel_stepspan.cli.main import main
-from otel_stepspan.otlp_json import OtlpJsonFileExporter
+from otel_stepspan.cli.request import RequestStep, summarise
+from otel_stepspan.otlp_json import OtlpJsonFileExporter, StepSpan
 from otel_stepspan.step import RequestLink
 
 MS = 1_000_000
@@ -108,6 +109,18 @@ def test_a_request_by_trace_id_lists_its_steps_in_order_and_where_its_time_went(
     assert phases["decode"]["steps"] == len(mine) - 3
     assert report["recompute_steps"] == [5]  # a's 5th step: prompt work again after decoding
     assert report["slowest_steps"][0] == 4  # step 4 of the run (9 ms) is a's 4th step
+
+
+def test_prompt_work_after_verify_steps_is_reported_as_a_recompute():
+    """Speculative decoding: the request's tokens come from verify steps; preempted, its prompt
+    is computed again (its 4th step)."""
+    works = ["prefill", "verify", "verify", "prefill", "verify"]
+    steps = [
+        RequestStep(StepSpan("ab" * 16, f"{i:016x}", "step", "engine-x", i * MS, i * MS + 1, 1,
+                             {"forward.mode": work}), work, 1, "a", "cd" * 16)
+        for i, work in enumerate(works, 1)
+    ]
+    assert summarise("a", steps).recomputes == (4,)
 
 
 def test_a_request_by_request_id_gives_the_same_steps_and_the_table_says_it_plainly(spans_file, capsys):

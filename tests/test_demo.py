@@ -38,8 +38,9 @@ SCHEMA_KEYS = FORWARD_KEYS | {PASS_ID_KEY}
 #: Set per span by the OTel sink (right in forked workers, where a resource built before the fork
 #: is not); not in docs/spans.md's table of counts, but no request content either.
 SINK_KEYS = {"process.pid"}
-#: The scheduler's context and the count of request links: counts, no content.
-CONTEXT_KEYS = {"scheduler.queued_requests", "scheduler.kv_tokens", "forward.request_links"}
+#: The scheduler's context, the count of request links and of requests recomputed after a
+#: preemption: counts, no content.
+CONTEXT_KEYS = {"scheduler.queued_requests", "scheduler.kv_tokens", "forward.request_links", "forward.recomputes"}
 #: The step's links' attributes again, as arrays in link order: request ids, work, token counts.
 ARRAY_KEYS = {"forward.request_ids", "forward.request_work", "forward.request_tokens"}
 #: A step's link to a request, and the request's own span: identifiers and counts only.
@@ -199,6 +200,7 @@ def test_every_request_has_its_span_and_the_steps_that_computed_it(default_run, 
     for span in spans:
         links = span.links
         assert span.attributes["forward.request_links"] == len(links) == span.batch_size
+        assert span.attributes["forward.recomputes"] == 0  # the reference engine never preempts
         assert sum(link.attributes["forward.request.tokens"] for link in links) == span.num_tokens
     for spec in specs:
         assert cli_main(["request", str(spec.rid), "--file", str(cwd / "spans.jsonl"), "--json"]) == 0

@@ -6,7 +6,8 @@ nothing else; the tail-sampling policies and their defaults exactly as shipped).
 
 Four engine stand-ins (tests/programs/fleet_steps.py, configured by OTEL_* variables only)
 send paced steps of every mode to the agent in windows of 4 steps (OTEL_STEPSPAN_TIMELINE_STEPS),
-with slow steps, failed steps and steps over the link limit planted at known places. Each
+with slow steps, failed steps, steps over the link limit and a request prefilled in two chunks,
+decoded, then prefilled again (a recompute after a preemption) planted at known places. Each
 gateway exports to its own OTLP receiver, so the test knows which gateway kept what; the
 agent also copies everything it receives to a third receiver (a test-only overlay adds that
 exporter), so the test knows every trace the gateways had to judge, with the spans' real
@@ -16,8 +17,9 @@ From those spans the test computes, with the thresholds, percentage and hash of 
 gateway.yaml, which traces the policies must keep, and checks:
   * every trace went to one gateway, and what a gateway kept of it is the whole trace;
   * the kept traces are exactly the computed ones: every window with a step slower than its
-    mode's threshold, with a failed step or with dropped request links, every request trace,
-    and of the rest exactly those whose trace-id hash falls in the configured share;
+    mode's threshold, with a failed step, with dropped request links or with a recompute, every
+    request trace, and of the rest exactly those whose trace-id hash falls in the configured
+    share; the windows of the recomputed request's first prompt and decode are not kept for it;
   * that share of the rest is within 4 standard deviations of the configured percentage;
   * the span metrics of both gateways, summed, count every step sent, mode by mode, exactly.
 
@@ -61,6 +63,12 @@ RATE = 400.0  # steps per second
 SPACING = 20  # windows between two planted ones
 LINK_LIMIT = 2  # OTEL_SPAN_LINK_COUNT_LIMIT: a step linking 3 requests drops one
 STATUS_ERROR = 2  # Status.code in OTLP
+#: collector/gateway.yaml's policies in order, each of which Policies.reason below follows: a
+#: policy added to the file fails the test until the test computes what it keeps.
+POLICY_NAMES = ["slow-step", "error", "request-links-dropped", "recompute", "recomputed-request",
+                "not-a-step-window", "baseline"]
+#: The planted request's name in the plan: prefilled in two chunks, decoded, then prefilled again.
+RECOMPUTED = "recomputed"
 SIGMAS = 4  # the share's tolerance: a correct gateway fails it about once in 16,000 runs
 
 
@@ -80,6 +88,10 @@ class Policies:
     def shipped(cls) -> "Policies":
         config = yaml.safe_load(backends.GATEWAY_CONFIG.read_text())
         policies = {p["name"]: p for p in config["processors"]["tail_sampling"]["policies"]}
+        assert list(policies) == POLICY_NAMES, "a policy changed: make Policies.reason follow it"
+        for name, key in (("request-links-dropped", "forward.request_links_dropped"),
+                          ("recompute", "forward.recomputes"), ("recomputed-request", "request.recomputes")):
+            assert policies[name]["numeric_attribute"] == {"key": key, "min_value": 1}, policies[name]
         slow_ms, any_ms = {}, None
         for condition in policies["slow-step"]["ottl_condition"]["span"]:
             m = re.search(r'forward\.mode"\] (==|!=) (nil|"(\w+)") and .* > \$\{env:\w+:-(\d+)\} \* 1000000$',
@@ -123,6 +135,8 @@ class Policies:
             return "error"
         if any(s.attributes.get("forward.request_links_dropped", 0) >= 1 for s in spans):
             return "request-links-dropped"
+        if any(s.attributes.get("forward.recomputes", 0) >= 1 for s in spans):
+            return "recompute"
         if any(s.attributes.get("request.recomputes", 0) >= 1 for s in spans):
             return "recomputed-request"
         return "baseline" if self.hashed_in(spans[0].trace_id) else None
@@ -134,7 +148,9 @@ class Policies:
 def plan(policies: Policies) -> tuple[dict, dict]:
     """The steps each process plants, {pass id: spec}, and what each planted window is for,
     {window index: kind}; the same for every process. Slow steps are 2.5 times their mode's
-    threshold (prefill: 2.5 times DECODE's, to be slow for a decode and not for a prefill)."""
+    threshold (prefill: 2.5 times DECODE's, to be slow for a decode and not for a prefill). The
+    recompute's request is prefilled in two chunks and decoded in the three windows before it,
+    one step in each."""
     decode, idle, mixed, prefill = (policies.slow_ms[m] for m in ("decode", "idle", "mixed", "prefill"))
     assert 2.5 * decode < 0.5 * prefill, "the planted prefill must be slow for a decode only"
     kinds = [
@@ -150,6 +166,12 @@ def plan(policies: Policies) -> tuple[dict, dict]:
         ("links dropped", {"mode": "decode", "links": LINK_LIMIT + 1}),
         ("slow decode", {"mode": "decode", "sleep_ms": 2.5 * decode}),
         ("prefill under its threshold", {"mode": "prefill", "sleep_ms": 2.5 * decode}),
+        ("recompute", {"mode": "prefill", "request": RECOMPUTED, "work": "prefill"}),
+    ]
+    before_recompute = [  # in the windows before the recompute's: (kind, spec), nearest last
+        ("first prompt chunk", {"mode": "prefill", "request": RECOMPUTED, "work": "prefill"}),
+        ("second prompt chunk", {"mode": "prefill", "request": RECOMPUTED, "work": "prefill"}),
+        ("decode before the preemption", {"mode": "decode", "request": RECOMPUTED, "work": "decode"}),
     ]
     assert len(kinds) * SPACING < STEPS // WINDOW
     plant, windows = {}, {}
@@ -157,6 +179,10 @@ def plan(policies: Policies) -> tuple[dict, dict]:
         window = SPACING * slot + SPACING // 2
         plant[window * WINDOW + slot % WINDOW + 1] = spec  # each position in a window in turn
         windows[window] = kind
+        if kind == "recompute":
+            for back, (earlier, earlier_spec) in enumerate(reversed(before_recompute), 1):
+                plant[(window - back) * WINDOW + back % WINDOW + 1] = earlier_spec
+                windows[window - back] = earlier
     return plant, windows
 
 
@@ -362,11 +388,11 @@ def test_gateways_keep_exactly_what_the_policies_say(outcome):
     }
 
 
-def test_every_window_with_a_slow_step_a_failure_or_dropped_links_is_kept(outcome):
+def test_every_window_with_a_slow_step_a_failure_dropped_links_or_a_recompute_is_kept(outcome):
     kept = {tid for k in outcome.kept for tid in k}
     by_window = {w: tid for tid, spans in outcome.seen.items() for w in _window_of(spans)}
     must = {"slow decode": "slow-step", "slow idle": "slow-step", "slow mixed": "slow-step",
-            "failed": "error", "links dropped": "request-links-dropped"}
+            "failed": "error", "links dropped": "request-links-dropped", "recompute": "recompute"}
     under = []
     for service in outcome.services:
         for window, kind in outcome.windows.items():
@@ -375,7 +401,7 @@ def test_every_window_with_a_slow_step_a_failure_or_dropped_links_is_kept(outcom
             if kind in must:
                 assert reason == must[kind], (service, window, kind, reason)
                 assert tid in kept, (service, window, kind)
-            else:  # slow for a decode, not for a prefill: only the share may keep it
+            else:  # slow for a decode, not for a prefill, or before the recompute: only the share may keep it
                 assert reason in ("baseline", None), (service, window, kind, reason)
                 assert (tid in kept) == outcome.policies.hashed_in(tid)
                 under.append(tid in kept)
@@ -400,13 +426,39 @@ def test_request_traces_are_kept(outcome):
     ones over the link limit too: docs/spans.md), and every such trace is kept."""
     carried = {rid for spans in outcome.seen.values() for s in spans
                for rid in s.attributes.get("forward.request_ids", ())}
-    assert len(carried) == PROCESSES * 2 * LINK_LIMIT  # two steps of LINK_LIMIT carried links each
-    assert len(outcome.requests) == PROCESSES * 2 * (LINK_LIMIT + 1) and carried < set(outcome.requests)
+    # two steps of LINK_LIMIT carried links each, and the recomputed request
+    assert len(carried) == PROCESSES * (2 * LINK_LIMIT + 1)
+    assert len(outcome.requests) == PROCESSES * (2 * (LINK_LIMIT + 1) + 1) and carried < set(outcome.requests)
     reports = {s.attributes["request.id"]: tid for tid, spans in outcome.seen.items()
                for s in spans if s.name == "request.steps"}
     assert reports == outcome.requests  # request id -> the trace id the engine gave it
     kept = {tid for k in outcome.kept for tid in k}
     assert set(reports.values()) <= kept
+
+
+def test_the_recompute_is_counted_on_its_step_alone_and_in_the_requests_report(outcome):
+    """The planted request: two prompt chunks (0 recomputes each: it has not decoded), a decode,
+    then its prompt again after the preemption (1), each step in a window of its own; its
+    report counts the same 1."""
+    by_window = {w: spans for spans in outcome.seen.values() for w in _window_of(spans)}
+    planted = {window: kind for window, kind in outcome.windows.items()
+               if kind in ("first prompt chunk", "second prompt chunk", "decode before the preemption", "recompute")}
+    assert sorted(planted.values()) == sorted(["first prompt chunk", "second prompt chunk",
+                                               "decode before the preemption", "recompute"])
+    reports = {s.attributes["request.id"]: s for spans in outcome.seen.values() for s in spans
+               if s.name == "request.steps"}
+    for service in sorted(outcome.services):
+        request_id = f"{service}-{RECOMPUTED}"
+        counted = {}
+        for window, kind in planted.items():
+            [step] = [s for s in by_window[(service, window)]
+                      if request_id in s.attributes.get("forward.request_ids", ())]
+            counted[kind] = step.attributes["forward.recomputes"]
+        assert counted == {"first prompt chunk": 0, "second prompt chunk": 0, "decode before the preemption": 0,
+                           "recompute": 1}, service
+        report = reports[request_id].attributes
+        counts = (report["request.recomputes"], report["request.prefill_steps"], report["request.decode_steps"])
+        assert counts == (1, 3, 1), service
 
 
 def test_span_metrics_count_every_step_before_sampling(outcome):

@@ -517,8 +517,10 @@ def _request_report(run: Run, key: str) -> dict:
 
 
 def _recomputes(works: list[str]) -> list[int]:
-    """The CLI's rule: prompt work after a decode (1-based positions among the request's steps)."""
-    return [i for i, work in enumerate(works, 1) if work == "prefill" and "decode" in works[: i - 1]]
+    """The CLI's rule: prompt work after a decode or verify (1-based positions among the request's
+    steps)."""
+    return [i for i, work in enumerate(works, 1)
+            if work == "prefill" and {"decode", "verify"} & set(works[: i - 1])]
 
 
 @pytest.mark.parametrize("name", TRACED)

@@ -48,6 +48,18 @@ def test_the_ledger_counts_each_requests_work_tokens_recomputes_and_places():
     assert len(ledger) == 0
 
 
+def test_prompt_work_after_speculative_decoding_is_a_recompute_too():
+    """A request that only ever generated tokens through verify steps (speculative decoding)
+    and is preempted: its prompt again is a recompute, on the step and in its report."""
+    ledger = RequestLedger(RequestSettings())
+    ledger.add(0, MS, [_link("r-1", "prefill", 100)], None)
+    ledger.add(MS, 2 * MS, [_link("r-1", "verify", 4)], None)
+    assert ledger.recomputing([_link("r-1", "prefill", 104)]) == 1
+    ledger.add(3 * MS, 4 * MS, [_link("r-1", "prefill", 104)], None)
+    [tally] = ledger.close()
+    assert tally.attributes("end")["request.recomputes"] == 1
+
+
 def test_a_request_no_step_computed_for_the_idle_time_is_due_and_only_then():
     ledger = RequestLedger(RequestSettings(idle_seconds=2.0))
     ledger.add(0, 1 * MS, [_link("r-1"), _link("r-2")], (1, 1))

@@ -84,6 +84,61 @@ def test_an_error_is_the_exception_event_and_its_description():
     assert error_description(step.error) == "ValueError: bad"
 
 
+def _recomputes(spans: StepSpans, links) -> object:
+    """One step's ``forward.recomputes`` (None: absent), counted into the ledger as the sinks do
+    once the span is made."""
+    step = spans.step(_record(1_000, "prefill", links=links))
+    if step.requests:
+        spans.count_requests(step, True, 0xAB, 0xCD, None)
+    return spans.attributes(step, STATIC).get("forward.recomputes")
+
+
+def _as(request: str, work: str, tokens: int) -> tuple:
+    """A link to one of LINKS' requests, doing ``work``."""
+    link = next(link for link in LINKS if link[0] == request)
+    return (*link[:4], work, tokens)
+
+
+def test_a_step_counts_the_requests_it_recomputes_after_they_decoded():
+    spans = _spans()
+    assert _recomputes(spans, [_as("r-1", "prefill", 64)]) == 0  # a first prompt chunk
+    assert _recomputes(spans, [_as("r-1", "prefill", 64), _as("r-2", "prefill", 32)]) == 0  # its next chunk
+    assert _recomputes(spans, [_as("r-1", "decode", 1), _as("r-2", "prefill", 32)]) == 0
+    # preempted after decoding: r-1's prompt and output computed again, next to r-2's decode
+    assert _recomputes(spans, [_as("r-1", "prefill", 129), _as("r-2", "decode", 1)]) == 1
+    assert _recomputes(spans, [_as("r-1", "prefill", 7), _as("r-2", "prefill", 33)]) == 2  # both, r-1 in 2 chunks
+    assert _recomputes(spans, [_as("r-1", "decode", 1), _as("r-3", "prefill", 12)]) == 0  # r-3: new
+    assert _recomputes(spans, [_as("r-3", "verify", 4)]) == 0  # r-3 decodes speculatively
+    assert _recomputes(spans, [_as("r-3", "prefill", 16)]) == 1  # and is preempted
+    assert _recomputes(spans, []) == 0  # the engine traces requests; this step computed none of them
+    assert _recomputes(spans, None) is None  # the engine traces no requests
+    reports = {report.attributes["request.id"]: report.attributes for report in spans.close_all().reports}
+    assert [reports[r]["request.recomputes"] for r in ("r-1", "r-2", "r-3")] == [2, 1, 1]
+
+
+def test_a_recompute_over_the_link_limit_is_counted():
+    spans = _spans(link_limit=1)
+    _recomputes(spans, [_as("r-1", "decode", 1), _as("r-2", "decode", 1)])
+    assert _recomputes(spans, [_as("r-1", "decode", 1), _as("r-2", "prefill", 40)]) == 1
+
+
+def test_without_request_reports_no_history_is_kept_and_the_count_is_absent():
+    spans = StepSpans(7, name_by_mode=False, link_limit=128, timeline=TimelineSettings(),
+                      requests=RequestSettings(enabled=False))
+    _recomputes(spans, [_as("r-1", "decode", 1)])
+    assert _recomputes(spans, [_as("r-1", "prefill", 40)]) is None
+
+
+def test_a_request_forgotten_after_its_idle_time_reads_as_a_new_prompt():
+    """The ledger reports a request no step computed for its idle time and forgets it: a
+    preemption longer than that is not counted (docs/spans.md)."""
+    spans = StepSpans(7, name_by_mode=False, link_limit=128, timeline=TimelineSettings(),
+                      requests=RequestSettings(idle_seconds=0.001))
+    _recomputes(spans, [_as("r-1", "decode", 1)])
+    assert [report.attributes["request.id"] for report in spans.close_due(10**9).reports] == ["r-1"]
+    assert _recomputes(spans, [_as("r-1", "prefill", 40)]) == 0
+
+
 # -- both sinks, the same steps ----------------------------------------------------------------
 
 
@@ -133,6 +188,9 @@ def test_the_exporter_and_the_in_process_sink_make_the_same_spans_of_the_same_st
         (StepInfo("decode", 2, 0, 2, 0, 2, 18, links=tuple(LINKS[:2])), GIVEN_PARENT, error, None),
         (make_step("prefill", 2, None, 0, 2, None, None), None, None, None),
         (StepInfo("idle", 0), None, None, None),
+        # r-2 decoded in the first two steps: preempted, and its prompt computed again
+        (StepInfo("prefill", 1, 50, 0, 1, 50, 19, links=(("r-2", 0xA02, 0xB02, 1, "prefill", 50),)), None, None,
+         None),
     ]
     environ = {"OTEL_SPAN_LINK_COUNT_LIMIT": "2", "OTEL_STEPSPAN_TIMELINE_STEPS": "2"}
     now = time.time_ns()  # the in-process sink's thread closes what is idle by the clock
@@ -172,4 +230,7 @@ def test_the_exporter_and_the_in_process_sink_make_the_same_spans_of_the_same_st
 
     made = _normalized(from_exporter)
     assert [span[0] for span in made].count("timeline") == 2 and [span[0] for span in made].count("request.steps") == 3
+    recomputes = {span[0]: dict(span[5]).get("forward.recomputes") for span in made if span[0].startswith("step[")}
+    assert recomputes == {"step[mixed bs=8 ext=256 dec=4]": 0, "step[decode bs=2]": 0, "step[prefill bs=1 toks=50]": 1,
+                          "step[prefill bs=2 toks=?]": None, "step[idle]": None}  # the last two link nothing
     assert made == _normalized(from_sink)

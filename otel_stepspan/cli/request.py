@@ -20,6 +20,7 @@ from typing import IO, Any, Iterable, Optional, Sequence
 
 from ..otlp_json import SpanLink, StepSpan
 from ..quantiles import percentile
+from ..request_tally import GENERATING_WORK
 from .report import local_time, table
 
 WORK_ORDER = ("prefill", "decode", "verify")
@@ -141,7 +142,7 @@ class RequestSummary:
     in_steps_ms: float
     between_steps_ms: float
     phases: tuple[Phase, ...]
-    recomputes: tuple[int, ...]  # indices (1-based) of prefill steps that came after a decode
+    recomputes: tuple[int, ...]  # indices (1-based) of prefill steps that came after a decode or verify
     slowest: tuple[int, ...]  # indices (1-based) of the slowest steps, slowest first
     tokens: int
 
@@ -177,7 +178,7 @@ def summarise(key: str, steps: Sequence[RequestStep], root: Optional[StepSpan] =
         )
     recomputes, seen_decode = [], False
     for index, r in enumerate(steps, 1):
-        if r.work == "decode":
+        if r.work in GENERATING_WORK:
             seen_decode = True
         elif r.work == "prefill" and seen_decode:
             recomputes.append(index)  # prompt work again after decoding: preempted, recomputed

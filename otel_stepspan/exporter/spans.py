@@ -83,7 +83,7 @@ class SpanBuilder:
         self._root_name = encode.name_field(ROOT_NAME)
         self._request_name = encode.name_field(REQUEST_SPAN_NAME)
         self._link_cache: dict[tuple, tuple[bytes, bytes, bytes, bytes]] = {}
-        self._link_counts: dict[tuple[int, int], bytes] = {}
+        self._link_counts: dict[tuple[int, int, Optional[int]], bytes] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -127,7 +127,9 @@ class SpanBuilder:
         self._shapes[step.shape] = hit
         return hit
 
-    def _request_links(self, carried: Sequence[tuple], dropped: int) -> tuple[bytes, bytes]:
+    def _request_links(
+        self, carried: Sequence[tuple], dropped: int, recomputes: Optional[int]
+    ) -> tuple[bytes, bytes]:
         """(the step's encoded ``forward.request_*`` attributes, its encoded links and dropped
         count), as :func:`otel_stepspan.step.request_attributes` defines them, encoded from parts
         kept per link. A request is linked the same way step after step while it decodes, so each
@@ -137,18 +139,18 @@ class SpanBuilder:
         encoded_links = b"".join([part[0] for part in parts])
         if dropped:
             encoded_links += encode.dropped_links(dropped)
-        counts_key = (len(carried), dropped)
+        counts_key = (len(carried), dropped, recomputes)
         attributes = self._link_counts.get(counts_key) or self._encode_link_counts(counts_key)
         if parts:
             for index, key in enumerate(REQUEST_ARRAYS, 1):
                 attributes += encode.span_array_attribute(key, [part[index] for part in parts])
         return attributes, encoded_links
 
-    def _encode_link_counts(self, counts_key: tuple[int, int]) -> bytes:
-        """``forward.request_links`` (and ``_dropped``) encoded, once per pair of counts: steps
-        repeat a few batch sizes."""
-        carried, dropped = counts_key
-        encoded = encode.span_attributes(link_counts(carried, carried + dropped))
+    def _encode_link_counts(self, counts_key: tuple[int, int, Optional[int]]) -> bytes:
+        """``forward.request_links`` (and ``_dropped``, ``forward.recomputes``) encoded, once per
+        set of counts: steps repeat a few batch sizes, and recomputes are rare."""
+        carried, dropped, recomputes = counts_key
+        encoded = encode.span_attributes(link_counts(carried, carried + dropped, recomputes))
         if len(self._link_counts) >= _SHAPE_CACHE_SIZE:
             self._link_counts.clear()
         self._link_counts[counts_key] = encoded
@@ -197,8 +199,8 @@ class SpanBuilder:
         step = self._spans.step(record)
         # One unpacking rather than a field read at each use: this runs once per step.
         (
-            name_text, shape, _, scalars, carried, requests, dropped, static_id, extra, error, start_ns, end_ns,
-            window, closed,
+            name_text, shape, _, scalars, carried, requests, dropped, recomputes, static_id, extra, error, start_ns,
+            end_ns, window, closed,
         ) = step
         if closed is not None and closed.sampled:
             yield self._root(closed)
@@ -207,7 +209,7 @@ class SpanBuilder:
             attributes += encode.span_attributes(scalars)
         encoded_links = b""
         if carried is not None:
-            request_attributes, encoded_links = self._request_links(carried, dropped)
+            request_attributes, encoded_links = self._request_links(carried, dropped, recomputes)
             attributes += request_attributes
         static = self._statics.get(static_id)
         if static:

@@ -5,11 +5,14 @@ like an engine.
     python fleet_steps.py PLAN.json
 
 PLAN.json: {"steps": N, "rate": steps per second, "plant": {"<pass id>": {"mode": M,
-"sleep_ms": S, "error": true, "links": K}}}. Unplanted steps cycle prefill, decode, decode,
-decode, mixed, idle (pass ids 1, 2, ...) and do nothing inside the step; a planted step runs in
-mode M, sleeps S ms inside the step (a slow forward), raises inside it (a forward that failed:
-the span is ERROR and the exception is caught here, outside the step), and/or links K traced
-requests (new ones, with sampled trace contexts of their own).
+"sleep_ms": S, "error": true, "links": K, "request": NAME, "work": W}}}. Unplanted steps cycle
+prefill, decode, decode, decode, mixed, idle (pass ids 1, 2, ...) and do nothing inside the
+step; a planted step runs in mode M, sleeps S ms inside the step (a slow forward), raises inside
+it (a forward that failed: the span is ERROR and the exception is caught here, outside the
+step), links K traced requests (new ones, with sampled trace contexts of their own, decoding),
+and/or links the traced request NAME doing work W (``prefill`` or ``decode``): the same request
+at every step that names it, so that steps can prefill it, decode it and, after a preemption,
+prefill it again.
 
 Prints 'ready' once the first step ran, and at the end one JSON line: the steps sent per mode
 and the requests linked ({request id: trace id as 32 hex digits}).
@@ -45,15 +48,26 @@ def main() -> None:
     requests: dict[str, str] = {}
     rng = random.Random()
     service = os.environ.get("OTEL_SERVICE_NAME", "engine")
+    named: dict[str, tuple[str, int, int]] = {}  # plan's name -> (request id, trace id, span id)
+
+    def new_request(request_id: str) -> tuple[str, int, int]:
+        trace_id = rng.getrandbits(128) or 1
+        requests[request_id] = f"{trace_id:032x}"
+        return request_id, trace_id, rng.getrandbits(64) or 1
     next_at = time.monotonic()
     for pass_id in range(1, plan["steps"] + 1):
         spec = plant.get(pass_id, {})
         links = []
         for _ in range(spec.get("links", 0)):
-            request_id = f"{service}-req-{pass_id}-{len(requests)}"
-            trace_id = rng.getrandbits(128) or 1
-            requests[request_id] = f"{trace_id:032x}"
-            links.append(RequestLink(request_id, trace_id, rng.getrandbits(64) or 1, 1, "decode", 1))
+            request_id, trace_id, span_id = new_request(f"{service}-req-{pass_id}-{len(requests)}")
+            links.append(RequestLink(request_id, trace_id, span_id, 1, "decode", 1))
+        if "request" in spec:
+            name = spec["request"]
+            if name not in named:
+                named[name] = new_request(f"{service}-{name}")
+            request_id, trace_id, span_id = named[name]
+            work = spec["work"]
+            links.append(RequestLink(request_id, trace_id, span_id, 1, work, 64 if work == "prefill" else 1))
         info = step(pass_id, spec.get("mode", CYCLE[pass_id % 6]), tuple(links))
         try:
             with step_span(info):
