@@ -173,7 +173,9 @@ class StepSpans:
             carried = links[: self.link_limit]
             dropped = len(links) - len(carried)
             if self._ledger is not None:
-                recomputes = self._ledger.recomputing(links)
+                # A decode or verify step links no prompt work, so recomputes nothing: no look at
+                # its links, a whole batch of them, on the usual step.
+                recomputes = 0 if mode == "decode" or mode == "verify" else self._ledger.recomputing(links)
         window = closed = None
         if parent is None and self._timeline is not None:
             window, closed = self._timeline.place(start_ns, end_ns, mode, ntok, static_id)
