@@ -18,8 +18,8 @@ stands on Jaeger's UI port in front of Jaeger's query port (`run` and LocalBacke
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
     python scripts/backends.py build --fleet   # ... and the fleet Collector (agent, gateway),
-                                          # and Kafka's and OpenSearch's jars (Maven) when java
-                                          # and mvn are there
+                                          # Jaeger's es-index-cleaner, and Kafka's and
+                                          # OpenSearch's jars (Maven) when java and mvn are there
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
     python scripts/backends.py validate   # `otelcol validate` on every collector config
                                           # (--fleet: agent.yaml, gateway.yaml, the Kafka
@@ -32,7 +32,8 @@ CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py run --fleet [--kafka] [--opensearch]
                                           # agent + gateways instead of the collector; --kafka:
                                           # Kafka between the gateways and Jaeger (docs/scale.md);
-                                          # --opensearch: Jaeger on two OpenSearch nodes
+                                          # --opensearch: Jaeger on two OpenSearch nodes, old
+                                          # days deleted (--retention-days, default 7)
 
 From Python (e.g. pytest):
     paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path, "prometheus": Path}
@@ -1371,6 +1372,8 @@ def _cleaner_deleted(output: str) -> list[str]:
         try:
             record = json.loads(line)
         except ValueError:
+            continue
+        if not isinstance(record, dict):
             continue
         if record.get("msg") == "Deleting indices":
             return sorted(index["Index"] for index in record["indices"])

@@ -124,6 +124,23 @@ def test_retention_days_without_opensearch_is_refused(capsys):
     assert "--retention-days needs --opensearch" in capsys.readouterr().err
 
 
+@pytest.mark.backends
+@requires_go
+def test_a_cleaner_that_reaches_no_node_says_so_and_stops_at_once(tmp_path, capfd):
+    """No node answering: run_index_cleaner fails naming every URL tried; IndexCleaner logs
+    it, keeps `run` going, and its thread (waiting an hour to try again) stops on stop()."""
+    binary = backends.ensure_built(("es_index_cleaner",))["es_index_cleaner"]
+    urls = [f"http://127.0.0.1:{port}" for port in backends.free_ports(2)]
+    with pytest.raises(backends.BackendError, match="failed on every node") as failed:
+        backends.run_index_cleaner(binary, urls, 7, tmp_path / "cleaner.log", timeout=60)
+    assert all(url in str(failed.value) for url in urls)
+    cleaner = backends.IndexCleaner(binary, urls, 7, tmp_path / "cleaner.log")
+    cleaner.start()
+    assert "index cleaner failed, trying again in 1 h" in capfd.readouterr().err
+    cleaner.stop()
+    assert not cleaner._thread.is_alive()
+
+
 @_mark
 def test_the_cleaner_keeps_the_retention_and_deletes_jaegers_daily_indices(tmp_path, capfd):
     policies = {"STEPSPAN_KEEP_PERCENT": "100", "STEPSPAN_DECISION_WAIT": "5s"}
