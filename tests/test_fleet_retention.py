@@ -22,7 +22,7 @@ test makes is made today, so no test here can hold a genuinely old index: what i
    it prints the retention, runs the cleaner at start (its log line; the cutoff 00:00 UTC four
    days back in the cleaner's log), and SIGTERM still stops everything (exit 0, ports free).
 
-About two minutes once built (`python scripts/backends.py build --fleet`). Skips where Go or
+About three minutes once built (`python scripts/backends.py build --fleet`). Skips where Go or
 Java is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those skips into failures.
 """
 
