@@ -18,8 +18,8 @@ stands on Jaeger's UI port in front of Jaeger's query port (`run` and LocalBacke
 CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py build      # build what is missing, print the paths
     python scripts/backends.py build --fleet   # ... and the fleet Collector (agent, gateway),
-                                          # and Kafka's and OpenSearch's jars (Maven) when java
-                                          # and mvn are there
+                                          # Jaeger's es-index-cleaner, and Kafka's and
+                                          # OpenSearch's jars (Maven) when java and mvn are there
     python scripts/backends.py paths      # print the paths (and whether built), build nothing
     python scripts/backends.py validate   # `otelcol validate` on every collector config
                                           # (--fleet: agent.yaml, gateway.yaml, the Kafka
@@ -32,7 +32,8 @@ CLI (stdlib only, Python >= 3.10):
     python scripts/backends.py run --fleet [--kafka] [--opensearch]
                                           # agent + gateways instead of the collector; --kafka:
                                           # Kafka between the gateways and Jaeger (docs/scale.md);
-                                          # --opensearch: Jaeger on two OpenSearch nodes
+                                          # --opensearch: Jaeger on two OpenSearch nodes, old
+                                          # days deleted (--retention-days, default 7)
 
 From Python (e.g. pytest):
     paths = ensure_built()                      # {"otelcol": Path, "jaeger": Path, "prometheus": Path}
@@ -171,6 +172,13 @@ OPENSEARCH_NETTY_POLICY = OPENSEARCH_DIR / "transport-netty4.policy"
 JAEGER_OPENSEARCH_CONFIG = REPO_ROOT / "jaeger" / "opensearch.yaml"
 # The variable jaeger/opensearch.yaml reads the nodes' URLs from (a YAML list).
 ENV_OPENSEARCH_URLS = "STEPSPAN_OPENSEARCH_URLS"
+# Retention of those indices: Jaeger's es-index-cleaner (build_es_index_cleaner), run by `run
+# --fleet --opensearch` at start and every day at INDEX_CLEANER_UTC (IndexCleaner), keeps this
+# many days (today included); --retention-days or this variable sets it.
+ENV_RETENTION_DAYS = "STEPSPAN_RETENTION_DAYS"
+DEFAULT_RETENTION_DAYS = 7
+INDEX_CLEANER_UTC = (0, 5)  # hour, minute: just after a new day's indices begin
+INDEX_CLEANER_RETRY_S = 3600.0  # after a failed run (no node answered), the next try
 # The node's JVM: what OpenSearch's own launcher (bin/opensearch, config/jvm.options) passes,
 # with a small heap (290-380 MB RSS measured at 512 MB).
 OPENSEARCH_JVM_OPTIONS = (
@@ -186,6 +194,9 @@ JAEGER_IMAGE = "jaegertracing/jaeger"
 OCB_MODULE = "go.opentelemetry.io/collector/cmd/builder"
 JAEGER_MODULE = "github.com/jaegertracing/jaeger"
 JAEGER_PACKAGE = JAEGER_MODULE + "/cmd/jaeger"
+# Jaeger's own index cleaner, from the same module at the same release: it deletes the daily
+# indices of jaeger/opensearch.yaml created before a cutoff (docs/scale.md, retention).
+ES_INDEX_CLEANER_PACKAGE = JAEGER_MODULE + "/cmd/es-index-cleaner"
 # Jaeger releases v2.N.P as Go module tag v1.(N+63).P (v2.1.0 = v1.64.0, v2.13.0 = v1.76.0).
 JAEGER_V1_OFFSET = 63
 PROMETHEUS_IMAGE = "prom/prometheus"
@@ -312,6 +323,7 @@ def binary_paths(versions: Versions | None = None) -> dict[str, Path]:
     return {
         "otelcol": (root / f"otelcol-{v.collector}" / out / name).resolve(),
         "jaeger": root / f"jaeger-{v.jaeger}-static" / "jaeger",
+        "es_index_cleaner": root / f"jaeger-es-index-cleaner-{v.jaeger}-static" / "es-index-cleaner",
         "prometheus": root / f"prometheus-{v.prometheus}-static" / "prometheus",
         # keyed by the source's hash: an edit of the program builds a new binary
         "search_front": root / f"search-front-{search_front_digest()[:12]}" / "search-front",
@@ -505,10 +517,9 @@ def build_go_program(module: str, version: str, package: str, binary: Path, *,
     return binary
 
 
-def build_jaeger(versions: Versions | None = None, *, force: bool = False) -> Path:
-    """Build Jaeger v2 (cmd/jaeger) from its Go module (if missing)."""
-    v = versions or pinned_versions()
-    binary = binary_paths(v)["jaeger"]
+def _build_jaeger_program(v: Versions, package: str, binary: Path, what: str, force: bool) -> Path:
+    """Build ``package`` of the Jaeger module at the pinned release into ``binary`` (if
+    missing), after checking that the module version downloaded is that release."""
     modver = v.jaeger_module
 
     def is_the_release(moddir: Path) -> None:
@@ -518,9 +529,23 @@ def build_jaeger(versions: Versions | None = None, *, force: bool = False) -> Pa
                                f"(no '{modver} / v{v.jaeger}' in its CHANGELOG.md)")
 
     return built_once(binary, force, lambda: build_go_program(
-        JAEGER_MODULE, modver, JAEGER_PACKAGE, binary, what=f"Jaeger v{v.jaeger}",
+        JAEGER_MODULE, modver, package, binary, what=f"{what} v{v.jaeger}",
         ldflags=f"-X {JAEGER_MODULE}/internal/version.latestVersion=v{v.jaeger}",
         check=is_the_release))
+
+
+def build_jaeger(versions: Versions | None = None, *, force: bool = False) -> Path:
+    """Build Jaeger v2 (cmd/jaeger) from its Go module (if missing)."""
+    v = versions or pinned_versions()
+    return _build_jaeger_program(v, JAEGER_PACKAGE, binary_paths(v)["jaeger"], "Jaeger", force)
+
+
+def build_es_index_cleaner(versions: Versions | None = None, *, force: bool = False) -> Path:
+    """Build Jaeger's index cleaner (cmd/es-index-cleaner of the same module and release as
+    Jaeger) if missing: what deletes the fleet's old daily OpenSearch indices (IndexCleaner)."""
+    v = versions or pinned_versions()
+    return _build_jaeger_program(v, ES_INDEX_CLEANER_PACKAGE, binary_paths(v)["es_index_cleaner"],
+                                 "Jaeger's es-index-cleaner", force)
 
 
 def build_prometheus(versions: Versions | None = None, *, force: bool = False) -> Path:
@@ -716,8 +741,9 @@ def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus
                                                   "search_front"),
                  *, force: bool = False) -> dict[str, Path]:
     """Build the missing binaries; return {"otelcol": Path, "jaeger": Path, "prometheus": Path,
-    "search_front": Path}, and "otelcol_gateway" (the fleet Collector) and "kafka" (the folder
-    of Kafka's jars, fetched with Maven) when they are asked for."""
+    "search_front": Path}, and "otelcol_gateway" (the fleet Collector), "es_index_cleaner"
+    (Jaeger's, for the fleet's OpenSearch indices) and "kafka" (the folder of Kafka's jars,
+    fetched with Maven) when they are asked for."""
     v = pinned_versions()
     out: dict[str, Path] = {}
     if "otelcol" in components:
@@ -726,6 +752,8 @@ def ensure_built(components: tuple[str, ...] = ("otelcol", "jaeger", "prometheus
         out["jaeger"] = build_jaeger(v, force=force)
     if "prometheus" in components:
         out["prometheus"] = build_prometheus(v, force=force)
+    if "es_index_cleaner" in components:
+        out["es_index_cleaner"] = build_es_index_cleaner(v, force=force)
     if "search_front" in components:
         out["search_front"] = build_search_front(force=force)
     if "otelcol_gateway" in components:
@@ -1320,6 +1348,114 @@ def opensearch_health(url: str, **params: str) -> dict:
         return json.load(r)
 
 
+def retention_days(value: "str | int | None" = None) -> int:
+    """The days of OpenSearch indices to keep: ``value`` (--retention-days), else
+    $STEPSPAN_RETENTION_DAYS, else DEFAULT_RETENTION_DAYS. At least 1: the cleaner given 0
+    deletes today's indices too."""
+    if value is None:
+        value = os.environ.get(ENV_RETENTION_DAYS) or DEFAULT_RETENTION_DAYS
+    try:
+        days = int(value)
+    except ValueError:
+        raise BackendError(f"retention days must be a whole number of days, not {value!r} "
+                           f"(--retention-days, {ENV_RETENTION_DAYS})") from None
+    if days < 1:
+        raise BackendError(f"retention days must be at least 1 (today's indices), not {days} "
+                           f"(--retention-days, {ENV_RETENTION_DAYS})")
+    return days
+
+
+def _cleaner_deleted(output: str) -> list[str]:
+    """The indices es-index-cleaner says it deleted, from its JSON log lines ("Deleting
+    indices" lists them; "No indices to delete" when none)."""
+    for line in output.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("msg") == "Deleting indices":
+            return sorted(index["Index"] for index in record["indices"])
+        if record.get("msg") == "No indices to delete":
+            return []
+    raise BackendError(f"es-index-cleaner exited 0 without saying what it deleted:\n{output[-2000:]}")
+
+
+def run_index_cleaner(binary: Path, urls: "list[str]", days: int, log_path: Path,
+                      timeout: float = 300.0) -> list[str]:
+    """Jaeger's es-index-cleaner, once, against the first node of ``urls`` that takes it: it
+    deletes every daily index (jaeger-{span,service,dependencies,sampling}-YYYY-MM-DD) whose
+    creation date is before 00:00 UTC ``days - 1`` days ago, so that today's and those of the
+    ``days - 1`` days before stay. It goes by the index's creation date, not the date in its
+    name: Jaeger creates a day's index with that day's first span, so the two agree.
+    Returns the names of the indices deleted; its own log is appended to ``log_path``."""
+    failures = []
+    for url in urls:
+        proc = subprocess.run([str(binary), str(days), url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(proc.stdout)
+        if proc.returncode == 0:
+            return _cleaner_deleted(proc.stdout)
+        failures.append(f"{url}: exit {proc.returncode}: {proc.stdout.strip()[-500:]}")
+    raise BackendError("es-index-cleaner failed on every node: " + "; ".join(failures))
+
+
+def next_index_cleaning(after: float) -> float:
+    """The time (seconds since the epoch) of the first INDEX_CLEANER_UTC after ``after``."""
+    hour, minute = INDEX_CLEANER_UTC
+    day = int(after // 86400) * 86400
+    at = day + hour * 3600 + minute * 60
+    return at if at > after else at + 86400
+
+
+class IndexCleaner:
+    """Bounds the fleet's OpenSearch disk: run_index_cleaner at start(), then every day at
+    INDEX_CLEANER_UTC in a thread of its own (an hour later again after a failure, which it
+    logs), until stop(). What it deletes is logged, and appended with the cleaner's own log to
+    ``log_path``."""
+
+    def __init__(self, binary: Path, urls: "list[str]", days: int, log_path: Path) -> None:
+        self.binary, self.urls, self.days, self.log_path = binary, list(urls), days, log_path
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> bool:
+        """One run, logged; whether it succeeded."""
+        try:
+            deleted = run_index_cleaner(self.binary, self.urls, self.days, self.log_path)
+        except (BackendError, OSError, subprocess.TimeoutExpired) as e:
+            _log(f"index cleaner failed, trying again in {INDEX_CLEANER_RETRY_S / 3600:.0f} h: {e}")
+            return False
+        _log(f"index cleaner (keeps {self.days} days): deleted {len(deleted)} indices"
+             + (f": {', '.join(deleted)}" if deleted else ""))
+        return True
+
+    def start(self) -> None:
+        """The first run now (before returning), the next ones in the thread."""
+        succeeded = self.run_once()
+        self._thread = threading.Thread(target=self._every_day, args=(succeeded,), name="index-cleaner",
+                                        daemon=True)
+        self._thread.start()
+
+    def _every_day(self, succeeded: bool) -> None:
+        while True:
+            now = time.time()
+            wait = next_index_cleaning(now) - now
+            if not succeeded:
+                wait = min(wait, INDEX_CLEANER_RETRY_S)
+            if self._stopping.wait(wait):
+                return
+            succeeded = self.run_once()
+
+    def stop(self) -> None:
+        """No further run; waits for one under way (seconds)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(60)
+
+
 def kafka_group_offsets(broker: str, group: str = KAFKA_GROUP, *, topic: str = KAFKA_TOPIC,
                         libs: Path | None = None) -> dict[int, tuple[int | None, int]]:
     """{partition: (offset ``group`` committed, or None; the partition's end offset)} for
@@ -1511,10 +1647,13 @@ class LocalFleet(LocalBackends):
     (jaeger/opensearch.yaml instead of jaeger/config.yaml, the nodes' URLs in STEPSPAN_OPENSEARCH_URLS):
     os1 may manage the cluster and holds data, os2 holds data; every index has one replica, so
     either node holds every span. Their config, data and logs are in workdir/opensearch-<node>/.
-    They start first (the cluster green before Jaeger starts) and stop last."""
+    They start first (the cluster green before Jaeger starts) and stop last. With
+    ``retention_days`` too, an IndexCleaner (Jaeger's es-index-cleaner) keeps that many days of
+    indices: it runs once when everything has started, then every day, its log in
+    workdir/es-index-cleaner.log; it stops first."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2, kafka: bool = False,
-                 opensearch: bool = False,
+                 opensearch: bool = False, retention_days: int | None = None,
                  collector_env: Mapping[str, str] | None = None,
                  jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
@@ -1523,8 +1662,11 @@ class LocalFleet(LocalBackends):
         if gateways < 1:
             raise BackendError("a fleet needs at least one gateway")
         self.gateway_count = gateways
+        if retention_days is not None and not opensearch:
+            raise BackendError("retention_days is for the OpenSearch store (Badger's is JAEGER_RETENTION)")
         wanted = ("jaeger", "prometheus", "search_front", "otelcol_gateway", *(("kafka",) if kafka else ()),
-                  *(("opensearch",) if opensearch else ()))
+                  *(("opensearch",) if opensearch else ()),
+                  *(("es_index_cleaner",) if retention_days is not None else ()))
         binaries = dict(binaries or ensure_built(wanted))
         self.gateways: list[subprocess.Popen] = []
         self.agent: subprocess.Popen | None = None
@@ -1538,6 +1680,8 @@ class LocalFleet(LocalBackends):
             collector_env[ENV_KAFKA_BROKERS] = jaeger_env[ENV_KAFKA_BROKERS] = self.kafka_broker
         self.opensearch_nodes: list[OpenSearchNode] = []
         self.opensearch: dict[str, subprocess.Popen] = {}
+        self.retention_days = retention_days
+        self.index_cleaner: IndexCleaner | None = None
         if opensearch:
             http1, transport1, http2, transport2 = free_ports(4)
             self.opensearch_nodes = [OpenSearchNode("os1", http1, transport1, cluster_manager=True),
@@ -1595,10 +1739,21 @@ class LocalFleet(LocalBackends):
             if self.kafka_ports is not None:
                 self.start_kafka()
             super().start()
+            if self.retention_days is not None:
+                self.index_cleaner = IndexCleaner(self.binaries["es_index_cleaner"], self.opensearch_urls,
+                                                  self.retention_days, self.workdir / "es-index-cleaner.log")
+                self.index_cleaner.start()
         except BaseException:
             self.close()
             raise
         return self
+
+    def close(self) -> None:
+        """The index cleaner first (it talks to OpenSearch), then the processes."""
+        if self.index_cleaner is not None:
+            self.index_cleaner.stop()
+            self.index_cleaner = None
+        super().close()
 
     def write_configs(self) -> None:
         """The gateways' configs (each exporting to Jaeger), then the agent's, listing them."""
@@ -1704,8 +1859,8 @@ def _cmd_paths(_: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     components = tuple(args.only or ("otelcol", "jaeger", "prometheus", "search_front"))
-    if args.fleet and "otelcol_gateway" not in components:
-        components += ("otelcol_gateway",)
+    if args.fleet:
+        components += tuple(c for c in ("otelcol_gateway", "es_index_cleaner") if c not in components)
     if args.fleet and "kafka" not in components:
         try:
             find_java_tools()
@@ -1763,6 +1918,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise BackendError("--kafka needs --fleet: Kafka sits between the fleet's gateways and Jaeger")
     if args.opensearch and not args.fleet:
         raise BackendError("--opensearch needs --fleet: it is the store of the fleet's Jaeger")
+    if args.retention_days is not None and not args.opensearch:
+        raise BackendError("--retention-days needs --opensearch: it deletes old OpenSearch indices "
+                           "(Badger's retention is JAEGER_RETENTION)")
+    keep_days = retention_days(args.retention_days) if args.opensearch else None
     workdir = Path(args.data_dir or data_dir(args.fleet))
     # Ctrl-C, `kill` and a service manager's SIGTERM all stop the backends it started; SIGINT is
     # set explicitly because a shell starting this in the background (`... &`) ignores it.
@@ -1776,7 +1935,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.kafka:
             ports.update(kafka=args.kafka_port, kafka_controller=args.kafka_controller_port)
         stack: LocalBackends = LocalFleet(workdir, gateways=2 if args.gateways is None else args.gateways, ports=ports,
-                                          kafka=args.kafka, opensearch=args.opensearch, ui_assets=args.ui_assets)
+                                          kafka=args.kafka, opensearch=args.opensearch, retention_days=keep_days,
+                                          ui_assets=args.ui_assets)
     else:
         stack = LocalBackends(workdir, secured=args.secured, ports=ports, ui_assets=args.ui_assets)
     with stack:
@@ -1788,7 +1948,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   + (f"Kafka      {stack.kafka_broker}, topic {KAFKA_TOPIC} (the gateways write the kept "
                      f"traces; Jaeger ingests them as consumer group {KAFKA_GROUP})\n" if args.kafka else "") +
                   (f"OpenSearch {', '.join(stack.opensearch_urls)} (Jaeger's store: nodes os1, os2, one replica; "
-                   f"indices jaeger-span-YYYY-MM-DD, jaeger-service-YYYY-MM-DD)\n" if args.opensearch else "") +
+                   f"indices jaeger-span-YYYY-MM-DD, jaeger-service-YYYY-MM-DD, the last {keep_days} days kept: "
+                   f"es-index-cleaner at start and daily at {INDEX_CLEANER_UTC[0]:02d}:{INDEX_CLEANER_UTC[1]:02d} "
+                   f"UTC)\n" if args.opensearch else "") +
                   f"Jaeger     {stack.jaeger_url}/api/v3/services (the kept traces, through the search front; "
                   f"Jaeger itself on {stack.jaeger_direct_url})\n"
                   f"Prometheus {stack.prometheus_url} (every gateway's span metrics; Jaeger's Monitor tab)\n"
@@ -1816,11 +1978,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the missing binaries, print their paths")
     b.add_argument("--only", action="append",
-                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway", "kafka",
-                            "opensearch"])
+                   choices=["otelcol", "jaeger", "prometheus", "search_front", "otelcol_gateway",
+                            "es_index_cleaner", "kafka", "opensearch"])
     b.add_argument("--fleet", action="store_true",
                    help="also build the fleet Collector (collector/agent.yaml, collector/gateway.yaml) and "
-                        "fetch Kafka's and OpenSearch's jars with Maven (skipped, with a line saying so, without "
+                        "Jaeger's es-index-cleaner (the OpenSearch indices' retention), and fetch Kafka's and OpenSearch's jars with Maven (skipped, with a line saying so, without "
                         "java and mvn)")
     b.add_argument("--force", action="store_true", help="rebuild even if present")
     b.set_defaults(func=_cmd_build)
@@ -1856,7 +2018,9 @@ def main(argv: list[str] | None = None) -> int:
                     "--fleet --opensearch: Jaeger's store is a cluster of two OpenSearch 2.19 nodes "
                     "(opensearch/opensearch.yml, jaeger/opensearch.yaml: daily indices, one replica) instead "
                     "of Badger, on ports picked free and printed; they start first (about 10 s, until the "
-                    "cluster is green) and stop last, their data in DATA_DIR/opensearch-os1 and -os2. "
+                    "cluster is green) and stop last, their data in DATA_DIR/opensearch-os1 and -os2; "
+                    "Jaeger's es-index-cleaner deletes the indices older than --retention-days at start and "
+                    "every day (its log in DATA_DIR/es-index-cleaner.log). "
                     "Binaries missing from the cache are built first (the fleet Collector: minutes; "
                     "Kafka's and OpenSearch's jars: seconds, with java and mvn).")
     r.add_argument("--fleet", action="store_true",
@@ -1869,6 +2033,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--opensearch", action="store_true",
                    help="with --fleet: Jaeger stores in two OpenSearch nodes (Maven Central's jars, fetched when "
                         "missing; one replica) instead of Badger")
+    r.add_argument("--retention-days", type=int, metavar="N",
+                   help=f"with --opensearch: keep the last N days of indices, today included (default "
+                        f"${ENV_RETENTION_DAYS} or {DEFAULT_RETENTION_DAYS}); Jaeger's es-index-cleaner deletes "
+                        f"older ones at start and daily at {INDEX_CLEANER_UTC[0]:02d}:{INDEX_CLEANER_UTC[1]:02d} UTC")
     r.add_argument("--kafka-port", type=int, default=9092, help="with --kafka: the broker's")
     r.add_argument("--kafka-controller-port", type=int, default=9093,
                    help="with --kafka: the KRaft controller's")
