@@ -18,6 +18,13 @@ What a new user would do, made repeatable (for CI, and for anyone without Docker
    releases, built from source. The search front's image (the project's own program,
    jaeger/search_front) is made the same way from its Go-built binary, under the tag
    docker-compose.yml names; `docker compose up` would otherwise build its Dockerfile.
+4. The fleet's images (docker-compose.fleet.yml; docs/scale.md): the fleet Collector (agent
+   and gateways) made as in 3, from its Go-built binary. Kafka and OpenSearch run on Java, so
+   their images stand on a Debian made here: `debootstrap --variant=minbase` from the Debian
+   mirror, imported as otel_stepspan/debian:bookworm; jre/Dockerfile adds Debian's OpenJDK 17
+   (apt-get, with the host's network: dockerd runs without iptables, so a container's own
+   network reaches nothing outside); kafka/Dockerfile and opensearch/Dockerfile add the jars
+   scripts/backends.py fetched from Maven Central (`docker build`, the classic builder).
 
 Everything goes to ${OTEL_STEPSPAN_BACKENDS_DIR:-~/.cache/otel_stepspan/backends}, outside git.
 
@@ -47,6 +54,15 @@ from backends import BackendError, REPO_ROOT, backends_dir  # noqa: E402
 COMPOSE_MODULE = "github.com/docker/compose/v2"
 COMPOSE_VERSION = "v2.40.3"
 BUSYBOX_PACKAGE = "busybox-static"
+# The fleet's images (docker-compose.fleet.yml names the same tags; tests/test_compose_fleet.py
+# checks it). The Debian under the Java runtime: its suite and the mirror debootstrap reads.
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = os.environ.get("OTEL_STEPSPAN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_IMAGE = f"otel_stepspan/debian:{DEBIAN_SUITE}"
+JRE_IMAGE = "otel_stepspan/jre:17"
+KAFKA_IMAGE = f"otel_stepspan/kafka:{backends.KAFKA_VERSION}"
+OPENSEARCH_IMAGE = f"otel_stepspan/opensearch:{backends.OPENSEARCH_VERSION}"
+FLEET_COLLECTOR_IMAGE = "otel_stepspan/otelcol-fleet"  # tagged with the fleet Collector's release
 
 
 def _log(msg: str) -> None:
@@ -245,14 +261,159 @@ def images() -> list[Image]:
     return [jaeger, collector, prometheus, search_front]
 
 
-def prepare() -> Path:
-    """Engine, compose and images, each only when missing; returns the compose binary."""
+def fleet_collector_image() -> Image:
+    """The fleet Collector (agent and gateways: collector/gateway-builder-config.yaml) laid out
+    as the single-node one, with busybox for the health checks' wget: docker-compose.fleet.yml's
+    `--wait` waits for each health_check to answer."""
+    box = busybox()
+    return Image(
+        f"{FLEET_COLLECTOR_IMAGE}:{backends.gateway_version()}",
+        {"/otelcol": backends.gateway_binary_path(), "/bin/busybox": box,
+         "/etc/otelcol/agent.yaml": backends.AGENT_CONFIG},
+        links={"/bin/wget": "busybox"},
+        # The queue's folder writable by the image's user (mode 1777, as Prometheus's data): a
+        # fresh named volume mounted there takes that mode, so the collector need not be root.
+        dirs={"/bin": 0o755, "/etc": 0o755, "/etc/otelcol": 0o755, "/var": 0o755, "/var/lib": 0o755,
+              "/var/lib/otelcol": 0o755, backends.COLLECTOR_QUEUE_PATH: 0o1777},
+        entrypoint=["/otelcol"], cmd=["--config=/etc/otelcol/agent.yaml"], user="10001:10001")
+
+
+def debian_image() -> str:
+    """DEBIAN_IMAGE, made once: a minimal Debian (debootstrap --variant=minbase, from
+    DEBIAN_MIRROR), with the suite's updates and security archives in its sources, imported as
+    one layer. A few minutes the first time; an image that exists is kept as it is (delete the
+    tag to make it again, with the packages of that day)."""
+    docker = _docker()
+    seen = _quiet([docker, "image", "inspect", "--format", "{{.Id}}", DEBIAN_IMAGE])
+    if seen.returncode == 0:
+        return seen.stdout.strip()
+    if not shutil.which("debootstrap"):
+        _apt_install("debootstrap")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="debootstrap-", dir=backends_dir()) as tmp:
+        root = Path(tmp) / "rootfs"
+        _log(f"debootstrap --variant=minbase {DEBIAN_SUITE} from {DEBIAN_MIRROR} (the Java images' base)")
+        got = subprocess.run(["nice", "-n", "10", "debootstrap", "--variant=minbase", DEBIAN_SUITE, str(root),
+                              DEBIAN_MIRROR], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if got.returncode != 0:
+            raise BackendError(f"debootstrap failed ({got.returncode}):\n{got.stdout[-4000:]}")
+        # The packages debootstrap downloaded and the package lists: the image needs neither.
+        for leftover in [*(root / "var" / "cache" / "apt" / "archives").glob("*.deb"),
+                         *(p for p in (root / "var" / "lib" / "apt" / "lists").iterdir() if p.is_file())]:
+            leftover.unlink()
+        security = DEBIAN_MIRROR.rstrip("/") + "-security"
+        (root / "etc" / "apt" / "sources.list").write_text(
+            f"deb {DEBIAN_MIRROR} {DEBIAN_SUITE} main\ndeb {DEBIAN_MIRROR} {DEBIAN_SUITE}-updates main\n"
+            f"deb {security} {DEBIAN_SUITE}-security main\n", encoding="utf-8")
+        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run([docker, "import", "--message", f"debootstrap {DEBIAN_SUITE} {DEBIAN_MIRROR}",
+                                   "-", DEBIAN_IMAGE], stdin=tar.stdout, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        tar.stdout.close()
+        if tar.wait() != 0 or imported.returncode != 0:
+            raise BackendError(f"docker import {DEBIAN_IMAGE} failed: {imported.stderr}")
+    _log(f"built {DEBIAN_IMAGE} in {time.monotonic() - t0:.0f}s")
+    return imported.stdout.strip()
+
+
+class BuiltImage:
+    """An image built from one of the repository's Dockerfiles by `docker build` (the classic
+    builder: no BuildKit, no registry), with a context put together from ``files`` (name in the
+    context: a file, or a folder taken whole), hard-linked into a folder beside the cache."""
+
+    def __init__(self, tag: str, dockerfile: Path, files: dict[str, Path], *, parent: str,
+                 build_args: dict[str, str] | None = None, host_network: bool = False) -> None:
+        self.tag, self.dockerfile, self.files, self.parent = tag, dockerfile, files, parent
+        self.build_args = {"BASE": parent, **(build_args or {})}
+        self.host_network = host_network
+
+    def _context_files(self) -> list[tuple[str, Path]]:
+        out = []
+        for name, src in sorted(self.files.items()):
+            if src.is_dir():
+                out += [(f"{name}/{f.relative_to(src)}", f) for f in sorted(src.rglob("*")) if f.is_file()]
+            else:
+                out.append((name, src))
+        return out
+
+    def digest(self, parent_id: str) -> str:
+        """What the image is made of: its parent, build args, the Dockerfile, and every file's
+        name, mode and content."""
+        h = hashlib.sha256(repr((parent_id, sorted(self.build_args.items()))).encode() + self.dockerfile.read_bytes())
+        for name, src in self._context_files():
+            h.update(f"\n{name} {os.access(src, os.X_OK)}\n".encode())
+            with open(src, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()[:24]
+
+    def ensure(self, parent_id: str) -> str:
+        """Build unless the tag already holds this exact build; returns the image's id."""
+        docker = _docker()
+        digest = self.digest(parent_id)
+        seen = _quiet([docker, "image", "inspect", "--format",
+                       '{{index .Config.Labels "otel_stepspan.digest"}} {{.Id}}', self.tag])
+        if seen.returncode == 0 and seen.stdout.split()[0] == digest:
+            return seen.stdout.split()[1]
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="image-context-", dir=backends_dir()) as tmp:
+            for name, src in self._context_files():
+                dst = Path(tmp) / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:  # another filesystem (the repository's own files)
+                    shutil.copy2(src, dst)
+            argv = [docker, "build", "-q", "-f", str(self.dockerfile),
+                    *(f"--build-arg={k}={v}" for k, v in sorted(self.build_args.items())),
+                    "--label", f"otel_stepspan.digest={digest}", "-t", self.tag, tmp]
+            if self.host_network:
+                argv[2:2] = ["--network", "host"]
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        if proc.returncode != 0:
+            raise BackendError(f"docker build {self.tag} failed:\n{proc.stdout[-4000:]}")
+        _log(f"built {self.tag} in {time.monotonic() - t0:.0f}s")
+        return _quiet([docker, "image", "inspect", "--format", "{{.Id}}", self.tag]).stdout.strip()
+
+
+def java_images() -> list[BuiltImage]:
+    """The Java runtime (jre/Dockerfile), then Kafka and OpenSearch on it, each FROM the one
+    before it in this list's first entry (their build arg BASE)."""
+    home = backends.opensearch_home()
+    jre = BuiltImage(JRE_IMAGE, REPO_ROOT / "jre" / "Dockerfile", {}, parent=DEBIAN_IMAGE, host_network=True)
+    kafka = BuiltImage(KAFKA_IMAGE, REPO_ROOT / "kafka" / "Dockerfile",
+                       {"libs": backends.kafka_libs_dir(), "entrypoint.sh": REPO_ROOT / "kafka" / "entrypoint.sh"},
+                       parent=JRE_IMAGE, build_args={"JVM_OPTIONS": " ".join(backends.KAFKA_JVM_OPTIONS)})
+    opensearch = BuiltImage(OPENSEARCH_IMAGE, REPO_ROOT / "opensearch" / "Dockerfile",
+                            {"home": home, "entrypoint.sh": REPO_ROOT / "opensearch" / "entrypoint.sh"},
+                            parent=JRE_IMAGE, build_args={"JVM_OPTIONS": " ".join(backends.OPENSEARCH_JVM_OPTIONS)})
+    return [jre, kafka, opensearch]
+
+
+def prepare_fleet() -> None:
+    """The fleet's images (docker-compose.fleet.yml), each only when missing or out of date:
+    the fleet Collector's, and the Java runtime with Kafka and OpenSearch on it (their jars
+    fetched with Maven when missing)."""
+    backends.ensure_built(("otelcol_gateway", "kafka", "opensearch"))
+    fleet_collector_image().ensure()
+    jre, *on_jre = java_images()
+    jre_id = jre.ensure(debian_image())
+    for image in on_jre:
+        image.ensure(jre_id)
+
+
+def prepare(fleet: bool = True) -> Path:
+    """Engine, compose and images (with ``fleet``, the fleet's too), each only when missing;
+    returns the compose binary."""
     t0 = time.monotonic()
     ensure_engine()
     backends.ensure_built()
     binary = ensure_compose()
     for image in images():
         image.ensure()
+    if fleet:
+        prepare_fleet()
     _log(f"ready in {time.monotonic() - t0:.0f}s: {binary}")
     return binary
 
@@ -272,13 +433,15 @@ def compose(*args: str, timeout: float = 300, check: bool = True,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("prepare", help="install/start Docker, build compose and the images (what is missing)")
+    p = sub.add_parser("prepare", help="install/start Docker, build compose and the images (what is missing)")
+    p.add_argument("--no-fleet", action="store_true",
+                   help="leave out the fleet's images (docker-compose.fleet.yml: Java, Kafka, OpenSearch)")
     c = sub.add_parser("compose", help="docker compose ARGS in the repository root")
     c.add_argument("args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "prepare":
-            print(prepare())
+            print(prepare(fleet=not args.no_fleet))
             return 0
         os.execv(str(compose_binary()), [str(compose_binary()), *args.args])
     except BackendError as e:

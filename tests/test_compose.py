@@ -65,7 +65,7 @@ def _ports_free() -> None:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    compose.prepare()
+    compose.prepare(fleet=False)  # the fleet's images: tests/test_compose_fleet.py
     _compose("down", "-v", "--remove-orphans")
     _ports_free()
     _compose("up", "-d", "--wait", "--wait-timeout", "120")

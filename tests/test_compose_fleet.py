@@ -1,0 +1,151 @@
+"""The fleet tier with Docker Compose, for real: `docker compose -f docker-compose.yml -f
+docker-compose.fleet.yml up -d --wait` runs agent -> two gateways -> Kafka -> Jaeger's ingester ->
+a two-node OpenSearch <- Jaeger's query, and Prometheus scraping the gateways, from images built
+here (scripts/compose.py: the fleet Collector from its Go build, Kafka and OpenSearch from Maven
+Central's jars on a Debian JRE made with debootstrap).
+
+1. The override replaces the single node's collector by the fleet (a plain `config` still is
+   the single node), publishes on 127.0.0.1 only, names the images compose.py builds, and
+   hands the shell's STEPSPAN_* policy variables to the gateways.
+2. Every step an engine stand-in sends to the agent's published OTLP port is in Jaeger once
+   (STEPSPAN_KEEP_PERCENT=100 through the compose environment: the count is exact), and
+   Prometheus's sum over both gateways' span metrics is the steps sent, per mode.
+3. `down` (the volumes kept), then `up --wait`: every stored step is still there, none twice
+   (Kafka's committed offsets survived too), and a new run goes through again.
+
+Its own project name and free ports, so it runs beside tests/test_compose.py and a user's
+stack; `down -v` at the end. Needs what tests/test_compose.py needs, and Java (the jars);
+in CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) a skip is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import backends  # noqa: E402
+import compose  # noqa: E402
+from backends_support import (  # noqa: E402
+    EngineRun, poll, prometheus_query, requires_go, requires_kafka, requires_opensearch, stored, wait_stored,
+)
+
+pytestmark = [
+    pytest.mark.backends,
+    requires_go,
+    requires_kafka,
+    requires_opensearch,
+    pytest.mark.skipif(
+        shutil.which("dockerd") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None),
+        reason="no Docker Engine, and it cannot be installed here (not root on Debian)",
+    ),
+]
+
+PROJECT = "otel_stepspan_fleet_test"  # its own containers and volumes
+FLEET = ("-f", "docker-compose.yml", "-f", "docker-compose.fleet.yml")
+PORT_VARIABLES = ("STEPSPAN_OTLP_GRPC_PORT", "STEPSPAN_OTLP_HTTP_PORT", "STEPSPAN_HEALTH_PORT",
+                  "STEPSPAN_UI_PORT", "STEPSPAN_PROMETHEUS_PORT")
+SERVICE = "compose-fleet"
+RATE = 100.0  # steps per second
+# Windows of at most 2 s, each decided 5 s after its root arrived (collector/gateway.yaml).
+ENGINE_ENV = {"OTEL_STEPSPAN_TIMELINE_SECONDS": "2"}
+
+
+@pytest.fixture(scope="module")
+def env():
+    """What the compose commands run with: free published ports, and the gateways keeping every
+    window, told through the compose environment as a user would."""
+    ports = dict(zip(PORT_VARIABLES, map(str, backends.free_ports(len(PORT_VARIABLES)))))
+    return {**ports, "STEPSPAN_KEEP_PERCENT": "100", "STEPSPAN_DECISION_WAIT": "5s"}
+
+
+def _compose(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return compose.compose("-p", PROJECT, *FLEET, *args, env=env, timeout=timeout)
+
+
+def _up(env: dict[str, str]) -> None:
+    _compose(env, "up", "-d", "--wait", "--wait-timeout", "300")
+
+
+@pytest.fixture(scope="module")
+def fleet(env):
+    compose.prepare()
+    _compose(env, "down", "-v", "--remove-orphans")
+    _up(env)
+    try:
+        yield {"otlp": f"http://127.0.0.1:{env['STEPSPAN_OTLP_GRPC_PORT']}",
+               "jaeger": f"http://127.0.0.1:{env['STEPSPAN_UI_PORT']}",
+               "prometheus": f"http://127.0.0.1:{env['STEPSPAN_PROMETHEUS_PORT']}"}
+    finally:
+        _compose(env, "down", "-v", "--remove-orphans")
+
+
+def _assert_all_stored(jaeger: str, run: EngineRun, timeout_s: float = 180) -> None:
+    got = wait_stored(jaeger, run.service, run.started_ns, run.steps, timeout_s)
+    assert run.reported_lost == 0, run.stderr
+    assert got.missing(run.steps) == [], f"{len(got.missing(run.steps))} of {run.steps} steps missing"
+    assert got.by_mode == run.sent
+    assert got.duplicates == 0
+
+
+@pytest.fixture(scope="module")
+def first_run(fleet):
+    run = EngineRun.start(fleet["otlp"], SERVICE, 4, RATE, **ENGINE_ENV).finish()
+    _assert_all_stored(fleet["jaeger"], run)
+    return run
+
+
+def test_the_override_replaces_the_single_node_with_the_fleet(env):
+    compose.ensure_compose()
+    single = json.loads(compose.compose("config", "--format", "json").stdout)["services"]
+    assert "otel-collector" in single and "agent" not in single  # `up` alone: the single node
+    services = json.loads(_compose(env, "config", "--format", "json").stdout)["services"]
+    assert set(services) == {"agent", "gateway-1", "gateway-2", "kafka", "jaeger", "jaeger-ingester",
+                             "opensearch", "opensearch-1", "opensearch-2", "search-front", "prometheus"}
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(PORT_VARIABLES)
+    assert all(p["host_ip"] == "127.0.0.1" for p in published), published
+    assert {p["published"] for p in published} == {env[v] for v in PORT_VARIABLES}
+    fleet_collector = f"{compose.FLEET_COLLECTOR_IMAGE}:{backends.gateway_version()}"
+    assert {name: services[name]["image"] for name in ("agent", "gateway-1", "kafka", "opensearch", "opensearch-1")} == {
+        "agent": fleet_collector, "gateway-1": fleet_collector, "kafka": compose.KAFKA_IMAGE,
+        "opensearch": compose.JRE_IMAGE, "opensearch-1": compose.OPENSEARCH_IMAGE}
+    assert services["jaeger-ingester"]["image"] == services["jaeger"]["image"] == single["jaeger"]["image"]
+    for gateway in ("gateway-1", "gateway-2"):
+        assert services[gateway]["environment"]["STEPSPAN_KEEP_PERCENT"] == "100"
+        assert services[gateway]["environment"]["STEPSPAN_SLOW_DECODE_MS"] is None  # unset: the config's default
+
+
+def test_every_step_reaches_jaeger_through_the_fleet(first_run):
+    """first_run asserts it: every step once, the count of each mode exact."""
+    assert first_run.steps > 0
+
+
+def test_prometheus_sums_both_gateways_span_metrics_to_the_steps_sent(fleet, first_run):
+    selector = f'traces_span_metrics_calls_total{{service_name="{SERVICE}",forward_mode!=""}}'
+    by_mode = poll(lambda: prometheus_query(fleet["prometheus"], f"sum by (forward_mode) ({selector})", "forward_mode"),
+                   lambda got: got == dict(first_run.sent), 90, 2.0)
+    assert by_mode == dict(first_run.sent)
+    with urllib.request.urlopen(f"{fleet['prometheus']}/api/v1/targets", timeout=30) as response:
+        targets = json.load(response)["data"]["activeTargets"]
+    assert sorted((t["labels"]["instance"], t["health"]) for t in targets) == [
+        ("gateway-1:8889", "up"), ("gateway-2:8889", "up")]
+
+
+def test_down_then_up_keeps_what_was_stored(env, fleet, first_run):
+    _compose(env, "down")
+    _up(env)
+    got = wait_stored(fleet["jaeger"], SERVICE, first_run.started_ns, first_run.steps, 60)
+    assert got.missing(first_run.steps) == [] and got.by_mode == first_run.sent
+    again = EngineRun.start(fleet["otlp"], SERVICE + "-again", 2, RATE, **ENGINE_ENV).finish()
+    _assert_all_stored(fleet["jaeger"], again)
+    # Once the new run is stored, the ingester has read past the old records: had it started
+    # again before its committed offset (kafka_data lost), the first run would be there twice.
+    assert stored(fleet["jaeger"], SERVICE, first_run.started_ns, first_run.steps + 1000).duplicates == 0
