@@ -22,7 +22,7 @@ decides once a second), SIGKILLs it, and starts it again 4 s later on the same p
   * at most that many steps are missing, and some are: the kill cost the undecided windows.
 
 The figures (steps and windows lost, the bound, its OTLP bytes) are printed (`pytest -s`).
-About 45 s once built (`python scripts/backends.py build --fleet`). Skips only where Go is
+About a minute once built (`python scripts/backends.py build --fleet`). Skips only where Go is
 absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns that skip into a failure.
 """
 

@@ -19,9 +19,9 @@ engine stand-in (tests/programs/paced_modes.py) sent: the counts are exact.
    second `run` on the same data dir finds every step stored before, through Jaeger's HTTP
    API and `otel-stepspan search`, Kafka's log is not formatted again, and new steps arrive.
 
-One fleet serves 1-3, `run` its own. About two minutes once built (`python scripts/backends.py build
---fleet`). Skips where Go or Java is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those
-skips into failures.
+One fleet serves 1-3, `run` its own (started twice). 2-5 minutes once built (`python
+scripts/backends.py build --fleet`). Skips where Go or Java is absent; CI
+(OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those skips into failures.
 """
 
 from __future__ import annotations
