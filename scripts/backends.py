@@ -1782,13 +1782,24 @@ class LocalFleet(LocalBackends):
     def start_collector(self) -> None:
         """The gateways first (the agent's queue would hold the spans meanwhile, but a gateway
         that fails to start is told at once), then the agent."""
-        binary = self.binaries["otelcol_gateway"]
         self.gateways = []
-        for config, health, others in self.gateway_configs:
-            self.gateways.append(start_collector(config, health, binary=binary, env=self.collector_env,
-                                                 other_ports=others, extra_configs=self.gateway_overlays))
+        for index in range(len(self.gateway_configs)):
+            self.start_gateway(index)
+        binary = self.binaries["otelcol_gateway"]
         self.agent = self.collector = start_collector(self.config, self.health, binary=binary,
                                                       other_ports=(self.otlp_grpc, self.otlp_http))
+
+    def start_gateway(self, index: int, extra_configs: "tuple[Path, ...]" = ()) -> None:
+        """Gateway ``index`` (from 0) on its config, ports and queue, with ``extra_configs`` merged
+        over them; started again after a stop or a kill, it is the same gateway to the agents (the
+        same endpoint on their ring) and finds its queue on disk."""
+        config, health, others = self.gateway_configs[index]
+        proc = start_collector(config, health, binary=self.binaries["otelcol_gateway"], env=self.collector_env,
+                               other_ports=others, extra_configs=(*self.gateway_overlays, *extra_configs))
+        if index < len(self.gateways):
+            self.gateways[index] = proc
+        else:
+            self.gateways.append(proc)
 
     def start_prometheus(self) -> None:
         self.prometheus = start_prometheus(self.workdir, self.prometheus_port, self.gateway_metrics,

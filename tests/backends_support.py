@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_stepspan.cli.jaeger import JaegerClient
+from otel_stepspan.cli.jaeger import JaegerClient, JaegerError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -47,6 +47,8 @@ requires_opensearch = pytest.mark.skipif(
 PACED_MODES = Path(__file__).parent / "programs" / "paced_modes.py"
 # The library's loss report, one line per interval (never one per span).
 LOSS_LINE = re.compile(r"otel_stepspan: lost (\d+) step spans")
+# How long `run --fleet` may take to print its endpoints (start_run).
+START_TIMEOUT_S = 300
 
 
 def engine_env(endpoint: str, service: str, **extra: str) -> dict[str, str]:
@@ -154,12 +156,19 @@ def stored(jaeger_url: str, service: str, since_ns: int, depth: int) -> Stored:
 
 def wait_stored(jaeger_url: str, service: str, since_ns: int, expected: int, timeout_s: float = 90) -> Stored:
     """Jaeger's answer once it holds ``expected`` distinct steps, or the last answer after
-    ``timeout_s`` (the caller's assertion then says what is missing)."""
+    ``timeout_s`` (the caller's assertion then says what is missing). An error answer is asked
+    again until then (OpenSearch answers 503 while a new day's index gets its shards), and
+    raised after it."""
     deadline = time.monotonic() + timeout_s
     while True:
-        got = stored(jaeger_url, service, since_ns, expected + 1000)
-        if got.unique >= expected or time.monotonic() > deadline:
-            return got
+        try:
+            got = stored(jaeger_url, service, since_ns, expected + 1000)
+        except JaegerError:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if got.unique >= expected or time.monotonic() > deadline:
+                return got
         time.sleep(2.0)
 
 
@@ -232,14 +241,17 @@ def start_run(workdir: Path, ports: list[int], *flags: str) -> tuple[subprocess.
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     printed: list[str] = []
-    deadline = time.monotonic() + 120
+    # OpenSearch alone took 85 s to turn green on 2 cores at load 40: a bound for a hang, not a speed.
+    deadline = time.monotonic() + START_TIMEOUT_S
     while not (printed and printed[-1].startswith("data, logs")):
         try:
-            printed.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            printed.append(lines.get(timeout=1.0))
         except queue.Empty:
-            proc.kill()
-            raise AssertionError(f"run --fleet {' '.join(flags)} printed no endpoints in 120 s: {printed}\n"
-                                 f"{(workdir / 'run.stderr').read_text()[-3000:]}") from None
+            if proc.poll() is None and time.monotonic() < deadline:
+                continue
+            sigterm(proc)  # `run` stops what it started so far (a SIGKILL would leave it running)
+            raise AssertionError(f"run --fleet {' '.join(flags)} printed no endpoints (exit {proc.returncode}) "
+                                 f"{printed}\n{(workdir / 'run.stderr').read_text()[-3000:]}") from None
     return proc, "".join(printed)
 
 

@@ -15,11 +15,13 @@ engine stand-in (tests/programs/paced_modes.py) sent: the counts are exact.
 3. The project's CLI (`otel-stepspan search`, `stats`) against this Jaeger finds every step.
 4. `python scripts/backends.py run --fleet --kafka --opensearch` as a user runs it: it prints
    both nodes, every step sent through its agent is in its Jaeger, and SIGTERM stops
-   everything (exit 0, every port free, no node left running).
+   everything (exit 0, every port free, no node left running). Everything down, then up: a
+   second `run` on the same data dir finds every step stored before, through Jaeger's HTTP
+   API and `otel-stepspan search`, Kafka's log is not formatted again, and new steps arrive.
 
-One fleet serves 1-3, `run` its own. About two minutes once built (`python scripts/backends.py build
---fleet`). Skips where Go or Java is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those
-skips into failures.
+One fleet serves 1-3, `run` its own (started twice). 2-5 minutes once built (`python
+scripts/backends.py build --fleet`). Skips where Go or Java is absent; CI
+(OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those skips into failures.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import re
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -146,18 +149,44 @@ def test_the_cli_searches_and_summarises_jaeger_on_opensearch(fleet, capsys):
     assert {mode: row["steps"] for mode, row in rows.items()} == dict(run.sent), rows
 
 
+def _search_cli(jaeger_url: str, service: str, capsys) -> list[tuple[int, str]]:
+    """What `otel-stepspan search` lists of ``service``'s steps: (pass id, mode) of each, by pass id."""
+    assert cli_main(["search", "--jaeger", jaeger_url, "--service", service, "--since", "10m", "--json",
+                     "--limit", "0"]) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return sorted((int(step["attributes"]["forward.pass_id"]), step["mode"]) for step in found)
+
+
 @_mark
-def test_run_fleet_kafka_opensearch_serves_and_stops(tmp_path):
+def test_run_fleet_kafka_opensearch_serves_stops_and_keeps_what_it_stored(tmp_path, capsys):
     ports = backends.free_ports(7)
+    grpc, jaeger = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[3]}"
     proc, text = start_run(tmp_path, ports, "--kafka", "--opensearch")
     try:
         nodes = [line for line in text.splitlines() if line.startswith("OpenSearch ")]
         assert len(nodes) == 1 and nodes[0].count("http://127.0.0.1:") == 2, text
-        run = EngineRun.start(f"http://127.0.0.1:{ports[0]}", "os-run", 3, RATE, **ENGINE_ENV).finish()
-        got = wait_stored(f"http://127.0.0.1:{ports[3]}", run.service, run.started_ns, run.steps)
+        run = EngineRun.start(grpc, "os-run", 3, RATE, **ENGINE_ENV).finish()
+        got = wait_stored(jaeger, run.service, run.started_ns, run.steps)
         assert got.missing(run.steps) == [] and got.by_mode == run.sent
     finally:
         status = sigterm(proc)
     assert status == 0
     backends._check_free(ports)
     backends._check_free([int(port) for port in re.findall(r"http://127\.0\.0\.1:(\d+)", nodes[0])])  # both nodes gone
+    # Everything down; up again on the same data dir: OpenSearch's indices, Kafka's log and
+    # offsets, the queues. What was stored is found, through the HTTP API and the CLI, and new
+    # steps arrive.
+    proc, _ = start_run(tmp_path, ports, "--kafka", "--opensearch")
+    try:
+        again = wait_stored(jaeger, run.service, run.started_ns, run.steps, timeout_s=30)
+        assert again.missing(run.steps) == [] and again.by_mode == run.sent
+        listed = _search_cli(jaeger, run.service, capsys)
+        assert [pass_id for pass_id, _ in listed] == list(range(1, run.steps + 1))
+        assert Counter(mode for _, mode in listed) == run.sent
+        new = EngineRun.start(grpc, "os-run-again", 3, RATE, **ENGINE_ENV).finish()
+        got = wait_stored(jaeger, new.service, new.started_ns, new.steps)
+        assert got.missing(new.steps) == [] and got.by_mode == new.sent
+    finally:
+        assert sigterm(proc) == 0
+    stderr = (tmp_path / "run.stderr").read_text()
+    assert stderr.count("formatting Kafka's log") == 1, stderr[-2000:]
