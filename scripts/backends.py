@@ -1511,10 +1511,14 @@ class LocalFleet(LocalBackends):
     (jaeger/opensearch.yaml instead of jaeger/config.yaml, the nodes' URLs in STEPSPAN_OPENSEARCH_URLS):
     os1 may manage the cluster and holds data, os2 holds data; every index has one replica, so
     either node holds every span. Their config, data and logs are in workdir/opensearch-<node>/.
-    They start first (the cluster green before Jaeger starts) and stop last."""
+    They start first (the cluster green before Jaeger starts) and stop last.
+
+    With ``own_metrics``, the agent and each gateway serve the Collector's own metrics
+    (accepted, refused and failed spans per receiver and exporter, the tail sampler's counts) on
+    a free port each, listed by ``own_metrics_urls``; without it they are off, as in `run`."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2, kafka: bool = False,
-                 opensearch: bool = False,
+                 opensearch: bool = False, own_metrics: bool = False,
                  collector_env: Mapping[str, str] | None = None,
                  jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
@@ -1523,6 +1527,8 @@ class LocalFleet(LocalBackends):
         if gateways < 1:
             raise BackendError("a fleet needs at least one gateway")
         self.gateway_count = gateways
+        self.own_metrics_urls: dict[str, str] = {}  # agent, gateway-1, ... -> URL (with own_metrics)
+        self.own_metrics = own_metrics
         wanted = ("jaeger", "prometheus", "search_front", "otelcol_gateway", *(("kafka",) if kafka else ()),
                   *(("opensearch",) if opensearch else ()))
         binaries = dict(binaries or ensure_built(wanted))
@@ -1605,19 +1611,32 @@ class LocalFleet(LocalBackends):
         self.gateway_configs: list[tuple[Path, int, tuple[int, ...]]] = []  # config, health port, others
         self.gateway_otlp: list[str] = []
         self.gateway_metrics: list[str] = []
+        self.own_metrics_urls = {}
         for i in range(1, self.gateway_count + 1):
             grpc, http, metrics, health = free_ports(4)
+            own = self._own_metrics_port(f"gateway-{i}")
             config = write_local_collector_config(
                 GATEWAY_CONFIG, self.workdir / f"gateway-{i}.yaml", grpc, http,
                 f"{LOCALHOST}:{self.jaeger_ports.otlp_grpc}", metrics, health,
-                queue_dir=self.workdir / f"gateway-{i}_queue")
-            self.gateway_configs.append((config, health, (grpc, http, metrics)))
+                queue_dir=self.workdir / f"gateway-{i}_queue", internal_metrics_port=own)
+            self.gateway_configs.append((config, health, (grpc, http, metrics, *([own] if own else []))))
             self.gateway_otlp.append(f"{LOCALHOST}:{grpc}")
             self.gateway_metrics.append(f"{LOCALHOST}:{metrics}")
+        self.agent_own_metrics = self._own_metrics_port("agent")
         self.config = write_local_agent_config(
             AGENT_CONFIG, self.workdir / "agent.yaml", self.otlp_grpc, self.otlp_http,
-            self.gateway_otlp, self.health, queue_dir=self.workdir / "agent_queue")
+            self.gateway_otlp, self.health, queue_dir=self.workdir / "agent_queue",
+            internal_metrics_port=self.agent_own_metrics)
         self.overlays = ()
+
+    def _own_metrics_port(self, name: str) -> int | None:
+        """A free port for collector ``name``'s own metrics, noted in own_metrics_urls; None
+        (off) without ``own_metrics``."""
+        if not self.own_metrics:
+            return None
+        port = free_port()
+        self.own_metrics_urls[name] = f"http://{LOCALHOST}:{port}/metrics"
+        return port
 
     @property
     def metrics_urls(self) -> list[str]:
@@ -1632,8 +1651,9 @@ class LocalFleet(LocalBackends):
         for config, health, others in self.gateway_configs:
             self.gateways.append(start_collector(config, health, binary=binary, env=self.collector_env,
                                                  other_ports=others, extra_configs=self.gateway_overlays))
-        self.agent = self.collector = start_collector(self.config, self.health, binary=binary,
-                                                      other_ports=(self.otlp_grpc, self.otlp_http))
+        self.agent = self.collector = start_collector(
+            self.config, self.health, binary=binary,
+            other_ports=(self.otlp_grpc, self.otlp_http, *([self.agent_own_metrics] if self.agent_own_metrics else [])))
 
     def start_prometheus(self) -> None:
         self.prometheus = start_prometheus(self.workdir, self.prometheus_port, self.gateway_metrics,
