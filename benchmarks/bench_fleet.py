@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,9 +237,16 @@ def http_json(url: str, body: "dict | None" = None, method: str | None = None) -
 
 def stored_counts(opensearch: str, services: list[str]) -> dict[str, int]:
     """{"steps": n, "timeline": n}: spans of ``services`` OpenSearch returns to a search now."""
-    answer = http_json(f"{opensearch}/jaeger-span-*/_search", {
-        "size": 0, "track_total_hits": True, "query": {"terms": {"process.serviceName": services}},
-        "aggs": {"timeline": {"filter": {"term": {"operationName": "timeline"}}}}})
+    try:
+        answer = http_json(f"{opensearch}/jaeger-span-*/_search", {
+            "size": 0, "track_total_hits": True, "query": {"terms": {"process.serviceName": services}},
+            "aggs": {"timeline": {"filter": {"term": {"operationName": "timeline"}}}}})
+    except urllib.error.HTTPError as e:
+        if e.code != 503:  # 503: the day's index is being made, no shard of it answers yet
+            raise
+        answer = {}
+    if "aggregations" not in answer:  # no span index yet: nothing stored
+        return {"steps": 0, "timeline": 0}
     total = answer["hits"]["total"]["value"]
     timeline = answer["aggregations"]["timeline"]["doc_count"]
     return {"steps": total - timeline, "timeline": timeline}
@@ -352,7 +360,6 @@ class Level:
     sent_steps: int = 0
     engine_lost: int = 0
     stored: dict = field(default_factory=dict)
-    stored_at_stop: dict = field(default_factory=dict)
     drain_s: float = 0.0
     refused: dict = field(default_factory=dict)
     accepted: dict = field(default_factory=dict)
@@ -367,6 +374,12 @@ class Level:
     @property
     def stored_spans(self) -> int:
         return self.stored.get("steps", 0) + self.stored.get("timeline", 0)
+
+    def spans_through(self, component: str) -> float:
+        """The spans ``component`` handled: what its receivers accepted for the agent and each
+        gateway (a gateway gets its share of the trace ids), every stored span for the rest (each
+        OpenSearch node indexes every span, as primary or as replica)."""
+        return self.accepted.get(component, self.stored_spans)
 
 
 def start_engines(fleet, workdir: Path, level_name: str, engine_rates: list[float],
@@ -411,7 +424,6 @@ def run_level(fleet, workdir: Path, index: int, factor: float, args: argparse.Na
                 reports.append(json.loads(lines[-1]))
             level.wall_s = time.monotonic() - t0
             level.seconds = max(r["seconds"] for r in reports)  # the engines' pacing, without their start and flush
-            level.stored_at_stop = stored_counts(opensearch, services)
             level.sent_steps = sum(r["steps"] for r in reports)
             level.drain_s, level.stored = drain(opensearch, services, level.sent_steps, args.drain)
         level.usage = sampler.usage
@@ -513,12 +525,13 @@ def report(levels: list[Level], disk_os: dict, disk_kafka: dict, stored_spans_to
                 continue
             cpu = usage.cpu_s
             window = lv.wall_s + lv.drain_s
-            rows.append([f"x{lv.factor:g}", tier, f"{cpu:.1f}", f"{cpu / window:.2f}",
-                         f"{lv.stored_spans / cpu:,.0f}" if cpu > 0 else "-", mib(usage.peak_rss)])
-    print(C.table(["level", "component", "CPU s", "cores (CPU s / (run + drain) s)", "spans per CPU-s",
+            rows.append([f"x{lv.factor:g}", tier, f"{cpu:.1f}", f"{cpu / window:.2f}", f"{lv.spans_through(tier):,.0f}",
+                         f"{lv.spans_through(tier) / cpu:,.0f}" if cpu > 0 else "-", mib(usage.peak_rss)])
+    print(C.table(["level", "component", "CPU s", "cores (CPU s / (run + drain) s)", "spans handled", "spans per CPU-s",
                    "peak RSS MiB"], rows))
-    print("\nspans per CPU-s = the level's stored spans / the component's CPU seconds over the run and the "
-          "drain (every tier handled every span: 100 % kept). A lower bound on one core's capacity: "
+    print("\nspans per CPU-s = the spans the component handled (the agent and each gateway: what their "
+          "receivers accepted; the others: every stored span, 100 % being kept) / its CPU seconds over the run "
+          "and the drain. A lower bound on one core's capacity: "
           "everything shared 2 vCPUs with the rest, other users included.")
     print("\n## Refused, by collector and level\n")
     print(C.table(["level", *levels[0].refused.keys(), "accepted by the agent"],
@@ -538,7 +551,12 @@ def report(levels: list[Level], disk_os: dict, disk_kafka: dict, stored_spans_to
 # What the gateways keep at the default sampling, for the sizing below: the 10 % baseline share
 # of windows, plus the slow and failed windows kept whole, assumed 1 % of all windows more.
 DEFAULT_KEPT_SHARE = 0.11
-AFTER_SAMPLING = ("kafka", "jaeger", "os1", "os2")
+# The tiers of the sizing and their components here: the spans a tier takes in per CPU-second
+# are its components' spans in (each OpenSearch node indexes every span, as primary or replica:
+# the cluster's spans in are the stored spans) over their CPU seconds added up.
+SIZING_TIERS = {"agent": ("agent",), "gateways": ("gateway-1", "gateway-2"), "kafka": ("kafka",),
+                "jaeger ingester": ("jaeger",), "opensearch (2 nodes, 1 replica)": ("os1", "os2")}
+BEFORE_SAMPLING = ("agent", "gateways")
 SIZING_RATES = (10**4, 10**5, 10**6)
 
 
@@ -556,11 +574,13 @@ def sizing(levels: list[Level], disk_os: dict, disk_kafka_bytes_per_span: float)
     print(f"\n## Sizing from level x{lv.factor:g} ({lv.stored_spans / lv.seconds:,.0f} spans/s stored, nothing "
           f"refused); behind the gateways {DEFAULT_KEPT_SHARE:.0%} of the spans (10 % baseline + 1 % slow/error)\n")
     rows = []
-    for tier in ("agent", "gateway-1", "gateway-2", *AFTER_SAMPLING):
-        per_cpu_s = lv.stored_spans / lv.usage[tier].cpu_s
-        share = DEFAULT_KEPT_SHARE if tier in AFTER_SAMPLING else 1.0
+    for tier, components in SIZING_TIERS.items():
+        spans_in = lv.stored_spans if tier not in BEFORE_SAMPLING else sum(lv.spans_through(c) for c in components)
+        per_cpu_s = spans_in / sum(lv.usage[c].cpu_s for c in components)
+        share = 1.0 if tier in BEFORE_SAMPLING else DEFAULT_KEPT_SHARE
         rows.append([tier, f"{per_cpu_s:,.0f}", f"{share:.2f}",
-                     *(f"{rate * share / per_cpu_s:,.1f}" for rate in SIZING_RATES), mib(lv.usage[tier].peak_rss)])
+                     *(f"{rate * share / per_cpu_s:,.1f}" for rate in SIZING_RATES),
+                     " + ".join(mib(lv.usage[c].peak_rss) for c in components)])
     print(C.table(["tier", "spans per CPU-s", "share it sees", *(f"cores at {r:.0e}/s" for r in SIZING_RATES),
                    "peak RSS MiB here"], rows))
     os_bytes = disk_os["merged_total_bytes"] / disk_os["merged_docs"]
