@@ -5,7 +5,7 @@ opensearch on). Prints figures, judges nothing: the machine decides the figures.
 Usage::
 
     .venv/bin/python benchmarks/bench_fleet.py --quick   # 2 levels x 30 s, ~8 min with the start and the drains
-    .venv/bin/python benchmarks/bench_fleet.py           # 4 levels x 60 s, ~15 min
+    .venv/bin/python benchmarks/bench_fleet.py           # 4 levels x 60 s, ~20 min or more (the drains grow with the rate)
     .venv/bin/python benchmarks/bench_fleet.py --levels 1,2,3 --seconds 45 --engines 24
 
 The engines: ``--engines`` processes (16), each a paced loop calling a stand-in sglang
@@ -36,7 +36,9 @@ Per level it reports:
 
 At the end: OpenSearch's bytes per span (``_cat/indices``, primaries and with the replica, as
 indexed and after a force merge) and Kafka's bytes per record and per span (the topic's log
-files over its end offsets).
+files over its end offsets), and a sizing for 10^4, 10^5 and 10^6 spans/s from the highest
+level with nothing refused, lost or missing (the arithmetic, and the figures of runs on this
+machine, are in docs/scale.md).
 
 Everything started is stopped at the end, also on Ctrl-C or SIGTERM. ``--keep`` keeps the work
 folder (logs, data). ``--engine RATE SECONDS`` is the engine process itself (internal).
