@@ -1650,10 +1650,14 @@ class LocalFleet(LocalBackends):
     They start first (the cluster green before Jaeger starts) and stop last. With
     ``retention_days`` too, an IndexCleaner (Jaeger's es-index-cleaner) keeps that many days of
     indices: it runs once when everything has started, then every day, its log in
-    workdir/es-index-cleaner.log; it stops first."""
+    workdir/es-index-cleaner.log; it stops first.
+
+    With ``own_metrics``, the agent and each gateway serve the Collector's own metrics
+    (accepted, refused and failed spans per receiver and exporter, the tail sampler's counts) on
+    a free port each, listed by ``own_metrics_urls``; without it they are off, as in `run`."""
 
     def __init__(self, workdir: str | os.PathLike[str], *, gateways: int = 2, kafka: bool = False,
-                 opensearch: bool = False, retention_days: int | None = None,
+                 opensearch: bool = False, retention_days: int | None = None, own_metrics: bool = False,
                  collector_env: Mapping[str, str] | None = None,
                  jaeger_env: Mapping[str, str] | None = None,
                  ports: "Mapping[str, int] | None" = None,
@@ -1664,6 +1668,8 @@ class LocalFleet(LocalBackends):
         self.gateway_count = gateways
         if retention_days is not None and not opensearch:
             raise BackendError("retention_days is for the OpenSearch store (Badger's is JAEGER_RETENTION)")
+        self.own_metrics_urls: dict[str, str] = {}  # agent, gateway-1, ... -> URL (with own_metrics)
+        self.own_metrics = own_metrics
         wanted = ("jaeger", "prometheus", "search_front", "otelcol_gateway", *(("kafka",) if kafka else ()),
                   *(("opensearch",) if opensearch else ()),
                   *(("es_index_cleaner",) if retention_days is not None else ()))
@@ -1760,19 +1766,32 @@ class LocalFleet(LocalBackends):
         self.gateway_configs: list[tuple[Path, int, tuple[int, ...]]] = []  # config, health port, others
         self.gateway_otlp: list[str] = []
         self.gateway_metrics: list[str] = []
+        self.own_metrics_urls = {}
         for i in range(1, self.gateway_count + 1):
             grpc, http, metrics, health = free_ports(4)
+            own = self._own_metrics_port(f"gateway-{i}")
             config = write_local_collector_config(
                 GATEWAY_CONFIG, self.workdir / f"gateway-{i}.yaml", grpc, http,
                 f"{LOCALHOST}:{self.jaeger_ports.otlp_grpc}", metrics, health,
-                queue_dir=self.workdir / f"gateway-{i}_queue")
-            self.gateway_configs.append((config, health, (grpc, http, metrics)))
+                queue_dir=self.workdir / f"gateway-{i}_queue", internal_metrics_port=own)
+            self.gateway_configs.append((config, health, (grpc, http, metrics, *([own] if own else []))))
             self.gateway_otlp.append(f"{LOCALHOST}:{grpc}")
             self.gateway_metrics.append(f"{LOCALHOST}:{metrics}")
+        self.agent_own_metrics = self._own_metrics_port("agent")
         self.config = write_local_agent_config(
             AGENT_CONFIG, self.workdir / "agent.yaml", self.otlp_grpc, self.otlp_http,
-            self.gateway_otlp, self.health, queue_dir=self.workdir / "agent_queue")
+            self.gateway_otlp, self.health, queue_dir=self.workdir / "agent_queue",
+            internal_metrics_port=self.agent_own_metrics)
         self.overlays = ()
+
+    def _own_metrics_port(self, name: str) -> int | None:
+        """A free port for collector ``name``'s own metrics, noted in own_metrics_urls; None
+        (off) without ``own_metrics``."""
+        if not self.own_metrics:
+            return None
+        port = free_port()
+        self.own_metrics_urls[name] = f"http://{LOCALHOST}:{port}/metrics"
+        return port
 
     @property
     def metrics_urls(self) -> list[str]:
@@ -1786,8 +1805,9 @@ class LocalFleet(LocalBackends):
         for index in range(len(self.gateway_configs)):
             self.start_gateway(index)
         binary = self.binaries["otelcol_gateway"]
-        self.agent = self.collector = start_collector(self.config, self.health, binary=binary,
-                                                      other_ports=(self.otlp_grpc, self.otlp_http))
+        self.agent = self.collector = start_collector(
+            self.config, self.health, binary=binary,
+            other_ports=(self.otlp_grpc, self.otlp_http, *([self.agent_own_metrics] if self.agent_own_metrics else [])))
 
     def start_gateway(self, index: int, extra_configs: "tuple[Path, ...]" = ()) -> None:
         """Gateway ``index`` (from 0) on its config, ports and queue, with ``extra_configs`` merged

@@ -198,6 +198,31 @@ def test_local_agent_config_changes_only_endpoints_gateways_queue_dir_and_own_te
                                           queue_dir=tmp_path / "queue")
 
 
+def _own_metrics_port(config_path: Path) -> int | None:
+    """The port a local Collector config serves the Collector's own metrics on; None when off."""
+    metrics = yaml.safe_load(config_path.read_text())["service"]["telemetry"]["metrics"]
+    if metrics.get("level") == "none":
+        return None
+    return metrics["readers"][0]["pull"]["exporter"]["prometheus"]["port"]
+
+
+def test_fleet_serves_its_collectors_own_metrics_only_when_asked(tmp_path):
+    """benchmarks/bench_fleet.py reads the agent's and the gateways' refused counters there; `run`
+    and the tests leave them off (the default port would collide between Collectors)."""
+    binaries = {name: tmp_path / name for name in ("jaeger", "prometheus", "search_front", "otelcol_gateway")}
+    plain = backends.LocalFleet(tmp_path / "plain", binaries=binaries)
+    assert plain.own_metrics_urls == {}
+    assert [_own_metrics_port(config) for config, _, _ in plain.gateway_configs] == [None, None]
+    assert _own_metrics_port(plain.config) is None
+    fleet = backends.LocalFleet(tmp_path / "own", gateways=3, own_metrics=True, binaries=binaries)
+    assert list(fleet.own_metrics_urls) == ["gateway-1", "gateway-2", "gateway-3", "agent"]
+    ports = [_own_metrics_port(config) for config, _, _ in fleet.gateway_configs] + [_own_metrics_port(fleet.config)]
+    assert [f"http://127.0.0.1:{port}/metrics" for port in ports] == list(fleet.own_metrics_urls.values())
+    assert len(set(ports)) == 4
+    for (_, _, others), port in zip(fleet.gateway_configs, ports):  # checked free before each start
+        assert port in others
+
+
 def test_gateway_counts_every_span_before_sampling_and_names_metrics_as_the_collector_does(tmp_path):
     gateway = yaml.safe_load(backends.GATEWAY_CONFIG.read_text())
     pipelines = gateway["service"]["pipelines"]
