@@ -19,9 +19,11 @@ What a new user would do, made repeatable (for CI, and for anyone without Docker
    jaeger/search_front) is made the same way from its Go-built binary, under the tag
    docker-compose.yml names; `docker compose up` would otherwise build its Dockerfile.
 4. The fleet's images (docker-compose.fleet.yml; docs/scale.md): the fleet Collector (agent
-   and gateways) made as in 3, from its Go-built binary. Kafka and OpenSearch run on Java, so
-   their images stand on a Debian made here: `debootstrap --variant=minbase` from the Debian
-   mirror, imported as otel_stepspan/debian:bookworm; jre/Dockerfile adds Debian's OpenJDK 17
+   and gateways) and Jaeger's es-index-cleaner (the OpenSearch indices' retention, with busybox
+   for its daily loop, jaeger/index-cleaner.sh) made as in 3, from their Go-built binaries.
+   Kafka and OpenSearch run on Java, so their images stand on a Debian made here:
+   `debootstrap --variant=minbase` from the Debian mirror, imported as
+   otel_stepspan/debian:bookworm; jre/Dockerfile adds Debian's OpenJDK 17
    (apt-get, with the host's network: dockerd runs without iptables, so a container's own
    network reaches nothing outside); kafka/Dockerfile and opensearch/Dockerfile add the jars
    scripts/backends.py fetched from Maven Central (`docker build`, the classic builder).
@@ -63,6 +65,8 @@ JRE_IMAGE = "otel_stepspan/jre:17"
 KAFKA_IMAGE = f"otel_stepspan/kafka:{backends.KAFKA_VERSION}"
 OPENSEARCH_IMAGE = f"otel_stepspan/opensearch:{backends.OPENSEARCH_VERSION}"
 FLEET_COLLECTOR_IMAGE = "otel_stepspan/otelcol-fleet"  # tagged with the fleet Collector's release
+INDEX_CLEANER_IMAGE = "otel_stepspan/es-index-cleaner"  # tagged with Jaeger's release
+INDEX_CLEANER_SCRIPT = REPO_ROOT / "jaeger" / "index-cleaner.sh"
 
 
 def _log(msg: str) -> None:
@@ -278,6 +282,25 @@ def fleet_collector_image() -> Image:
         entrypoint=["/otelcol"], cmd=["--config=/etc/otelcol/agent.yaml"], user="10001:10001")
 
 
+def index_cleaner_image() -> Image:
+    """Jaeger's es-index-cleaner (the retention of the fleet's OpenSearch indices: docs/scale.md)
+    where the published image jaegertracing/jaeger-es-index-cleaner has it, user 10001, with
+    busybox for the shell and tools of jaeger/index-cleaner.sh, its entrypoint: the cleaner at
+    start and daily at 00:05 UTC. The bare cleaner runs with --entrypoint
+    /go/bin/es-index-cleaner-linux."""
+    box = busybox()
+    v = backends.pinned_versions()
+    return Image(
+        f"{INDEX_CLEANER_IMAGE}:{v.jaeger}",
+        {"/go/bin/es-index-cleaner-linux": backends.binary_paths(v)["es_index_cleaner"], "/bin/busybox": box,
+         "/index-cleaner.sh": INDEX_CLEANER_SCRIPT},
+        links={f"/bin/{applet}": "busybox"
+               for applet in ("sh", "date", "sleep", "tr", "grep", "sed", "sort", "cat", "tail")},
+        # /tmp: where the script keeps a run's output to read the deleted indices from it.
+        dirs={"/bin": 0o755, "/go": 0o755, "/go/bin": 0o755, "/tmp": 0o1777},
+        entrypoint=["/bin/sh", "/index-cleaner.sh"], user="10001")
+
+
 def debian_image() -> str:
     """DEBIAN_IMAGE, made once: a minimal Debian (debootstrap --variant=minbase, from
     DEBIAN_MIRROR), with the suite's updates and security archives in its sources, imported as
@@ -394,9 +417,10 @@ def java_images() -> list[BuiltImage]:
 def prepare_fleet() -> None:
     """The fleet's images (docker-compose.fleet.yml), each only when missing or out of date:
     the fleet Collector's, and the Java runtime with Kafka and OpenSearch on it (their jars
-    fetched with Maven when missing)."""
-    backends.ensure_built(("otelcol_gateway", "kafka", "opensearch"))
+    fetched with Maven when missing), and Jaeger's index cleaner's."""
+    backends.ensure_built(("otelcol_gateway", "es_index_cleaner", "kafka", "opensearch"))
     fleet_collector_image().ensure()
+    index_cleaner_image().ensure()
     jre, *on_jre = java_images()
     jre_id = jre.ensure(debian_image())
     for image in on_jre:

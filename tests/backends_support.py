@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,16 @@ def sigterm(proc: subprocess.Popen) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+
+
+def cleaner_cutoffs(log: str) -> list[str]:
+    """The cutoffs Jaeger's es-index-cleaner logged, one per run ("Indices before this date will
+    be deleted"), from its JSON lines among others."""
+    return [record["date"] for record in map(json.loads, re.findall(r"^\{.*\}$", log, re.M))
+            if record.get("msg") == "Indices before this date will be deleted"]
+
+
+def expected_cutoff(days: int) -> str:
+    """00:00 UTC of the day ``days - 1`` days back: what the cleaner keeping ``days`` keeps from."""
+    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (today - timedelta(days=days - 1)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -12,6 +12,15 @@ Central's jars on a Debian JRE made with debootstrap).
    Prometheus's sum over both gateways' span metrics is the steps sent, per mode.
 3. `down` (the volumes kept), then `up --wait`: every stored step is still there, none twice
    (Kafka's committed offsets survived too), and a new run goes through again.
+4. Retention: the service index-cleaner (Jaeger's es-index-cleaner, image built by compose.py)
+   runs at each start with the shell's STEPSPAN_RETENTION_DAYS (5 here; 7 unset), logging the
+   cutoff (00:00 UTC four days back) and what it deleted: nothing, on the empty store of the
+   first start and on today's indices and steps after `up` again, which stay. Last, the same
+   image's cleaner run once with 0 days (`docker compose run`) deletes today's daily indices,
+   and Jaeger then finds none of the steps: the cleaner reaches OpenSearch over the compose
+   network and deletes for real (every index is made today, so no test holds a really old
+   one; tests/test_fleet_retention.py says why the creation date decides). Stopped, the
+   service exits 0 on SIGTERM rather than being killed 10 s later.
 
 Its own project name and free ports, so it runs beside tests/test_compose.py and a user's
 stack; `down -v` at the end. Needs what tests/test_compose.py needs, and Java (the jars);
@@ -22,10 +31,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -34,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 import compose  # noqa: E402
 from backends_support import (  # noqa: E402
-    EngineRun, poll, prometheus_query, requires_go, requires_kafka, requires_opensearch, stored, wait_stored,
+    EngineRun, cleaner_cutoffs, expected_cutoff, poll, prometheus_query, requires_go, requires_kafka,
+    requires_opensearch, stored, wait_stored,
 )
 
 pytestmark = [
@@ -56,6 +68,8 @@ SERVICE = "compose-fleet"
 RATE = 100.0  # steps per second
 # Windows of at most 2 s, each decided 5 s after its root arrived (collector/gateway.yaml).
 ENGINE_ENV = {"OTEL_STEPSPAN_TIMELINE_SECONDS": "2"}
+KEEP_DAYS = 5  # STEPSPAN_RETENTION_DAYS, not the default, to see the shell's value arrive
+CLEANER = "index-cleaner"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,8 @@ def env():
     """What the compose commands run with: free published ports, and the gateways keeping every
     window, told through the compose environment as a user would."""
     ports = dict(zip(PORT_VARIABLES, map(str, backends.free_ports(len(PORT_VARIABLES)))))
-    return {**ports, "STEPSPAN_KEEP_PERCENT": "100", "STEPSPAN_DECISION_WAIT": "5s"}
+    return {**ports, "STEPSPAN_KEEP_PERCENT": "100", "STEPSPAN_DECISION_WAIT": "5s",
+            backends.ENV_RETENTION_DAYS: str(KEEP_DAYS)}
 
 
 def _compose(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -107,7 +122,7 @@ def test_the_override_replaces_the_single_node_with_the_fleet(env):
     single = json.loads(compose.compose("config", "--format", "json").stdout)["services"]
     assert "otel-collector" in single and "agent" not in single  # `up` alone: the single node
     services = json.loads(_compose(env, "config", "--format", "json").stdout)["services"]
-    assert set(services) == {"agent", "gateway-1", "gateway-2", "kafka", "jaeger", "jaeger-ingester",
+    assert set(services) == {"agent", "gateway-1", "gateway-2", "kafka", "jaeger", "jaeger-ingester", CLEANER,
                              "opensearch", "opensearch-1", "opensearch-2", "search-front", "prometheus"}
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert len(published) == len(PORT_VARIABLES)
@@ -121,6 +136,13 @@ def test_the_override_replaces_the_single_node_with_the_fleet(env):
     for gateway in ("gateway-1", "gateway-2"):
         assert services[gateway]["environment"]["STEPSPAN_KEEP_PERCENT"] == "100"
         assert services[gateway]["environment"]["STEPSPAN_SLOW_DECODE_MS"] is None  # unset: the config's default
+    cleaner = services[CLEANER]
+    assert cleaner["image"] == f"{compose.INDEX_CLEANER_IMAGE}:{backends.pinned_versions().jaeger}"
+    nodes = services["jaeger"]["environment"]["STEPSPAN_OPENSEARCH_URLS"]  # Jaeger's, the same
+    assert cleaner["environment"] == {backends.ENV_RETENTION_DAYS: str(KEEP_DAYS), "STEPSPAN_OPENSEARCH_URLS": nodes}
+    unset = json.loads(_compose({**env, backends.ENV_RETENTION_DAYS: ""}, "config", "--format", "json").stdout)
+    default_days = unset["services"][CLEANER]["environment"][backends.ENV_RETENTION_DAYS]
+    assert default_days == str(backends.DEFAULT_RETENTION_DAYS)
 
 
 def test_every_step_reaches_jaeger_through_the_fleet(first_run):
@@ -139,6 +161,28 @@ def test_prometheus_sums_both_gateways_span_metrics_to_the_steps_sent(fleet, fir
         ("gateway-1:8889", "up"), ("gateway-2:8889", "up")]
 
 
+def _assert_the_cleaner_ran_once_deleting_nothing(env: dict[str, str]) -> None:
+    """The index-cleaner container's log (one start) shows one run, keeping the shell's days
+    (its cutoff), on the first node, that deleted nothing."""
+    def log() -> str:
+        return _compose(env, "logs", "--no-log-prefix", CLEANER).stdout
+    text = poll(log, lambda got: re.search(r"^index cleaner \(keeps", got, re.M) is not None, 90, 1.0)
+    assert cleaner_cutoffs(text) == [expected_cutoff(KEEP_DAYS)], text[-3000:]
+    summary = f"index cleaner (keeps {KEEP_DAYS} days, http://opensearch:9200): deleted 0 indices"
+    assert re.findall(r"^index cleaner \(keeps.*$", text, re.M) == [summary], text[-3000:]
+
+
+def _daily_indices(env: dict[str, str]) -> set[str]:
+    """Jaeger's indices (names), as node os1 lists them to a client inside the compose network."""
+    got = _compose(env, "exec", "-T", "opensearch-1", "busybox", "wget", "-q", "-O", "-",
+                   "http://127.0.0.1:9200/_cat/indices/jaeger-*?format=json")
+    return {index["index"] for index in json.loads(got.stdout)}
+
+
+def test_the_index_cleaner_ran_at_start_with_the_shells_days(env, fleet):
+    _assert_the_cleaner_ran_once_deleting_nothing(env)  # on the empty store of the first start
+
+
 def test_down_then_up_keeps_what_was_stored(env, fleet, first_run):
     _compose(env, "down")
     _up(env)
@@ -149,3 +193,24 @@ def test_down_then_up_keeps_what_was_stored(env, fleet, first_run):
     # Once the new run is stored, the ingester has read past the old records: had it started
     # again before its committed offset (kafka_data lost), the first run would be there twice.
     assert stored(fleet["jaeger"], SERVICE, first_run.started_ns, first_run.steps + 1000).duplicates == 0
+
+    # The cleaner of the new start ran on today's indices and kept them, and every step.
+    _assert_the_cleaner_ran_once_deleting_nothing(env)
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    daily = {f"jaeger-span-{today}", f"jaeger-service-{today}"}
+    assert daily <= _daily_indices(env)
+    got = stored(fleet["jaeger"], SERVICE, first_run.started_ns, first_run.steps + 1000)
+    assert got.missing(first_run.steps) == [] and got.duplicates == 0
+
+    # The same image's cleaner, once with 0 days (cutoff: tomorrow): today's daily indices go.
+    once = _compose(env, "run", "--rm", "--no-deps", "-T", "--entrypoint", "/go/bin/es-index-cleaner-linux",
+                    CLEANER, "0", "http://opensearch:9201")
+    assert daily <= set(backends._cleaner_deleted(once.stdout + once.stderr)), once.stdout + once.stderr
+    assert not daily & _daily_indices(env)
+    assert stored(fleet["jaeger"], SERVICE, first_run.started_ns, 2000).unique == 0
+
+    # SIGTERM, as `down` sends it, ends the cleaner's loop at once: exit 0, not the kill (137)
+    # that follows 10 s later when a container ignores it.
+    _compose(env, "stop", CLEANER)
+    (state,) = map(json.loads, _compose(env, "ps", "-a", "--format", "json", CLEANER).stdout.splitlines())
+    assert (state["State"], state["ExitCode"]) == ("exited", 0), state

@@ -40,7 +40,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 from backends_support import (  # noqa: E402
-    EngineRun, assert_all_stored, requires_go, requires_opensearch, sigterm, start_run, stored,
+    EngineRun, assert_all_stored, cleaner_cutoffs, expected_cutoff, requires_go, requires_opensearch, sigterm,
+    start_run, stored,
 )
 
 RATE = 100.0  # steps per second
@@ -86,18 +87,6 @@ def plant_day(url: str, days_back: int) -> list[str]:
 
 def jaeger_indices(url: str) -> set[str]:
     return {i["index"] for i in _request("GET", f"{url}/_cat/indices/jaeger-*?format=json")}
-
-
-def cutoffs(log: str) -> list[str]:
-    """The cutoffs the cleaner logged, one per run ("Indices before this date will be deleted")."""
-    return [record["date"] for record in map(json.loads, re.findall(r"^\{.*\}$", log, re.M))
-            if record.get("msg") == "Indices before this date will be deleted"]
-
-
-def expected_cutoff(days: int) -> str:
-    """00:00 UTC of the day ``days - 1`` days back: what the cleaner keeps from."""
-    today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    return (today - timedelta(days=days - 1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_retention_days_setting(monkeypatch):
@@ -158,7 +147,7 @@ def test_the_cleaner_keeps_the_retention_and_deletes_jaegers_daily_indices(tmp_p
 
         assert fleet.index_cleaner.run_once()  # what the daily thread runs
         log = (tmp_path / "es-index-cleaner.log").read_text()
-        assert cutoffs(log) == [expected_cutoff(KEEP_DAYS)] * 2, log[-2000:]
+        assert cleaner_cutoffs(log) == [expected_cutoff(KEEP_DAYS)] * 2, log[-2000:]
         assert jaeger_indices(url) == before  # all made today, whatever their name
         assert f"index cleaner (keeps {KEEP_DAYS} days): deleted 0 indices" in capfd.readouterr().err
         assert_all_stored(fleet, run)  # today's steps, through Jaeger's HTTP API
@@ -181,7 +170,7 @@ def test_run_cleans_at_start_and_stops_on_sigterm(tmp_path):
         assert len(nodes) == 2, text
         log = (tmp_path / "run.stderr").read_text()
         assert "index cleaner (keeps 5 days): deleted 0 indices" in log, log[-3000:]
-        assert cutoffs((tmp_path / "es-index-cleaner.log").read_text()) == [expected_cutoff(5)]
+        assert cleaner_cutoffs((tmp_path / "es-index-cleaner.log").read_text()) == [expected_cutoff(5)]
     finally:
         status = sigterm(proc)
     assert status == 0
