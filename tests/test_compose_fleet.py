@@ -20,7 +20,9 @@ Central's jars on a Debian JRE made with debootstrap).
    and Jaeger then finds none of the steps: the cleaner reaches OpenSearch over the compose
    network and deletes for real (every index is made today, so no test holds a really old
    one; tests/test_fleet_retention.py says why the creation date decides). Stopped, the
-   service exits 0 on SIGTERM rather than being killed 10 s later.
+   service exits 0 on SIGTERM rather than being killed 10 s later. A refused
+   STEPSPAN_RETENTION_DAYS makes `up --wait` fail with the cleaner unhealthy (its log says why,
+   once; no restart loop), and the right value again makes it healthy and run.
 
 Its own project name and free ports, so it runs beside tests/test_compose.py and a user's
 stack; `down -v` at the end. Needs what tests/test_compose.py needs, and Java (the jars);
@@ -81,8 +83,8 @@ def env():
             backends.ENV_RETENTION_DAYS: str(KEEP_DAYS)}
 
 
-def _compose(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return compose.compose("-p", PROJECT, *FLEET, *args, env=env, timeout=timeout)
+def _compose(env: dict[str, str], *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    return compose.compose("-p", PROJECT, *FLEET, *args, env=env, timeout=timeout, check=check)
 
 
 def _up(env: dict[str, str]) -> None:
@@ -214,3 +216,22 @@ def test_down_then_up_keeps_what_was_stored(env, fleet, first_run):
     _compose(env, "stop", CLEANER)
     (state,) = map(json.loads, _compose(env, "ps", "-a", "--format", "json", CLEANER).stdout.splitlines())
     assert (state["State"], state["ExitCode"]) == ("exited", 0), state
+
+
+def test_a_refused_retention_setting_leaves_the_cleaner_unhealthy_not_looping(env, fleet):
+    """STEPSPAN_RETENTION_DAYS=a-week: `up --wait` fails naming the cleaner, whose log says why
+    once; the container stays up (no restart loop), deleting nothing. Set right again, it is
+    healthy and runs."""
+    bad = {**env, backends.ENV_RETENTION_DAYS: "a-week"}
+    refused = _compose(bad, "up", "-d", "--wait", "--wait-timeout", "60", CLEANER, timeout=120, check=False)
+    assert refused.returncode != 0 and CLEANER in refused.stdout + refused.stderr, refused
+    (state,) = map(json.loads, _compose(bad, "ps", "-a", "--format", "json", CLEANER).stdout.splitlines())
+    assert (state["State"], state["Health"]) == ("running", "unhealthy"), state
+    inspected = subprocess.run([compose._docker(), "inspect", "--format", "{{.RestartCount}}", state["ID"]],
+                               stdout=subprocess.PIPE, text=True, check=True)
+    assert inspected.stdout.strip() == "0"
+    text = _compose(bad, "logs", "--no-log-prefix", CLEANER).stdout
+    assert text.count("STEPSPAN_RETENTION_DAYS must be a whole number of days, not 'a-week'") == 1, text
+    assert "index cleaner (keeps" not in text  # it never ran
+    _up(env)  # the shell's days again: recreated, healthy (--wait), and it runs
+    _assert_the_cleaner_ran_once_deleting_nothing(env)
