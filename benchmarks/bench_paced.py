@@ -20,8 +20,10 @@ a system call every time. Here each step:
   released (``time.sleep``, or a CUDA kernel and a synchronize with ``--gpu``).
 
 Measured per step on the engine thread: **added wall**, the wall time of ``forward`` minus the
-time spent inside the engine's own ``forward`` (so: the wrapper, before and after), and the
-thread's CPU time over the call. Each figure is set against export off in the same run (the
+time spent inside the engine's own ``forward`` (so: the wrapper, before and after), split into
+**before** (up to the call of the engine's ``forward``: the batch read, after the scheduler's
+work) and **after** (from its return: the submit, after the GPU wait), and the thread's CPU
+time over the call. Each figure is set against export off in the same run (the
 stand-in forward unwrapped), with ``off again`` as the A/A control. Variants, in processes of
 their own, blocks interleaved:
 
@@ -122,7 +124,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     wait_s = args.wait_ms / 1e3
     perf_ns = time.perf_counter_ns
-    inner: list[int] = [0]
+    inner: list[int] = [0, 0]  # the engine's own forward: its time, and when it was entered
 
     if args.gpu and wait_s:
         import torch
@@ -153,6 +155,7 @@ def worker(args: argparse.Namespace) -> dict:
             entered = perf_ns()
             gpu_wait()
             inner[0] = perf_ns() - entered
+            inner[1] = entered
             return forward_batch
 
     if args.variant == "floor":
@@ -173,7 +176,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     _pin_away_from_the_engine(os.getpid())
     C.freeze_heap()
-    added, cpu = [], []
+    added, cpu, before = [], [], []
     thread_ns = time.thread_time_ns
     forward = runner.forward
     n = len(batches)
@@ -186,11 +189,12 @@ def worker(args: argparse.Namespace) -> dict:
         t1 = perf_ns()
         c1 = thread_ns()
         added.append(t1 - t0 - inner[0])
+        before.append(inner[1] - t0)
         cpu.append(c1 - c0)
     from otel_stepspan import flush, stats
 
     flush(30)
-    return {"added": added, "cpu": cpu, "stats": stats()}
+    return {"added": added, "before": before, "cpu": cpu, "stats": stats()}
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -247,12 +251,13 @@ def main() -> int:
                 steps = 5_000 if args.quick else 20_000
             else:
                 steps = int((6000 if args.quick else 20000) / (wait_ms + args.work_ms))
-            pooled: dict[str, dict[str, list[int]]] = {v: {"added": [], "cpu": []} for v in VARIANTS}
+            pooled: dict[str, dict[str, list[int]]] = {v: {"added": [], "before": [], "cpu": []} for v in VARIANTS}
             for block in range(blocks):
                 for variant in VARIANTS if block % 2 == 0 else reversed(VARIANTS):
                     before = receiver.ask("count")["spans"]
                     out = run_worker(variant, receiver.endpoint, wait_ms, steps // blocks, args.work_ms, args.gpu, scheduler)
                     pooled[variant]["added"] += out["added"]
+                    pooled[variant]["before"] += out["before"]
                     pooled[variant]["cpu"] += out["cpu"]
                     if variant in JUDGED:  # every step, warm-up included, must arrive
                         emitted = out["stats"]["emitted"]
@@ -263,14 +268,20 @@ def main() -> int:
             case = "hot" if wait_ms == 0 else f"{wait_ms:g} ms {scheduler}"
             base_wall = statistics.median(pooled["off"]["added"]) / 1e3
             base_cpu = statistics.median(pooled["off"]["cpu"]) / 1e3
+            base_before = statistics.median(pooled["off"]["before"]) / 1e3
+            base_after = statistics.median(a - b for a, b in zip(pooled["off"]["added"], pooled["off"]["before"])) / 1e3
             for variant in VARIANTS:
                 wall = sorted(x / 1e3 for x in pooled[variant]["added"])
                 cpu = sorted(x / 1e3 for x in pooled[variant]["cpu"])
                 med_wall, med_cpu = statistics.median(wall), statistics.median(cpu)
+                pooled_v = pooled[variant]
+                med_before = statistics.median(pooled_v["before"]) / 1e3
+                med_after = statistics.median(a - b for a, b in zip(pooled_v["added"], pooled_v["before"])) / 1e3
                 rows.append([
                     case, variant, str(len(wall)),
                     f"{med_wall:.1f}", f"{wall[int(0.9 * (len(wall) - 1))]:.1f}", f"{statistics.mean(wall):.1f}",
-                    f"{med_wall - base_wall:+.1f}", f"{med_cpu:.1f}", f"{med_cpu - base_cpu:+.1f}",
+                    f"{med_wall - base_wall:+.1f}", f"{med_before - base_before:+.1f}", f"{med_after - base_after:+.1f}",
+                    f"{med_cpu:.1f}", f"{med_cpu - base_cpu:+.1f}",
                 ])
                 extra = med_wall - base_wall
                 if variant == "off again":
@@ -284,8 +295,11 @@ def main() -> int:
     finally:
         receiver.close()
     print(C.table(
-        ["wait, scheduler", "variant", "steps", "wall p50 us", "p90", "mean", "vs off", "thread cpu p50 us", "vs off"], rows,
+        ["wait, scheduler", "variant", "steps", "wall p50 us", "p90", "mean", "vs off", "before", "after",
+         "thread cpu p50 us", "vs off"], rows,
     ))
+    print("before, after: the added wall's median (vs off) split at the call of the engine's own forward: the"
+          " wrapper's work after the scheduler's (capture) and after the GPU wait (submit)")
     print("\n".join(checks))
     return 0 if ok else 1
 
