@@ -17,7 +17,10 @@ a system call every time. Here each step:
   through 30 MB of request-like objects, more than the CPU's own caches hold, so that the
   wrapper's code and data come from the shared cache or memory (``--scheduler``);
 * calls the sglang-instrumented stand-in ``forward``, which waits ``wait`` ms with the GIL
-  released (``time.sleep``, or a CUDA kernel and a synchronize with ``--gpu``).
+  released (``time.sleep``; with ``--gpu`` a CUDA kernel and a synchronize). With ``--spin``
+  it busy-waits instead, as CUDA's default synchronize spins while the host has a core per
+  context: a Python loop on the clock, holding the GIL (no other thread of the worker wants it),
+  so that the CPU never idles between steps.
 
 Measured per step on the engine thread: **added wall**, the wall time of ``forward`` minus the
 time spent inside the engine's own ``forward`` (so: the wrapper, before and after), split into
@@ -139,6 +142,13 @@ def worker(args: argparse.Namespace) -> dict:
         def gpu_wait() -> None:
             torch.cuda._sleep(cycles)
             torch.cuda.synchronize()
+    elif args.spin and wait_s:
+        clock = time.perf_counter
+
+        def gpu_wait() -> None:  # the CPU never idles; no other thread here wants the GIL
+            deadline = clock() + wait_s
+            while clock() < deadline:
+                pass
     elif wait_s:
 
         def gpu_wait() -> None:
@@ -200,7 +210,8 @@ def worker(args: argparse.Namespace) -> dict:
 # -- the driver --------------------------------------------------------------------------------
 
 
-def run_worker(variant: str, endpoint: str, wait_ms: float, steps: int, work_ms: float, gpu: bool, scheduler: str) -> dict:
+def run_worker(variant: str, endpoint: str, wait_ms: float, steps: int, work_ms: float, gpu: bool, scheduler: str,
+               spin: bool = False) -> dict:
     from bench_engine_stall import _env
 
     argv = [
@@ -210,6 +221,8 @@ def run_worker(variant: str, endpoint: str, wait_ms: float, steps: int, work_ms:
     ]
     if gpu:
         argv.append("--gpu")
+    if spin:
+        argv.append("--spin")
     # Back to back, steps outrun any exporter for a while: an export queue deep enough for all.
     env = _env("paced" if wait_ms else "cpu", "off" if variant in ("off again", "floor") else variant, endpoint)
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
@@ -224,6 +237,8 @@ def main() -> int:
     parser.add_argument("--waits", default=",".join(str(w) for w in WAITS), help="GPU waits in ms (0: hot loop)")
     parser.add_argument("--work-ms", type=float, default=0.5, help="scheduler work per step, in ms")
     parser.add_argument("--gpu", action="store_true", help="wait on a CUDA kernel instead of sleeping")
+    parser.add_argument("--spin", action="store_true",
+                        help="busy-wait instead of sleeping (the CPU never idles)")
     parser.add_argument("--scheduler", choices=("light", "heavy", "both"), default="both",
                         help="scheduler work that keeps the caches (light, judged) or empties them (heavy, information)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -255,7 +270,8 @@ def main() -> int:
             for block in range(blocks):
                 for variant in VARIANTS if block % 2 == 0 else reversed(VARIANTS):
                     before = receiver.ask("count")["spans"]
-                    out = run_worker(variant, receiver.endpoint, wait_ms, steps // blocks, args.work_ms, args.gpu, scheduler)
+                    out = run_worker(variant, receiver.endpoint, wait_ms, steps // blocks, args.work_ms, args.gpu, scheduler,
+                                     args.spin)
                     pooled[variant]["added"] += out["added"]
                     pooled[variant]["before"] += out["before"]
                     pooled[variant]["cpu"] += out["cpu"]
