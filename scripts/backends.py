@@ -1125,6 +1125,16 @@ def _check_free(ports: "list[int] | tuple[int, ...]", host: str = LOCALHOST) -> 
                 raise BackendError(f"{host}:{port} is already in use ({e})") from None
 
 
+def _tied_to_this_thread(argv: list[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM when the thread starting it ends, the process with
+    it (util-linux's ``setpriv --pdeathsig``, where there is one): a stack whose owner was
+    killed (SIGKILL, or a SIGTERM no handler caught: a CI timeout, ``kill`` of a test run or a
+    benchmark) does not leave its JVMs and collectors running for nobody. A stack stopped the
+    usual way has stopped them before; ``run`` catches SIGTERM and stops them itself."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
 def _start(argv: list[str], log_path: Path, health_url: str | None, timeout: float,
            env: Mapping[str, str] | None = None,
            ready: "Callable[[subprocess.Popen, int], None] | None" = None) -> subprocess.Popen:
@@ -1135,8 +1145,8 @@ def _start(argv: list[str], log_path: Path, health_url: str | None, timeout: flo
     log = open(log_path, "ab")
     offset = log.tell()
     _log(f"starting: {' '.join(argv)}  (log: {log_path})")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=log_path.parent, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(_tied_to_this_thread(argv), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=log_path.parent, env={**os.environ, **(env or {})})
     log.close()
     try:
         if ready is not None:
