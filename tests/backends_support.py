@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,11 +191,19 @@ def refresh_every_copy(stack: backends.LocalBackends) -> None:
     searches may be answered by either copy: right after a search saw every step, the next
     one may reach a replica that has not refreshed yet and miss the newest trace (seen in
     CI: the CLI found 100 of 150 decode steps a moment after all 300 were seen)."""
-    for url in getattr(stack, "opensearch_urls", [])[:1]:
-        request = urllib.request.Request(f"{url}/jaeger-span-*/_refresh", method="POST")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            shards = json.load(response)["_shards"]
-        assert shards["failed"] == 0, shards  # a node down: its copies are not counted as failed
+    urls = getattr(stack, "opensearch_urls", [])
+    if not urls:
+        return
+    shards = opensearch_request("POST", f"{urls[0]}/jaeger-span-*/_refresh", timeout_s=30)["_shards"]
+    assert shards["failed"] == 0, shards  # a node down: its copies are not counted as failed
+
+
+def opensearch_request(method: str, url: str, body: dict | None = None, timeout_s: float = 60) -> Any:
+    """One request to an OpenSearch node's REST API (a JSON body, if any), its JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.load(response)
 
 
 def monitor_series(jaeger_url: str, service: str, metric: str = "calls",

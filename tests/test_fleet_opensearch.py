@@ -30,7 +30,6 @@ import json
 import re
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -40,8 +39,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 from backends_support import (  # noqa: E402
-    EngineRun, Stored, assert_all_stored, poll, requires_go, requires_kafka, requires_opensearch, sigterm,
-    start_run, stored, wait_stored,
+    EngineRun, Stored, assert_all_stored, opensearch_request, poll, requires_go, requires_kafka,
+    requires_opensearch, sigterm, start_run, stored, wait_stored,
 )
 
 from otel_stepspan.cli.jaeger import JaegerError  # noqa: E402
@@ -78,11 +77,6 @@ def fleet(tmp_path_factory):
         yield stack
 
 
-def _get(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.load(response)
-
-
 def _mark(test):
     """The marks of a test on the real tier: skipped without Go or Java (failed in CI)."""
     for mark in needs_all:
@@ -95,7 +89,7 @@ def test_every_step_reaches_jaeger_on_opensearch(fleet):
     run = EngineRun.start(fleet.otlp_grpc_endpoint, "os-path", 6, RATE, **ENGINE_ENV).finish()
     assert_all_stored(fleet, run)
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    indices = {i["index"]: i for i in _get(f"{fleet.opensearch_urls[0]}/_cat/indices?format=json")}
+    indices = {i["index"]: i for i in opensearch_request("GET", f"{fleet.opensearch_urls[0]}/_cat/indices?format=json", timeout_s=30)}
     assert f"jaeger-span-{day}" in indices and f"jaeger-service-{day}" in indices, sorted(indices)
     assert indices[f"jaeger-span-{day}"]["rep"] == "1"
     health = backends.opensearch_health(fleet.opensearch_urls[0])

@@ -28,10 +28,8 @@ Java is absent; CI (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those skips into fai
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,8 +38,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 from backends_support import (  # noqa: E402
-    EngineRun, assert_all_stored, cleaner_cutoffs, expected_cutoff, requires_go, requires_opensearch, sigterm,
-    start_run, stored,
+    EngineRun, assert_all_stored, cleaner_cutoffs, expected_cutoff, opensearch_request, requires_go,
+    requires_opensearch, sigterm, start_run, stored,
 )
 
 RATE = 100.0  # steps per second
@@ -55,13 +53,6 @@ def _mark(test):
     for mark in needs_all:
         test = mark(test)
     return test
-
-
-def _request(method: str, url: str, body: dict | None = None) -> object:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.load(response)
 
 
 def _day(days_back: int) -> str:
@@ -81,12 +72,12 @@ def plant_day(url: str, days_back: int) -> list[str]:
         f"jaeger-service-{stamp}": {"serviceName": "retention-old", "operationName": "old-step"},
     }
     for index, document in documents.items():
-        _request("POST", f"{url}/{index}/_doc?refresh=true", document)
+        opensearch_request("POST", f"{url}/{index}/_doc?refresh=true", document)
     return sorted(documents)
 
 
 def jaeger_indices(url: str) -> set[str]:
-    return {i["index"] for i in _request("GET", f"{url}/_cat/indices/jaeger-*?format=json")}
+    return {i["index"] for i in opensearch_request("GET", f"{url}/_cat/indices/jaeger-*?format=json")}
 
 
 def test_retention_days_setting(monkeypatch):
@@ -141,7 +132,7 @@ def test_the_cleaner_keeps_the_retention_and_deletes_jaegers_daily_indices(tmp_p
         assert_all_stored(fleet, run)
         today = {f"jaeger-span-{_day(0)}", f"jaeger-service-{_day(0)}"}
         planted = plant_day(url, 10) + plant_day(url, 3)
-        _request("PUT", f"{url}/jaeger-span-archive")  # Jaeger's archive index: not a daily one
+        opensearch_request("PUT", f"{url}/jaeger-span-archive")  # Jaeger's archive index: not a daily one
         before = jaeger_indices(url)
         assert today | set(planted) | {"jaeger-span-archive"} <= before, sorted(before)
 
