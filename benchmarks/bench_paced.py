@@ -231,6 +231,13 @@ def run_worker(variant: str, endpoint: str, wait_ms: float, steps: int, work_ms:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _split_medians(samples: dict[str, list[int]]) -> tuple[float, float]:
+    """The medians, in us, of the added wall before the engine's own forward and after it."""
+    before = statistics.median(samples["before"]) / 1e3
+    after = statistics.median(a - b for a, b in zip(samples["added"], samples["before"])) / 1e3
+    return before, after
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter blocks")
@@ -284,15 +291,12 @@ def main() -> int:
             case = "hot" if wait_ms == 0 else f"{wait_ms:g} ms {scheduler}"
             base_wall = statistics.median(pooled["off"]["added"]) / 1e3
             base_cpu = statistics.median(pooled["off"]["cpu"]) / 1e3
-            base_before = statistics.median(pooled["off"]["before"]) / 1e3
-            base_after = statistics.median(a - b for a, b in zip(pooled["off"]["added"], pooled["off"]["before"])) / 1e3
+            base_before, base_after = _split_medians(pooled["off"])
             for variant in VARIANTS:
                 wall = sorted(x / 1e3 for x in pooled[variant]["added"])
                 cpu = sorted(x / 1e3 for x in pooled[variant]["cpu"])
                 med_wall, med_cpu = statistics.median(wall), statistics.median(cpu)
-                pooled_v = pooled[variant]
-                med_before = statistics.median(pooled_v["before"]) / 1e3
-                med_after = statistics.median(a - b for a, b in zip(pooled_v["added"], pooled_v["before"])) / 1e3
+                med_before, med_after = _split_medians(pooled[variant])
                 rows.append([
                     case, variant, str(len(wall)),
                     f"{med_wall:.1f}", f"{wall[int(0.9 * (len(wall) - 1))]:.1f}", f"{statistics.mean(wall):.1f}",
