@@ -491,7 +491,7 @@ def kafka_disk(fleet) -> dict[str, float]:
 # -- report --------------------------------------------------------------------------------------
 
 
-TIERS = ("agent", "gateway-1", "gateway-2", "kafka", "jaeger", "os1", "os2", "engines", "prometheus+front")
+TIERS = ("agent", "gateway-1", "gateway-2", "kafka", "jaeger", "os1", "os2", "os3", "engines", "prometheus+front")
 
 
 def mib(n: float) -> str:
@@ -557,7 +557,7 @@ DEFAULT_KEPT_SHARE = 0.11
 # are its components' spans in (each OpenSearch node indexes every span, as primary or replica:
 # the cluster's spans in are the stored spans) over their CPU seconds added up.
 SIZING_TIERS = {"agent": ("agent",), "gateways": ("gateway-1", "gateway-2"), "kafka": ("kafka",),
-                "jaeger ingester": ("jaeger",), "opensearch (2 nodes, 1 replica)": ("os1", "os2")}
+                "jaeger ingester": ("jaeger",), "opensearch (2 data nodes + a voter, 1 replica)": ("os1", "os2", "os3")}
 BEFORE_SAMPLING = ("agent", "gateways")
 SIZING_RATES = (10**4, 10**5, 10**6)
 
@@ -635,7 +635,7 @@ def main() -> int:
         components = {
             "agent": [fleet.agent.pid], "gateway-1": [fleet.gateways[0].pid], "gateway-2": [fleet.gateways[1].pid],
             "kafka": [fleet.kafka.pid], "jaeger": [fleet.jaeger.pid], "os1": [fleet.opensearch["os1"].pid],
-            "os2": [fleet.opensearch["os2"].pid], "prometheus+front": [fleet.prometheus.pid, fleet.front.pid]}
+            "os2": [fleet.opensearch["os2"].pid], "os3": [fleet.opensearch["os3"].pid], "prometheus+front": [fleet.prometheus.pid, fleet.front.pid]}
         stored_total = 0
         if args.warmup > 0:
             print(f"warm-up: x0.25 for {args.warmup:g} s, not reported ...", flush=True)

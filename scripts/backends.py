@@ -158,7 +158,7 @@ ENV_KAFKA_BROKERS = "STEPSPAN_KAFKA_BROKERS"
 # The broker's JVM: a modest heap (it keeps its data in the OS page cache, not on the heap).
 KAFKA_JVM_OPTIONS = ("-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true")
 
-# OpenSearch as the fleet's Jaeger store (docs/scale.md): two nodes from Maven Central's jars on
+# OpenSearch as the fleet's Jaeger store (docs/scale.md): three nodes from Maven Central's jars on
 # the machine's Java 17, fetched with Maven into the cache (fetch_opensearch), Jaeger pointed at
 # them by jaeger/opensearch.yaml (jaeger/config.yaml with OpenSearch for Badger). 2.19.6 is the newest 2.x
 # Maven Central serves; 3.x needs Java 21. log4j-core is not in OpenSearch's published
@@ -1283,7 +1283,13 @@ class OpenSearchNode:
     name: str  # node.name, and the folder of its config, data and log under the workdir
     http: int  # what Jaeger talks to (STEPSPAN_OPENSEARCH_URLS)
     transport: int  # node to node
-    cluster_manager: bool  # eligible to manage the cluster (else a data node only)
+    holds_data: bool = True  # else a cluster-manager-eligible node only, a tie-breaker
+
+    @property
+    def roles(self) -> list[str]:
+        """node.roles: every node may manage the cluster, so that any one of three can be lost
+        and the other two still elect a manager (docs/scale.md)."""
+        return ["cluster_manager", "data", "ingest"] if self.holds_data else ["cluster_manager"]
 
 
 def write_opensearch_config(conf_dir: str | os.PathLike[str], node: OpenSearchNode,
@@ -1291,15 +1297,13 @@ def write_opensearch_config(conf_dir: str | os.PathLike[str], node: OpenSearchNo
                             logs_dir: str | os.PathLike[str]) -> Path:
     """The project's opensearch/opensearch.yml and log4j2.properties in ``conf_dir``, the first
     with this node's settings appended: its name and roles, ports, the other nodes' transport
-    ports to find them by, who may manage the cluster, and where its data and logs go."""
-    managers = [n.name for n in cluster if n.cluster_manager]
-    if not managers:
-        raise BackendError("an OpenSearch cluster needs a cluster-manager-eligible node")
-    roles = ["cluster_manager", "data", "ingest"] if node.cluster_manager else ["data", "ingest"]
+    ports to find them by, and where its data and logs go. A new cluster is bootstrapped by the
+    first node alone (cluster.initial_cluster_manager_nodes): it is the first elected manager,
+    and the voting configuration grows to every node as the others join."""
     settings = {
-        "node.name": node.name, "node.roles": roles, "http.port": node.http, "transport.port": node.transport,
+        "node.name": node.name, "node.roles": node.roles, "http.port": node.http, "transport.port": node.transport,
         "discovery.seed_hosts": [f"{LOCALHOST}:{n.transport}" for n in cluster],
-        "cluster.initial_cluster_manager_nodes": managers,
+        "cluster.initial_cluster_manager_nodes": [cluster[0].name],
         "path.data": str(Path(data_dir).resolve()), "path.logs": str(Path(logs_dir).resolve()),
     }
     conf = Path(conf_dir)
@@ -1653,10 +1657,12 @@ class LocalFleet(LocalBackends):
     gateway.yaml) and Jaeger ingests from it (jaeger/ingester.yaml over jaeger/config.yaml),
     both told the broker by STEPSPAN_KAFKA_BROKERS. Kafka starts first and stops last.
 
-    With ``opensearch``, Jaeger's store is a cluster of two OpenSearch nodes instead of Badger
-    (jaeger/opensearch.yaml instead of jaeger/config.yaml, the nodes' URLs in STEPSPAN_OPENSEARCH_URLS):
-    os1 may manage the cluster and holds data, os2 holds data; every index has one replica, so
-    either node holds every span. Their config, data and logs are in workdir/opensearch-<node>/.
+    With ``opensearch``, Jaeger's store is a cluster of three OpenSearch nodes instead of Badger
+    (jaeger/opensearch.yaml instead of jaeger/config.yaml, the data nodes' URLs in
+    STEPSPAN_OPENSEARCH_URLS): os1 and os2 hold data, and every index has one replica, so either
+    holds every span; all three may manage the cluster, os3 holding nothing but its vote, so that
+    the two left after any one is lost still elect a manager and take writes. Their config, data
+    and logs are in workdir/opensearch-<node>/.
     They start first (the cluster green before Jaeger starts) and stop last. With
     ``retention_days`` too, an IndexCleaner (Jaeger's es-index-cleaner) keeps that many days of
     indices: it runs once when everything has started, then every day, its log in
@@ -1699,9 +1705,9 @@ class LocalFleet(LocalBackends):
         self.retention_days = retention_days
         self.index_cleaner: IndexCleaner | None = None
         if opensearch:
-            http1, transport1, http2, transport2 = free_ports(4)
-            self.opensearch_nodes = [OpenSearchNode("os1", http1, transport1, cluster_manager=True),
-                                     OpenSearchNode("os2", http2, transport2, cluster_manager=False)]
+            http1, transport1, http2, transport2, http3, transport3 = free_ports(6)
+            self.opensearch_nodes = [OpenSearchNode("os1", http1, transport1), OpenSearchNode("os2", http2, transport2),
+                                     OpenSearchNode("os3", http3, transport3, holds_data=False)]
             jaeger_env[ENV_OPENSEARCH_URLS] = "[" + ", ".join(self.opensearch_urls) + "]"
         super().__init__(workdir, collector_env=collector_env, jaeger_env=jaeger_env, ports=ports,
                          binaries=binaries, ui_assets=ui_assets)
@@ -1711,12 +1717,20 @@ class LocalFleet(LocalBackends):
 
     @property
     def opensearch_urls(self) -> list[str]:
-        """The OpenSearch nodes' HTTP URLs (with ``opensearch``), what Jaeger is given."""
-        return [f"http://{LOCALHOST}:{node.http}" for node in self.opensearch_nodes]
+        """The HTTP URLs of the OpenSearch nodes that hold data (with ``opensearch``), what
+        Jaeger is given: the tie-breaker os3 serves no client."""
+        return [f"http://{LOCALHOST}:{node.http}" for node in self.opensearch_nodes if node.holds_data]
+
+    def opensearch_url(self, name: str) -> str:
+        """The HTTP URL of the OpenSearch node ``name`` (os1, os2, os3)."""
+        for node in self.opensearch_nodes:
+            if node.name == name:
+                return f"http://{LOCALHOST}:{node.http}"
+        raise BackendError(f"no OpenSearch node {name!r} in this fleet ({[n.name for n in self.opensearch_nodes]})")
 
     def start_opensearch(self, name: str | None = None) -> None:
-        """Start the OpenSearch node ``name`` (os1, os2; by default every node not running), then
-        wait until the cluster has every node and every shard assigned (green)."""
+        """Start the OpenSearch node ``name`` (os1, os2, os3; by default every node not running),
+        then wait until the cluster has every node and every shard assigned (green)."""
         nodes = [n for n in self.opensearch_nodes if n.name == name or
                  (name is None and (n.name not in self.opensearch or self.opensearch[n.name].poll() is not None))]
         if not nodes:
@@ -1725,7 +1739,7 @@ class LocalFleet(LocalBackends):
         for node in nodes:
             self.opensearch[node.name] = start_opensearch(self.workdir, node, self.opensearch_nodes,
                                                           home=self.binaries["opensearch"])
-        health = opensearch_health(self.opensearch_urls[0], wait_for_status="green",
+        health = opensearch_health(self.opensearch_url(nodes[0].name), wait_for_status="green",
                                    wait_for_nodes=str(len(self.opensearch_nodes)), timeout="60s")
         if health["status"] != "green" or health["number_of_nodes"] != len(self.opensearch_nodes):
             raise BackendError(f"OpenSearch cluster not green with every node after 60 s: {health}")
@@ -1988,7 +2002,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   f"engine     OTEL_EXPORTER_OTLP_ENDPOINT={stack.otlp_grpc_endpoint} (the agent)\n{tier}"
                   + (f"Kafka      {stack.kafka_broker}, topic {KAFKA_TOPIC} (the gateways write the kept "
                      f"traces; Jaeger ingests them as consumer group {KAFKA_GROUP})\n" if args.kafka else "") +
-                  (f"OpenSearch {', '.join(stack.opensearch_urls)} (Jaeger's store: nodes os1, os2, one replica; "
+                  (f"OpenSearch {', '.join(stack.opensearch_urls)} (Jaeger's store: data nodes os1, os2, one replica; "
+                   f"os3 on {stack.opensearch_url('os3')} only votes; "
                    f"indices jaeger-span-YYYY-MM-DD, jaeger-service-YYYY-MM-DD, the last {keep_days} days kept: "
                    f"es-index-cleaner at start and daily at {INDEX_CLEANER_UTC[0]:02d}:{INDEX_CLEANER_UTC[1]:02d} "
                    f"UTC)\n" if args.opensearch else "") +
@@ -2056,10 +2071,11 @@ def main(argv: list[str] | None = None) -> int:
                     "(collector/gateway-kafka.yaml) and Jaeger ingests them from there "
                     "(jaeger/ingester.yaml) into the same store its query reads; Kafka starts first and "
                     "stops last, and its records and offsets stay in DATA_DIR/kafka_data. "
-                    "--fleet --opensearch: Jaeger's store is a cluster of two OpenSearch 2.19 nodes "
-                    "(opensearch/opensearch.yml, jaeger/opensearch.yaml: daily indices, one replica) instead "
-                    "of Badger, on ports picked free and printed; they start first (about 10 s, until the "
-                    "cluster is green) and stop last, their data in DATA_DIR/opensearch-os1 and -os2; "
+                    "--fleet --opensearch: Jaeger's store is a cluster of three OpenSearch 2.19 nodes "
+                    "(opensearch/opensearch.yml, jaeger/opensearch.yaml: daily indices, one replica; os1 and "
+                    "os2 hold the data, os3 only votes, so that any one node can be lost) instead "
+                    "of Badger, on ports picked free and printed; they start first (about 15 s, until the "
+                    "cluster is green) and stop last, their data in DATA_DIR/opensearch-os1, -os2, -os3; "
                     "Jaeger's es-index-cleaner deletes the indices older than --retention-days at start and "
                     "every day (its log in DATA_DIR/es-index-cleaner.log). "
                     "Binaries missing from the cache are built first (the fleet Collector: minutes; "

@@ -256,3 +256,34 @@ def test_fleet_builder_config_pins_one_release(tmp_path):
         f"tailsamplingprocessor v{version}", "tailsamplingprocessor v0.160.0"))
     with pytest.raises(backends.BackendError, match="tailsamplingprocessor v0.160.0"):
         backends.gateway_version(other)
+
+
+def test_opensearch_nodes_are_three_voters_two_of_which_hold_data(tmp_path):
+    """Any one node lost, two voters of three are left to elect a manager (docs/scale.md); the
+    compose file's nodes are set the same way."""
+    nodes = [backends.OpenSearchNode("os1", 9200, 9300), backends.OpenSearchNode("os2", 9201, 9301),
+             backends.OpenSearchNode("os3", 9202, 9302, holds_data=False)]
+    settings = {}
+    for node in nodes:
+        path = backends.write_opensearch_config(tmp_path / node.name, node, nodes, data_dir=tmp_path / "d",
+                                                logs_dir=tmp_path / "l")
+        settings[node.name] = yaml.safe_load(path.read_text())
+    assert {name: s["node.roles"] for name, s in settings.items()} == {
+        "os1": ["cluster_manager", "data", "ingest"], "os2": ["cluster_manager", "data", "ingest"],
+        "os3": ["cluster_manager"]}
+    assert all(s["cluster.initial_cluster_manager_nodes"] == ["os1"] for s in settings.values())
+    assert all(s["discovery.seed_hosts"] == ["127.0.0.1:9300", "127.0.0.1:9301", "127.0.0.1:9302"]
+               for s in settings.values())
+    class ComposeLoader(yaml.SafeLoader):  # compose's merge tags (!override, !reset) read as plain
+        pass
+    ComposeLoader.add_multi_constructor("!", lambda loader, tag, node: (
+        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else
+        loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
+    text = (backends.REPO_ROOT / "docker-compose.fleet.yml").read_text()
+    services = yaml.load(text, Loader=ComposeLoader)["services"]  # noqa: S506 (a safe loader)
+    compose_roles = {}
+    for service in ("opensearch-1", "opensearch-2", "opensearch-3"):
+        flags = dict(arg[2:].split("=", 1) for arg in services[service]["command"])
+        compose_roles[flags["node.name"]] = flags["node.roles"].split(",")
+        assert flags["cluster.initial_cluster_manager_nodes"] == "os1"
+    assert compose_roles == {name: s["node.roles"] for name, s in settings.items()}

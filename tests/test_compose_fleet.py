@@ -1,6 +1,6 @@
 """The fleet tier with Docker Compose, for real: `docker compose -f docker-compose.yml -f
 docker-compose.fleet.yml up -d --wait` runs agent -> two gateways -> Kafka -> Jaeger's ingester ->
-a two-node OpenSearch <- Jaeger's query, and Prometheus scraping the gateways, from images built
+a three-node OpenSearch <- Jaeger's query, and Prometheus scraping the gateways, from images built
 here (scripts/compose.py: the fleet Collector from its Go build, Kafka and OpenSearch from Maven
 Central's jars on a Debian JRE made with debootstrap).
 
@@ -10,6 +10,8 @@ Central's jars on a Debian JRE made with debootstrap).
 2. Every step an engine stand-in sends to the agent's published OTLP port is in Jaeger once
    (STEPSPAN_KEEP_PERCENT=100 through the compose environment: the count is exact), and
    Prometheus's sum over both gateways' span metrics is the steps sent, per mode.
+   OpenSearch is three nodes, two of them holding data, all three in the voting configuration
+   (so that the two left after any one is lost elect a manager: docs/scale.md).
 3. `down` (the volumes kept), then `up --wait`: every stored step is still there, none twice
    (Kafka's committed offsets survived too), and a new run goes through again.
 4. Retention: the service index-cleaner (Jaeger's es-index-cleaner, image built by compose.py)
@@ -125,7 +127,8 @@ def test_the_override_replaces_the_single_node_with_the_fleet(env):
     assert "otel-collector" in single and "agent" not in single  # `up` alone: the single node
     services = json.loads(_compose(env, "config", "--format", "json").stdout)["services"]
     assert set(services) == {"agent", "gateway-1", "gateway-2", "kafka", "jaeger", "jaeger-ingester", CLEANER,
-                             "opensearch", "opensearch-1", "opensearch-2", "search-front", "prometheus"}
+                             "opensearch", "opensearch-1", "opensearch-2", "opensearch-3", "search-front",
+                             "prometheus"}
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert len(published) == len(PORT_VARIABLES)
     assert all(p["host_ip"] == "127.0.0.1" for p in published), published
@@ -174,11 +177,24 @@ def _assert_the_cleaner_ran_once_deleting_nothing(env: dict[str, str]) -> None:
     assert re.findall(r"^index cleaner \(keeps.*$", text, re.M) == [summary], text[-3000:]
 
 
+def _opensearch_get(env: dict[str, str], path: str) -> object:
+    """GET ``path`` of node os1's REST API from inside the compose network: its JSON."""
+    got = _compose(env, "exec", "-T", "opensearch-1", "busybox", "wget", "-q", "-O", "-",
+                   f"http://127.0.0.1:9200{path}")
+    return json.loads(got.stdout)
+
+
 def _daily_indices(env: dict[str, str]) -> set[str]:
     """Jaeger's indices (names), as node os1 lists them to a client inside the compose network."""
-    got = _compose(env, "exec", "-T", "opensearch-1", "busybox", "wget", "-q", "-O", "-",
-                   "http://127.0.0.1:9200/_cat/indices/jaeger-*?format=json")
-    return {index["index"] for index in json.loads(got.stdout)}
+    return {index["index"] for index in _opensearch_get(env, "/_cat/indices/jaeger-*?format=json")}
+
+
+def test_opensearch_is_three_voters_two_of_which_hold_data(env, fleet):
+    health = _opensearch_get(env, "/_cluster/health")
+    assert (health["number_of_nodes"], health["number_of_data_nodes"], health["status"]) == (3, 2, "green"), health
+    state = _opensearch_get(env, "/_cluster/state/metadata,nodes")
+    voters = state["metadata"]["cluster_coordination"]["last_committed_config"]
+    assert sorted(state["nodes"][node_id]["name"] for node_id in voters) == ["os1", "os2", "os3"]
 
 
 def test_the_index_cleaner_ran_at_start_with_the_shells_days(env, fleet):

@@ -1,6 +1,6 @@
 """Retention of the fleet's OpenSearch store (docs/scale.md), for real: Jaeger's own
 es-index-cleaner (built by scripts/backends.py from the Jaeger module at the pinned release),
-run the way `run --fleet --opensearch` runs it (IndexCleaner), against the two-node OpenSearch
+run the way `run --fleet --opensearch` runs it (IndexCleaner), against the three-node OpenSearch
 2.19 cluster holding Jaeger's daily indices (jaeger/opensearch.yaml).
 
 The cleaner deletes a daily index when its *creation date* (index.creation_date, which
@@ -158,7 +158,7 @@ def test_run_cleans_at_start_and_stops_on_sigterm(tmp_path):
         assert "the last 5 days kept" in text, text
         nodes = re.findall(r"http://127\.0\.0\.1:(\d+)", next(line for line in text.splitlines()
                                                             if line.startswith("OpenSearch ")))
-        assert len(nodes) == 2, text
+        assert len(nodes) == 3, text
         log = (tmp_path / "run.stderr").read_text()
         assert "index cleaner (keeps 5 days): deleted 0 indices" in log, log[-3000:]
         assert cleaner_cutoffs((tmp_path / "es-index-cleaner.log").read_text()) == [expected_cutoff(5)]
@@ -166,4 +166,4 @@ def test_run_cleans_at_start_and_stops_on_sigterm(tmp_path):
         status = sigterm(proc)
     assert status == 0
     backends._check_free(ports)
-    backends._check_free([int(port) for port in nodes])  # both nodes gone
+    backends._check_free([int(port) for port in nodes])  # every node gone
