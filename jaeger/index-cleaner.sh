@@ -8,6 +8,7 @@
 #   STEPSPAN_RETENTION_DAYS   the days kept, today included (default 7; at least 1)
 #   STEPSPAN_OPENSEARCH_URLS  the nodes, as jaeger/opensearch.yaml takes them ("[url, url]");
 #                             the first that answers is used
+#   STEPSPAN_INDEX_CLEANER    Jaeger's es-index-cleaner (default: where the image puts it)
 #
 # A setting it refuses (STEPSPAN_RETENTION_DAYS not a whole number of days, or under 1; no
 # URL) is said once on stderr, and the script then waits, deleting nothing, until it is
@@ -20,7 +21,7 @@
 # tries again an hour later). SIGTERM ends it at once, a run under way too: `docker compose down` needs no
 # kill timeout.
 
-CLEANER=/go/bin/es-index-cleaner-linux
+CLEANER="${STEPSPAN_INDEX_CLEANER:-/go/bin/es-index-cleaner-linux}"
 RUN_AT_S=300          # 00:05 UTC, in seconds after midnight: just after a new day's indices begin
 RETRY_S=3600          # after a failed run
 STATE="${TMPDIR:-/tmp}"
