@@ -1326,7 +1326,17 @@ def _as_unprivileged() -> list[str]:
     if not unshare:
         raise BackendError("OpenSearch refuses to run as root, and unshare (util-linux), which would start "
                            "it as an unprivileged user, is not on PATH")
-    return [unshare, "--user", "--map-user=1000", "--map-group=1000"]
+    prefix = [unshare, "--user", "--map-user=1000", "--map-group=1000"]
+    # Some containers forbid user namespaces (a seccomp profile, user.max_user_namespaces=0):
+    # said here, before a node's log would bury it.
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        raise BackendError("OpenSearch refuses to run as root, and this machine refuses the user namespace "
+                           f"that would start it as an unprivileged user ({' '.join(prefix)} true: "
+                           f"{probe.stderr.strip() or f'exit {probe.returncode}'}). Run as a user other than "
+                           "root, or allow user namespaces (Docker: --security-opt seccomp=unconfined; "
+                           "sysctl user.max_user_namespaces > 0)")
+    return prefix
 
 
 def start_opensearch(workdir: str | os.PathLike[str], node: OpenSearchNode,

@@ -287,3 +287,23 @@ def test_opensearch_nodes_are_three_voters_two_of_which_hold_data(tmp_path):
         compose_roles[flags["node.name"]] = flags["node.roles"].split(",")
         assert flags["cluster.initial_cluster_manager_nodes"] == "os1"
     assert compose_roles == {name: s["node.roles"] for name, s in settings.items()}
+
+
+def test_a_machine_that_refuses_user_namespaces_is_named_before_a_node_starts(tmp_path, monkeypatch):
+    """As root, OpenSearch nodes start under `unshare --user`; where the machine forbids that
+    (a container's seccomp profile), the error says so and what to do, not a node's log tail."""
+    refusing = tmp_path / "unshare"
+    refusing.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    monkeypatch.setattr(backends.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(backends.shutil, "which", lambda name: str(refusing) if name == "unshare" else None)
+    with pytest.raises(backends.BackendError) as refused:
+        backends._as_unprivileged()
+    message = str(refused.value)
+    assert "refuses the user namespace" in message and "Operation not permitted" in message, message
+    assert "Run as a user other than root" in message
+    allowing = tmp_path / "allowing"
+    allowing.write_text('#!/bin/sh\nshift 3\nexec "$@"\n')  # drops --user --map-user --map-group
+    allowing.chmod(0o755)
+    monkeypatch.setattr(backends.shutil, "which", lambda name: str(allowing) if name == "unshare" else None)
+    assert backends._as_unprivileged() == [str(allowing), "--user", "--map-user=1000", "--map-group=1000"]
