@@ -17,6 +17,8 @@ engine stand-in (tests/programs/paced_modes.py) sent: the counts are exact.
    a manager among themselves, writes go on, and every step of the run is stored and found
    while os1 is still down (with two nodes, this loss stopped every write: 488 of 3,000 steps
    were lost over a 6.5-minute outage, docs/scale.md); os1 started again, green again.
+   Then os3, the voter, killed: the cluster stays green with two nodes (os3 holds no shard),
+   os1 or os2 manages it, a new run is stored whole; os3 started again rejoins the vote.
 4. The project's CLI (`otel-stepspan search`, `stats`) against this Jaeger finds every step.
 5. `python scripts/backends.py run --fleet --kafka --opensearch` as a user runs it: it prints
    the nodes, every step sent through its agent is in its Jaeger, and SIGTERM stops
@@ -178,6 +180,18 @@ def test_the_elected_manager_killed_mid_run_loses_nothing(fleet):
     assert fleet.opensearch["os1"].poll() is not None
     fleet.start_opensearch("os1")  # waits for green with all three nodes
     assert _voters(os1) == {"os1", "os2", "os3"}
+
+
+@_mark
+def test_the_voter_killed_leaves_every_shard_and_every_write(fleet):
+    backends.kill(fleet.opensearch["os3"])  # the manager too, if the last test's election chose it
+    health = poll(lambda: _health_or_error(fleet.opensearch_urls[0]), lambda h: h.get("number_of_nodes") == 2, 60, 1)
+    assert health["number_of_nodes"] == 2 and health["status"] == "green", health  # it held no shard
+    assert _elected(fleet.opensearch_urls[0]) in ("os1", "os2")
+    run = EngineRun.start(fleet.otlp_grpc_endpoint, "os-voter-kill", 3, RATE, **ENGINE_ENV).finish()
+    assert_all_stored(fleet, run)
+    fleet.start_opensearch("os3")
+    assert _voters(fleet.opensearch_urls[0]) == {"os1", "os2", "os3"}
 
 
 @_mark
