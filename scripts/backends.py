@@ -1286,6 +1286,11 @@ class OpenSearchNode:
     holds_data: bool = True  # else a cluster-manager-eligible node only, a tie-breaker
 
     @property
+    def url(self) -> str:
+        """Its HTTP URL on 127.0.0.1."""
+        return f"http://{LOCALHOST}:{self.http}"
+
+    @property
     def roles(self) -> list[str]:
         """node.roles: every node may manage the cluster, so that any one of three can be lost
         and the other two still elect a manager (docs/scale.md)."""
@@ -1358,7 +1363,7 @@ def start_opensearch(workdir: str | os.PathLike[str], node: OpenSearchNode,
             f"-Djava.io.tmpdir={data}", f"-Dopensearch.path.home={home}", f"-Dopensearch.path.conf={conf}",
             "-cp", str(home / "lib" / "*"), "org.opensearch.bootstrap.OpenSearch"]
     t0 = time.monotonic()
-    proc = _start(argv, Path(workdir) / f"opensearch-{node.name}.log", f"http://{LOCALHOST}:{node.http}/", timeout)
+    proc = _start(argv, Path(workdir) / f"opensearch-{node.name}.log", f"{node.url}/", timeout)
     _log(f"OpenSearch {OPENSEARCH_VERSION} node {node.name} answers on {LOCALHOST}:{node.http} "
          f"in {time.monotonic() - t0:.1f}s")
     return proc
@@ -1729,13 +1734,13 @@ class LocalFleet(LocalBackends):
     def opensearch_urls(self) -> list[str]:
         """The HTTP URLs of the OpenSearch nodes that hold data (with ``opensearch``), what
         Jaeger is given: the tie-breaker os3 serves no client."""
-        return [f"http://{LOCALHOST}:{node.http}" for node in self.opensearch_nodes if node.holds_data]
+        return [node.url for node in self.opensearch_nodes if node.holds_data]
 
     def opensearch_url(self, name: str) -> str:
         """The HTTP URL of the OpenSearch node ``name`` (os1, os2, os3)."""
         for node in self.opensearch_nodes:
             if node.name == name:
-                return f"http://{LOCALHOST}:{node.http}"
+                return node.url
         raise BackendError(f"no OpenSearch node {name!r} in this fleet ({[n.name for n in self.opensearch_nodes]})")
 
     def start_opensearch(self, name: str | None = None) -> None:
@@ -1749,7 +1754,7 @@ class LocalFleet(LocalBackends):
         for node in nodes:
             self.opensearch[node.name] = start_opensearch(self.workdir, node, self.opensearch_nodes,
                                                           home=self.binaries["opensearch"])
-        health = opensearch_health(self.opensearch_url(nodes[0].name), wait_for_status="green",
+        health = opensearch_health(nodes[0].url, wait_for_status="green",
                                    wait_for_nodes=str(len(self.opensearch_nodes)), timeout="60s")
         if health["status"] != "green" or health["number_of_nodes"] != len(self.opensearch_nodes):
             raise BackendError(f"OpenSearch cluster not green with every node after 60 s: {health}")

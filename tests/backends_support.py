@@ -203,6 +203,13 @@ def refresh_every_copy(stack: backends.LocalBackends) -> None:
         return
 
 
+def voter_names(state: dict) -> set[str]:
+    """The names of the nodes in an OpenSearch cluster's last committed voting configuration,
+    from its ``GET /_cluster/state/metadata,nodes``."""
+    ids = set(state["metadata"]["cluster_coordination"]["last_committed_config"])
+    return {node["name"] for node_id, node in state["nodes"].items() if node_id in ids}
+
+
 def opensearch_request(method: str, url: str, body: dict | None = None, timeout_s: float = 60) -> Any:
     """One request to an OpenSearch node's REST API (a JSON body, if any), its JSON answer."""
     data = None if body is None else json.dumps(body).encode()

@@ -42,6 +42,7 @@ import sys
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +51,7 @@ import backends  # noqa: E402
 import compose  # noqa: E402
 from backends_support import (  # noqa: E402
     EngineRun, cleaner_cutoffs, expected_cutoff, poll, prometheus_query, requires_go, requires_kafka,
-    requires_opensearch, stored, wait_stored,
+    requires_opensearch, stored, voter_names, wait_stored,
 )
 
 pytestmark = [
@@ -177,7 +178,7 @@ def _assert_the_cleaner_ran_once_deleting_nothing(env: dict[str, str]) -> None:
     assert re.findall(r"^index cleaner \(keeps.*$", text, re.M) == [summary], text[-3000:]
 
 
-def _opensearch_get(env: dict[str, str], path: str) -> object:
+def _opensearch_get(env: dict[str, str], path: str) -> Any:
     """GET ``path`` of node os1's REST API from inside the compose network: its JSON."""
     got = _compose(env, "exec", "-T", "opensearch-1", "busybox", "wget", "-q", "-O", "-",
                    f"http://127.0.0.1:9200{path}")
@@ -192,9 +193,7 @@ def _daily_indices(env: dict[str, str]) -> set[str]:
 def test_opensearch_is_three_voters_two_of_which_hold_data(env, fleet):
     health = _opensearch_get(env, "/_cluster/health")
     assert (health["number_of_nodes"], health["number_of_data_nodes"], health["status"]) == (3, 2, "green"), health
-    state = _opensearch_get(env, "/_cluster/state/metadata,nodes")
-    voters = state["metadata"]["cluster_coordination"]["last_committed_config"]
-    assert sorted(state["nodes"][node_id]["name"] for node_id in voters) == ["os1", "os2", "os3"]
+    assert voter_names(_opensearch_get(env, "/_cluster/state/metadata,nodes")) == {"os1", "os2", "os3"}
 
 
 def test_the_index_cleaner_ran_at_start_with_the_shells_days(env, fleet):

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 from backends_support import (  # noqa: E402
     EngineRun, Stored, assert_all_stored, opensearch_request, poll, requires_go, requires_kafka,
-    requires_opensearch, sigterm, start_run, stored, wait_stored,
+    requires_opensearch, sigterm, start_run, stored, voter_names, wait_stored,
 )
 
 from otel_stepspan.cli.jaeger import JaegerError  # noqa: E402
@@ -108,9 +108,7 @@ def test_every_step_reaches_jaeger_on_opensearch(fleet):
 
 def _voters(url: str) -> set[str]:
     """The names of the nodes in the cluster's last committed voting configuration."""
-    state = opensearch_request("GET", f"{url}/_cluster/state/metadata,nodes", timeout_s=30)
-    ids = set(state["metadata"]["cluster_coordination"]["last_committed_config"])
-    return {node["name"] for node_id, node in state["nodes"].items() if node_id in ids}
+    return voter_names(opensearch_request("GET", f"{url}/_cluster/state/metadata,nodes", timeout_s=30))
 
 
 def _health_or_error(url: str) -> dict:
