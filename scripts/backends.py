@@ -885,21 +885,20 @@ def _add_telemetry(src: str | os.PathLike[str], out: list[str], service_line: in
     out[service_line + 1:service_line + 1] = telemetry
 
 
-def _replace_list(src: str | os.PathLike[str], lines: list[str], key: str, items: list[str]) -> list[str]:
-    """``lines`` with the block list under the one line ``<indent>key:`` (not a comment) holding
-    ``items`` instead of what it held; raises ValueError unless that key is there exactly once,
-    with a block list of at least one item under it."""
-    at = [i for i, line in enumerate(lines) if line.strip() == f"{key}:"]
+def _replace_block(src: str | os.PathLike[str], lines: list[str], key: str, block: list[str]) -> list[str]:
+    """``lines`` with the one line ``<indent>key:`` (not a comment) and the lines indented
+    deeper under it replaced by ``block`` (YAML lines, their indent relative to that line's);
+    raises ValueError unless that key is there exactly once, with something under it."""
+    at = [i for i, line in enumerate(lines) if line.strip() == f"{key}:" and not line.lstrip().startswith("#")]
     if len(at) != 1:
         raise ValueError(f"{src}: `{key}:` not found exactly once")
-    start = at[0] + 1
-    end = start
-    while end < len(lines) and lines[end].lstrip().startswith("- "):
+    indent = lines[at[0]][:len(lines[at[0]]) - len(lines[at[0]].lstrip())]
+    end = at[0] + 1
+    while end < len(lines) and lines[end].strip() and lines[end].startswith(indent + " "):
         end += 1
-    if end == start:
-        raise ValueError(f"{src}: `{key}:` holds no block list")
-    indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]
-    return lines[:start] + [f"{indent}- {item}\n" for item in items] + lines[end:]
+    if end == at[0] + 1:
+        raise ValueError(f"{src}: `{key}:` holds nothing")
+    return lines[:at[0]] + [f"{indent}{line}\n" for line in block] + lines[end:]
 
 
 def write_local_agent_config(
@@ -915,8 +914,9 @@ def write_local_agent_config(
     internal_metrics_port: int | None = None,
 ) -> Path:
     """collector/agent.yaml for a local run: its receivers and health check on ``host``, the
-    load_balancing exporter's static list of gateways set to ``gateways`` (host:port of their
-    OTLP gRPC receivers), its queue in ``queue_dir``, the collector's own metrics as
+    load_balancing exporter's `dns` resolver replaced by a `static` list of ``gateways``
+    (host:port of their OTLP gRPC receivers: local processes on one address have no DNS name
+    each), its queue in ``queue_dir``, the collector's own metrics as
     write_local_collector_config sets them; nothing else changed."""
     wanted = {
         ("receivers", "otlp", "protocols", "grpc"): f"{host}:{otlp_grpc_port}",
@@ -926,7 +926,7 @@ def write_local_agent_config(
     if not gateways:
         raise ValueError("an agent needs at least one gateway")
     out, service_line = _rewrite(Path(src), wanted, {COLLECTOR_QUEUE_PATH: str(queue_dir)})
-    out = _replace_list(src, out, "hostnames", list(gateways))
+    out = _replace_block(src, out, "dns", ["static:", "  hostnames:", *(f"    - {g}" for g in gateways)])
     service_line = out.index("service:\n") if "service:\n" in out else None
     _add_telemetry(src, out, service_line, host, internal_metrics_port)
     Path(queue_dir).mkdir(parents=True, exist_ok=True)

@@ -127,9 +127,12 @@ def test_fleet_prometheus_config_scrapes_every_gateway_as_the_single_one_scrapes
     assert fleet["global"] == single["global"]
     job, = fleet["scrape_configs"]
     assert job["metric_relabel_configs"] == single["scrape_configs"][0]["metric_relabel_configs"]
-    agent = yaml.safe_load(backends.AGENT_CONFIG.read_text())
-    gateways = agent["exporters"]["load_balancing"]["resolver"]["static"]["hostnames"]
-    assert job["static_configs"] == [{"targets": [g.replace(":4317", ":8889") for g in gateways]}]
+    # the services the agent's resolver finds under its DNS name, each on its metrics port
+    resolver = yaml.safe_load(backends.AGENT_CONFIG.read_text())["exporters"]["load_balancing"]["resolver"]
+    gateways = sorted(name for name, service in _fleet_compose_services().items()
+                      if resolver["dns"]["hostname"] in service.get("networks", {}).get("default", {}).get("aliases", []))
+    assert gateways == ["gateway-1", "gateway-2"]
+    assert job["static_configs"] == [{"targets": [f"{g}:8889" for g in gateways]}]
     targets = ["127.0.0.1:3001", "127.0.0.1:3002", "127.0.0.1:3003"]
     local = backends.write_prometheus_config(tmp_path / "p.yml", targets, src=backends.PROMETHEUS_FLEET_CONFIG)
     (old, new), = _changed(backends.PROMETHEUS_FLEET_CONFIG, local)
@@ -183,13 +186,20 @@ def test_local_agent_config_changes_only_endpoints_gateways_queue_dir_and_own_te
                                               queue_dir=tmp_path / "queue")
     changed = _changed(backends.AGENT_CONFIG, local)
     assert [new for old, new in changed if not old][-3:] == ["  telemetry:", "    metrics:", "      level: none"]
-    for old, new in changed[:-3]:  # endpoints, the queue directory, the list of gateways
+    resolver = [(old, new) for old, new in changed[:-3] if "endpoint:" not in old + new
+                and backends.COLLECTOR_QUEUE_PATH not in old]
+    for old, new in changed[:-3]:  # endpoints, the queue directory, the resolver
         assert ("endpoint:" in old and "endpoint:" in new) or backends.COLLECTOR_QUEUE_PATH in old or (
-            old.strip().startswith("- gateway-") or not old) and new.strip().startswith("- 127.0.0.1:"), (old, new)
+            (old, new) in resolver), (old, new)
+    # the dns resolver's five lines become a static list of the local gateways
+    assert [old.strip() for old, _ in resolver if old] == [
+        "dns:", "hostname: gateways", "port: \"4317\"  # a string here", "interval: 1s", "timeout: 1s"]
+    assert [new.strip() for _, new in resolver if new] == [
+        "static:", "hostnames:", *(f"- {g}" for g in gateways)]
     config = yaml.safe_load(local.read_text())
     balancer = config["exporters"]["load_balancing"]
     assert balancer["routing_key"] == "traceID"
-    assert balancer["resolver"]["static"]["hostnames"] == gateways
+    assert balancer["resolver"] == {"static": {"hostnames": gateways}}
     assert balancer["sending_queue"]["storage"] == "file_storage/queue"
     assert config["extensions"]["file_storage/queue"]["directory"] == str(tmp_path / "queue")
     assert config["service"]["pipelines"]["traces"]["processors"] == ["memory_limiter"]
@@ -258,6 +268,21 @@ def test_fleet_builder_config_pins_one_release(tmp_path):
         backends.gateway_version(other)
 
 
+class _ComposeLoader(yaml.SafeLoader):
+    """A safe loader that reads compose's merge tags (!override, !reset) as plain values."""
+
+
+_ComposeLoader.add_multi_constructor("!", lambda loader, tag, node: (
+    loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else
+    loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
+
+
+def _fleet_compose_services() -> dict:
+    """docker-compose.fleet.yml's services, with its anchors merged in."""
+    text = (backends.REPO_ROOT / "docker-compose.fleet.yml").read_text()
+    return yaml.load(text, Loader=_ComposeLoader)["services"]  # noqa: S506 (a safe loader)
+
+
 def test_opensearch_nodes_are_three_voters_two_of_which_hold_data(tmp_path):
     """Any one node lost, two voters of three are left to elect a manager (docs/scale.md); the
     compose file's nodes are set the same way."""
@@ -274,13 +299,7 @@ def test_opensearch_nodes_are_three_voters_two_of_which_hold_data(tmp_path):
     assert all(s["cluster.initial_cluster_manager_nodes"] == ["os1"] for s in settings.values())
     assert all(s["discovery.seed_hosts"] == ["127.0.0.1:9300", "127.0.0.1:9301", "127.0.0.1:9302"]
                for s in settings.values())
-    class ComposeLoader(yaml.SafeLoader):  # compose's merge tags (!override, !reset) read as plain
-        pass
-    ComposeLoader.add_multi_constructor("!", lambda loader, tag, node: (
-        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else
-        loader.construct_mapping(node) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
-    text = (backends.REPO_ROOT / "docker-compose.fleet.yml").read_text()
-    services = yaml.load(text, Loader=ComposeLoader)["services"]  # noqa: S506 (a safe loader)
+    services = _fleet_compose_services()
     compose_roles = {}
     for service in ("opensearch-1", "opensearch-2", "opensearch-3"):
         flags = dict(arg[2:].split("=", 1) for arg in services[service]["command"])
