@@ -20,13 +20,23 @@ engine stand-in (tests/programs/paced_modes.py) sent: the counts are exact.
    Then os3, the voter, killed: the cluster stays green with two nodes (os3 holds no shard),
    os1 or os2 manages it, a new run is stored whole; os3 started again rejoins the vote.
 4. The project's CLI (`otel-stepspan search`, `stats`) against this Jaeger finds every step.
-5. `python scripts/backends.py run --fleet --kafka --opensearch` as a user runs it: it prints
-   the nodes, every step sent through its agent is in its Jaeger, and SIGTERM stops
+5. Retention (the fleet keeps 7 days): its es-index-cleaner ran at start, and again on demand
+   (what its daily thread runs) with today's real steps stored and indices planted under names
+   10 and 3 days back, as Jaeger names them: the cutoff is 00:00 UTC six days back (the
+   cleaner's own log line), nothing made today is deleted (every index a test makes is made
+   today: OpenSearch sets index.creation_date itself, so no test holds a genuinely old one),
+   and every step of today is still found. The same cleaner with 0 days (cutoff: tomorrow, as
+   Jaeger's own integration test runs it) deletes exactly the indices of Jaeger's daily layout,
+   today's real ones and the planted ones, keeps an index outside it, and Jaeger then finds
+   none of the steps: the test fails if the cleaner does nothing. Last on this fleet.
+6. `python scripts/backends.py run --fleet --kafka --opensearch --retention-days 5` as a user
+   runs it: it prints the nodes and the retention, runs the cleaner at start (cutoff 00:00 UTC
+   four days back), every step sent through its agent is in its Jaeger, and SIGTERM stops
    everything (exit 0, every port free, no node left running). Everything down, then up: a
    second `run` on the same data dir finds every step stored before, through Jaeger's HTTP
    API and `otel-stepspan search`, Kafka's log is not formatted again, and new steps arrive.
 
-One fleet serves 1-4, `run` its own (started twice). 3-6 minutes once built (`python
+One fleet serves 1-5, `run` its own (started twice). 5-7 minutes once built (`python
 scripts/backends.py build --fleet`). Skips where Go or Java is absent; CI
 (OTEL_STEPSPAN_REQUIRE_BACKENDS=1) turns those skips into failures.
 """
@@ -39,6 +49,7 @@ import sys
 import time
 import urllib.error
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -47,8 +58,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import backends  # noqa: E402
 from backends_support import (  # noqa: E402
-    EngineRun, Stored, assert_all_stored, opensearch_request, poll, requires_go, requires_kafka,
-    requires_opensearch, sigterm, start_run, stored, voter_names, wait_stored,
+    EngineRun, Stored, assert_all_stored, cleaner_cutoffs, expected_cutoff, opensearch_request, poll,
+    requires_go, requires_kafka, requires_opensearch, sigterm, start_run, stored, voter_names, wait_stored,
 )
 
 from otel_stepspan.cli.jaeger import JaegerError  # noqa: E402
@@ -57,6 +68,8 @@ from otel_stepspan.cli.main import main as cli_main  # noqa: E402
 RATE = 100.0  # steps per second
 # Windows of at most 2 s: each is decided 5 s after its root arrived.
 ENGINE_ENV = {"OTEL_STEPSPAN_TIMELINE_SECONDS": "2"}
+KEEP_DAYS = 7  # the fleet's retention
+RUN_KEEP_DAYS = 5  # `run --retention-days`
 needs_all = [pytest.mark.backends, requires_go, requires_kafka, requires_opensearch]
 
 
@@ -81,7 +94,8 @@ def test_run_opensearch_without_fleet_is_refused(capsys):
 def fleet(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fleet_opensearch")
     policies = {"STEPSPAN_KEEP_PERCENT": "100", "STEPSPAN_DECISION_WAIT": "5s"}
-    with backends.LocalFleet(workdir, kafka=True, opensearch=True, collector_env=policies) as stack:
+    with backends.LocalFleet(workdir, kafka=True, opensearch=True, retention_days=KEEP_DAYS,
+                             collector_env=policies) as stack:
         yield stack
 
 
@@ -90,6 +104,31 @@ def _mark(test):
     for mark in needs_all:
         test = mark(test)
     return test
+
+
+def _day(days_back: int) -> str:
+    return (datetime.now(timezone.utc) - timedelta(days=days_back)).strftime("%Y-%m-%d")
+
+
+def plant_day(url: str, days_back: int) -> list[str]:
+    """The span and service indices named for the day ``days_back`` days ago, as Jaeger names
+    them (its index templates apply), one document each: their names."""
+    stamp = _day(days_back)
+    micros = int((datetime.now(timezone.utc) - timedelta(days=days_back)).timestamp() * 10**6)
+    documents = {
+        f"jaeger-span-{stamp}": {"traceID": f"{days_back + 1:032x}", "spanID": f"{days_back + 1:016x}",
+                                 "operationName": "old-step", "startTime": micros,
+                                 "startTimeMillis": micros // 1000, "duration": 1000,
+                                 "process": {"serviceName": "retention-old"}},
+        f"jaeger-service-{stamp}": {"serviceName": "retention-old", "operationName": "old-step"},
+    }
+    for index, document in documents.items():
+        opensearch_request("POST", f"{url}/{index}/_doc?refresh=true", document)
+    return sorted(documents)
+
+
+def jaeger_indices(url: str) -> set[str]:
+    return {i["index"] for i in opensearch_request("GET", f"{url}/_cat/indices/jaeger-*?format=json")}
 
 
 @_mark
@@ -206,6 +245,34 @@ def test_the_cli_searches_and_summarises_jaeger_on_opensearch(fleet, capsys):
     assert {mode: row["steps"] for mode, row in rows.items()} == dict(run.sent), rows
 
 
+@_mark
+def test_the_cleaner_keeps_the_retention_and_deletes_jaegers_daily_indices(fleet, capfd):
+    """Last on this fleet: the 0-day run at its end deletes today's indices."""
+    cleaner_log = fleet.workdir / "es-index-cleaner.log"
+    assert fleet.index_cleaner is not None
+    assert cleaner_cutoffs(cleaner_log.read_text()) == [expected_cutoff(KEEP_DAYS)]  # it ran at start
+    url = fleet.opensearch_urls[0]
+    run = EngineRun.start(fleet.otlp_grpc_endpoint, "retention", 4, RATE, **ENGINE_ENV).finish()
+    assert_all_stored(fleet, run)
+    today = {f"jaeger-span-{_day(0)}", f"jaeger-service-{_day(0)}"}
+    planted = plant_day(url, 10) + plant_day(url, 3)
+    opensearch_request("PUT", f"{url}/jaeger-span-archive")  # Jaeger's archive index: not a daily one
+    before = jaeger_indices(url)
+    assert today | set(planted) | {"jaeger-span-archive"} <= before, sorted(before)
+
+    assert fleet.index_cleaner.run_once()  # what the daily thread runs
+    log = cleaner_log.read_text()
+    assert cleaner_cutoffs(log) == [expected_cutoff(KEEP_DAYS)] * 2, log[-2000:]
+    assert jaeger_indices(url) == before  # all made today, whatever their name
+    assert f"index cleaner (keeps {KEEP_DAYS} days): deleted 0 indices" in capfd.readouterr().err
+    assert_all_stored(fleet, run)  # today's steps, through Jaeger's HTTP API
+
+    deleted = backends.run_index_cleaner(fleet.binaries["es_index_cleaner"], fleet.opensearch_urls, 0, cleaner_log)
+    assert sorted(deleted) == sorted(today | set(planted))
+    assert jaeger_indices(url) == {"jaeger-span-archive"}
+    assert stored(fleet.jaeger_url, run.service, run.started_ns, 2000).unique == 0
+
+
 def _search_cli(jaeger_url: str, service: str, capsys) -> list[tuple[int, str]]:
     """What `otel-stepspan search` lists of ``service``'s steps: (pass id, mode) of each, by pass id."""
     assert cli_main(["search", "--jaeger", jaeger_url, "--service", service, "--since", "10m", "--json",
@@ -218,10 +285,15 @@ def _search_cli(jaeger_url: str, service: str, capsys) -> list[tuple[int, str]]:
 def test_run_fleet_kafka_opensearch_serves_stops_and_keeps_what_it_stored(tmp_path, capsys):
     ports = backends.free_ports(7)
     grpc, jaeger = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[3]}"
-    proc, text = start_run(tmp_path, ports, "--kafka", "--opensearch")
+    proc, text = start_run(tmp_path, ports, "--kafka", "--opensearch", "--retention-days", str(RUN_KEEP_DAYS))
     try:
         nodes = [line for line in text.splitlines() if line.startswith("OpenSearch ")]
         assert len(nodes) == 1 and nodes[0].count("http://127.0.0.1:") == 3, text
+        # The retention it prints, and the cleaner run at start (the cutoff in its own log).
+        assert f"the last {RUN_KEEP_DAYS} days kept" in text, text
+        log = (tmp_path / "run.stderr").read_text()
+        assert f"index cleaner (keeps {RUN_KEEP_DAYS} days): deleted 0 indices" in log, log[-3000:]
+        assert cleaner_cutoffs((tmp_path / "es-index-cleaner.log").read_text()) == [expected_cutoff(RUN_KEEP_DAYS)]
         run = EngineRun.start(grpc, "os-run", 3, RATE, **ENGINE_ENV).finish()
         got = wait_stored(jaeger, run.service, run.started_ns, run.steps)
         assert got.missing(run.steps) == [] and got.by_mode == run.sent
