@@ -193,7 +193,7 @@ def test_local_agent_config_changes_only_endpoints_gateways_queue_dir_and_own_te
             (old, new) in resolver), (old, new)
     # the dns resolver's five lines become a static list of the local gateways
     assert [old.strip() for old, _ in resolver if old] == [
-        "dns:", "hostname: gateways", "port: \"4317\"  # a string here", "interval: 1s", "timeout: 1s"]
+        "dns:", "hostname: gateways", "port: \"4317\"  # a string: the resolver refuses a number", "interval: 1s", "timeout: 1s"]
     assert [new.strip() for _, new in resolver if new] == [
         "static:", "hostnames:", *(f"- {g}" for g in gateways)]
     config = yaml.safe_load(local.read_text())

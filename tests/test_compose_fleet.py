@@ -200,7 +200,7 @@ def test_a_killed_gateway_leaves_the_agents_ring_and_its_share_goes_to_the_other
 
     def missing() -> list[int]:
         return stored(fleet["jaeger"], run.service, run.started_ns, run.steps + 1000).missing(run.steps)
-    lost = poll(missing, lambda got: not got or got[-1] < first_safe, 120, 3.0)
+    poll(missing, lambda got: not got or got[-1] < first_safe, 120, 3.0)
     time.sleep(10.0)  # stragglers of the last windows, then the final count
     lost = missing()
     print(f"\ngateway-2 SIGKILLed {killed_at_s:.1f} s into a run of {run.steps} steps and left down: "
