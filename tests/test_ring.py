@@ -150,6 +150,35 @@ def test_the_compiled_producer_writes_the_bytes_ring_put_writes():
             ring.close()
 
 
+def test_the_submitter_writes_marshal_for_every_plain_value_it_may_meet():
+    """The submitter writes marshal's format by hand for the plain values a step holds (and
+    hands the rest to PyMarshal): each edge of its int, str, tuple and list encodings, and
+    values past them, read back by marshal.loads as they were."""
+    _compiled_module()
+    ring = Ring.create(1 << 18)
+    assert ring.use_compiled(wire.CAPTURED)
+    reader = Ring.attach(os.dup(ring.fd))
+    statics = {"engine.name": "sglang"}
+    submit = _submitter(ring, statics)
+    ints = [0, 1, -1, 2**31 - 1, -(2**31), 2**31, -(2**31) - 1, 2**15, 2**30, 2**63 - 1, -(2**63), 2**63, 2**64 + 7,
+            -(2**100) - 3, 2**127 - 1, -(2**127 - 1), 2**127, 2**300, 0x4BF92F3577B34DA6A3CE929D0E0E4736]
+    texts = ["", "decode", "x" * 255, "y" * 256, "z" * 70_000, "prefill é", "步"]
+    values = [
+        tuple(ints), tuple(texts), (None, True, False, 0.5, -1e300, float("inf")), [], (), [1, [2, (3, [4])]],
+        tuple(range(300)), list(range(300)), (((((((((((1,),),),),),),),),),),), {"a": 1}, frozenset({1}),
+    ]
+    try:
+        for value in values:
+            fields = ("decode", value, 7)
+            submit(_finish, fields, statics, None, 1_764_000_000_123_456_789, -5, None)
+            (record,) = reader.take()
+            assert marshal.loads(record) == (wire.CAPTURED, 1_764_000_000_123_456_789, -5, 0, 1, None, None, None, fields)
+        assert submit.emitted == len(values)
+    finally:
+        reader.close()
+        ring.close()
+
+
 def test_the_compiled_producer_refuses_what_it_cannot_carry_and_puts_nothing():
     _compiled_module()
     engine = Ring.create(1 << 12)

@@ -109,11 +109,148 @@ static PyObject *Producer_put(Producer *self, PyObject *payload) {
     return put_bytes(self, payload);
 }
 
+/* marshal's format (version 4) for the values a usual step holds, written by hand: None, bools,
+ * ints up to 127 bits, floats, str, and tuples and lists of them. marshal.loads reads it as it
+ * reads PyMarshal's own output. Why: PyMarshal_WriteObjectToString sets up a table of references
+ * and a bytes object per call, and walks them with cold caches after the GPU wait; this writes
+ * straight into a buffer on the stack. Anything else (or more than the buffer holds) returns -1,
+ * with no error set, and the caller uses PyMarshal. */
+typedef struct {
+    unsigned char *at, *end;
+} Out;
+
+static int out_bytes(Out *out, const void *bytes, size_t n) {
+    if ((size_t)(out->end - out->at) < n)
+        return -1;
+    memcpy(out->at, bytes, n);
+    out->at += n;
+    return 0;
+}
+
+static int out_byte(Out *out, unsigned char byte) {
+    return out_bytes(out, &byte, 1);
+}
+
+static int out_u32(Out *out, uint32_t value) {
+    unsigned char le[4] = {(unsigned char)value, (unsigned char)(value >> 8), (unsigned char)(value >> 16),
+                           (unsigned char)(value >> 24)};
+    return out_bytes(out, le, 4);
+}
+
+static int write_int(Out *out, PyObject *value) {
+    int overflow;
+    long long small = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (small == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (!overflow && small >= INT32_MIN && small <= INT32_MAX) /* TYPE_INT */
+        return out_byte(out, 'i') || out_u32(out, (uint32_t)(int32_t)small);
+    /* TYPE_LONG: the sign with the count of 15-bit digits, then the magnitude's digits, lowest first */
+    unsigned __int128 magnitude;
+    int negative;
+    if (!overflow) {
+        negative = small < 0;
+        magnitude = negative ? (unsigned __int128)(-(small + 1)) + 1 : (unsigned __int128)small;
+    } else {
+        negative = overflow < 0;
+        if (_PyLong_NumBits(value) > 127)
+            return -1;
+        PyObject *absolute = PyNumber_Absolute(value);
+        unsigned char le[16];
+        int failed = absolute == NULL || _PyLong_AsByteArray((PyLongObject *)absolute, le, 16, 1, 0) < 0;
+        Py_XDECREF(absolute);
+        if (failed) {
+            PyErr_Clear();
+            return -1;
+        }
+        magnitude = 0;
+        for (int i = 15; i >= 0; i--)
+            magnitude = (magnitude << 8) | le[i];
+    }
+    unsigned char digits[2 * 9];
+    int n = 0;
+    for (; magnitude != 0; magnitude >>= 15, n++) {
+        digits[2 * n] = (unsigned char)(magnitude & 0xFF);
+        digits[2 * n + 1] = (unsigned char)((magnitude >> 8) & 0x7F);
+    }
+    return out_byte(out, 'l') || out_u32(out, (uint32_t)(int32_t)(negative ? -n : n)) ||
+           out_bytes(out, digits, (size_t)(2 * n));
+}
+
+static int write_value(Out *out, PyObject *value, int depth) {
+    if (value == Py_None)
+        return out_byte(out, 'N');
+    if (value == Py_True || value == Py_False)
+        return out_byte(out, value == Py_True ? 'T' : 'F');
+    if (PyLong_CheckExact(value))
+        return write_int(out, value);
+    if (PyUnicode_CheckExact(value)) {
+        Py_ssize_t size;
+        if (PyUnicode_IS_ASCII(value)) {
+            size = PyUnicode_GET_LENGTH(value);
+            const void *text = PyUnicode_1BYTE_DATA(value);
+            if (size < 256) /* TYPE_SHORT_ASCII */
+                return out_byte(out, 'z') || out_byte(out, (unsigned char)size) || out_bytes(out, text, (size_t)size);
+            return size > INT32_MAX || out_byte(out, 'a') || out_u32(out, (uint32_t)size) ||
+                   out_bytes(out, text, (size_t)size) ? -1 : 0;
+        }
+        const char *utf8 = PyUnicode_AsUTF8AndSize(value, &size);
+        if (utf8 == NULL) {
+            PyErr_Clear();
+            return -1;
+        }
+        return size > INT32_MAX || out_byte(out, 'u') || out_u32(out, (uint32_t)size) ||
+               out_bytes(out, utf8, (size_t)size) ? -1 : 0;
+    }
+    if (PyFloat_CheckExact(value)) {
+        unsigned char le[8];
+        if (PyFloat_Pack8(PyFloat_AS_DOUBLE(value), (char *)le, 1) < 0) {
+            PyErr_Clear();
+            return -1;
+        }
+        return out_byte(out, 'g') || out_bytes(out, le, 8);
+    }
+    int tuple = PyTuple_CheckExact(value);
+    if ((!tuple && !PyList_CheckExact(value)) || depth > 8)
+        return -1;
+    Py_ssize_t n = Py_SIZE(value);
+    if (tuple && n < 256) { /* TYPE_SMALL_TUPLE */
+        if (out_byte(out, ')') || out_byte(out, (unsigned char)n))
+            return -1;
+    } else if (n > INT32_MAX || out_byte(out, tuple ? '(' : '[') || out_u32(out, (uint32_t)n)) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* a list's items are read one at a time: nothing here runs Python code that could change it */
+        PyObject *item = tuple ? PyTuple_GET_ITEM(value, i) : PyList_GET_ITEM(value, i);
+        if (write_value(out, item, depth + 1) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* The CAPTURED message of wire.py, (CAPTURED, start, end, finisher, static, parent, None, None,
  * tuple(fields)), marshalled and put: 1 put, 0 refused (full, counted), -1 with ValueError when
  * marshal cannot carry a field (the submitter then hands the step to the Python path). */
 static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, PyObject *finisher_id,
                         PyObject *static_id, PyObject *parent_ids, PyObject *captured) {
+    unsigned char buffer[4096];
+    Out out = {buffer, buffer + sizeof(buffer)};
+    PyObject *head[] = {self->captured_tag, start_ns, end_ns, finisher_id, static_id, parent_ids, Py_None, Py_None};
+    int written = out_byte(&out, ')') || out_byte(&out, 9) ? -1 : 0;
+    for (size_t i = 0; written == 0 && i < sizeof(head) / sizeof(head[0]); i++)
+        written = write_value(&out, head[i], 1);
+    if (written == 0 && PyTuple_Check(captured)) { /* a NamedTuple goes as the plain tuple it is */
+        Py_ssize_t n = PyTuple_GET_SIZE(captured);
+        written = n < 256 ? out_byte(&out, ')') || out_byte(&out, (unsigned char)n) : -1;
+        for (Py_ssize_t i = 0; written == 0 && i < n; i++)
+            written = write_value(&out, PyTuple_GET_ITEM(captured, i), 2);
+    } else {
+        written = -1;
+    }
+    if (written == 0)
+        return copy_record(self, (const char *)buffer, (uint64_t)(out.at - buffer));
     PyObject *fields = PySequence_Tuple(captured);
     if (fields == NULL)
         return -1;
