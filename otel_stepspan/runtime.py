@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 from opentelemetry import context as _otel_context
 from opentelemetry import trace as _trace_api
@@ -36,6 +36,11 @@ from .sinks.provider_export import NotOtlp, provider_export
 from .step import AttributeValue, StepInfo, unknown_step
 
 logger = logging.getLogger("otel_stepspan")
+
+try:  # built from otel_stepspan/_stepcall.c; without a compiler the Python wrapper does it all
+    from . import _stepcall
+except ImportError:  # pragma: no cover - the build is optional
+    _stepcall = None
 
 Capture = Callable[..., Any]
 Finish = Callable[[Any], StepInfo]
@@ -69,6 +74,9 @@ class _State:
         self.nvtx = self.settings.nvtx and _nvtx.available()
         self.decided_for: object = _UNDECIDED
         self.sink: Optional[Sink] = None
+        #: The sink when a step needs nothing but its submit (no GPU timer, no NVTX): what the
+        #: compiled step call (otel_stepspan/_stepcall.c) reads, with decided_for, every step.
+        self.fast_sink: Optional[Sink] = None
         self.gpu_timer: Optional[GpuStepTimer] = None
         self.gpu_timers: list[GpuStepTimer] = []
         self.sinks_by_provider: dict[int, DeferredSpanSink] = {}
@@ -130,6 +138,7 @@ def otel_sink() -> Optional[DeferredSpanSink]:
             state.atexit_registered = True
         state.gpu_timer = _gpu_timer_for(sink) if sink is not None and state.settings.gpu_timing else None
         state.sink = sink
+        state.fast_sink = sink if state.gpu_timer is None and not state.nvtx else None
         state.decided_for = provider_key
         return sink
 
@@ -453,6 +462,7 @@ def wrap_method(
     finish: Finish,
     attributes_of: Callable[[Any], Mapping[str, AttributeValue]],
     label_of: Optional[Callable[[Any], str]] = None,
+    compiled: Optional["CompiledCapture"] = None,
 ) -> Callable[..., Any]:
     """Wrap ``method(self, batch, *args, **kwargs)`` with a step span.
 
@@ -461,6 +471,10 @@ def wrap_method(
     only OpenTelemetry is on. The wrapper is a plain function rather than a ``wrapt`` proxy: on
     the off path it costs three reads and a call (measured in ``benchmarks/``), where a generic
     ``(wrapped, instance, args, kwargs)`` wrapper costs more than the sinks-off budget.
+
+    With ``compiled``, the capture as a plan the compiled step call can follow, the wrapper is
+    that call (:func:`_compiled_step_call`): it handles the usual step itself and hands every
+    other to the Python wrapper made here.
     """
 
     batch_name = _second_parameter(method)
@@ -545,7 +559,50 @@ def wrap_method(
         )
 
     traced = _same_signature(method, traced, on) or traced
-    return functools.update_wrapper(traced, method, updated=())
+    traced = functools.update_wrapper(traced, method, updated=())
+    if compiled is not None:
+        return _compiled_step_call(method, traced, finish, compiled) or traced
+    return traced
+
+
+#: Markers in a :class:`CompiledCapture`'s fields (see otel_stepspan/_stepcall.c).
+CAPTURE_MODE: Any = _stepcall.MODE if _stepcall is not None else object()
+CAPTURE_PASS_ID: Any = _stepcall.PASS_ID if _stepcall is not None else object()
+
+
+class CompiledCapture(NamedTuple):
+    """An integration's capture as a plan of reads, for the compiled step call.
+
+    ``fields`` makes the captured value (a ``captured_type``): each item a batch attribute name
+    (missing: None), :data:`CAPTURE_MODE` (the batch's ``forward_mode`` named through ``modes``,
+    ``{id(member): (member, name)}``, which the Python capture fills), :data:`CAPTURE_PASS_ID`
+    (the runner's ``pass_name`` attribute plus one, where an int) or a constant. A batch whose
+    ``guards`` attributes are not all None, and a runner ``statics_of`` declines (None; else it
+    gives the runner's static attributes, the same mapping on every call), go through the
+    Python capture: the plan covers the usual step, the capture every step."""
+
+    captured_type: type
+    fields: tuple
+    guards: tuple[str, ...]
+    modes: dict
+    pass_name: str
+    statics_of: Callable[[Any], Optional[Mapping[str, AttributeValue]]]
+
+
+def _compiled_step_call(
+    method: Callable[..., Any], traced: Callable[..., Any], finish: Finish, compiled: CompiledCapture
+) -> Optional[Callable[..., Any]]:
+    """``traced`` as one compiled call (otel_stepspan/_stepcall.c) for the usual step, or None
+    where the module was not built: a paced step runs with cold caches, where each Python-level
+    operation costs about a microsecond (benchmarks/bench_paced.py). It reads the same state as
+    ``traced`` (this module's ``_state``, the API's provider, the profiler's check) and hands
+    every step it does not take to ``traced``."""
+    if _stepcall is None:
+        return None
+    call = _stepcall.StepCall(
+        method, traced, finish, *compiled, globals(), vars(_trace_api), vars(_profiler), _get_current
+    )
+    return functools.update_wrapper(call, method, updated=())
 
 
 _MISSING: Any = object()

@@ -438,18 +438,25 @@ def _runner_facts(runner: Any, engine_name: str = "sglang") -> _RunnerFacts:
     return facts
 
 
-def _capture_for(engine_name: str) -> tuple[Callable[[Any, Any], Captured], Callable[[Any], dict]]:
+def _capture_for(
+    engine_name: str,
+) -> tuple[Callable[[Any, Any], Captured], Callable[[Any], dict], runtime.CompiledCapture]:
     """The engine-thread capture of ``ModelRunner.forward`` for runners named ``engine_name``,
-    and the runner's static attributes: the facts the capture looked up serve the attributes
-    asked for right after it, without a second look-up."""
+    the runner's static attributes (the facts the capture looked up serve the attributes asked
+    for right after it, without a second look-up), and the same capture as a plan for the
+    compiled step call: :func:`capture` of a target model's batch without speculative decoding,
+    read by the same names."""
     last: list = [None]
 
-    def capture_forward(runner: Any, forward_batch: Any) -> Captured:
-        counter = getattr(runner, "forward_pass_id", None)
+    def facts_of(runner: Any) -> _RunnerFacts:
         facts = _facts_by_runner.get(id(runner))
         if facts is None or facts.runner() is not runner:
             facts = _runner_facts(runner, engine_name)
-        last[0] = facts
+        return facts
+
+    def capture_forward(runner: Any, forward_batch: Any) -> Captured:
+        counter = getattr(runner, "forward_pass_id", None)
+        facts = last[0] = facts_of(runner)
         # sglang increments forward_pass_id first thing in forward(): this step's id is the next.
         return capture(forward_batch, facts.is_draft_worker, counter + 1 if type(counter) is int else None)
 
@@ -459,7 +466,22 @@ def _capture_for(engine_name: str) -> tuple[Callable[[Any, Any], Captured], Call
             facts = _runner_facts(runner, engine_name)
         return facts.attributes
 
-    return capture_forward, runner_attributes
+    def target_attributes(runner: Any) -> Optional[dict[str, AttributeValue]]:
+        facts = facts_of(runner)
+        return None if facts.is_draft_worker else facts.attributes  # a draft model's: capture()
+
+    plan = runtime.CompiledCapture(
+        captured_type=Captured,
+        fields=(
+            runtime.CAPTURE_MODE, "batch_size", "extend_seq_lens_cpu", "extend_num_tokens", DECODE_ROWS,
+            "split_index", None, None, None, False, runtime.CAPTURE_PASS_ID, REQUESTS,
+        ),
+        guards=("spec_info",),
+        modes=_mode_by_member,
+        pass_name="forward_pass_id",
+        statics_of=target_attributes,
+    )
+    return capture_forward, runner_attributes, plan
 
 
 _labels: dict[tuple, str] = {}
@@ -486,8 +508,8 @@ def traced_forward(forward: Any, *, engine_name: str = "sglang") -> Any:
     """``ModelRunner.forward`` with a step span; what the instrumentor installs. Engines built
     on sglang's runner shape (the reference engine) pass their own ``engine_name``."""
 
-    capture_forward, runner_attributes = _capture_for(engine_name)
-    return runtime.wrap_method(forward, capture_forward, finish, runner_attributes, label_of)
+    capture_forward, runner_attributes, plan = _capture_for(engine_name)
+    return runtime.wrap_method(forward, capture_forward, finish, runner_attributes, label_of, compiled=plan)
 
 
 # -- the scheduler's count of running decodes, carried to the forward ----------------------------

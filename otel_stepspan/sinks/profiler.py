@@ -8,7 +8,7 @@ process without torch pays nothing for it.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def _not_imported() -> bool:
@@ -19,15 +19,23 @@ def _not_imported() -> bool:
 
 
 def _bind(torch: Any) -> Callable[[], bool]:
-    global profiler_enabled, _record_function
+    global profiler_enabled, _record_function, torch_profiler_globals
     profiler_enabled = torch.autograd._profiler_enabled
     _record_function = torch.profiler.record_function
+    flags = vars(torch.autograd.profiler)
+    torch_profiler_globals = flags if isinstance(flags.get("_is_profiler_enabled"), bool) else None
     return profiler_enabled
 
 
 #: True while a torch profiler (``torch.profiler.profile`` or the autograd profiler) records.
 profiler_enabled: Callable[[], bool] = _not_imported
 _record_function: Any = None
+#: ``torch.autograd.profiler``'s globals once torch is bound, where they hold the flag
+#: ``_is_profiler_enabled``: torch's profilers started from Python (``torch.profiler.profile``,
+#: the autograd profiler, ``emit_nvtx``) set it on start and clear it on stop, "for fast python
+#: checks". The compiled step call (otel_stepspan/_stepcall.c) reads the flag, a dict read, where
+#: ``profiler_enabled()`` is a pybind11 call that costs microseconds with cold caches.
+torch_profiler_globals: Optional[dict] = None
 
 
 def enter_range(label: str) -> Any:

@@ -1,0 +1,195 @@
+"""The compiled step call (otel_stepspan/_stepcall.c): sglang's traced forward as one C call for
+the usual step, giving the same spans as the Python wrapper for every step, and handing every
+step it does not take to that wrapper."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import shutil
+import weakref
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
+import sglang_fakes as fakes
+from otel_stepspan import runtime
+from otel_stepspan.integrations import sglang
+
+
+def _compiled_module():
+    """The compiled step call; where a C compiler is at hand the install must have built it."""
+    if runtime._stepcall is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("a C compiler is here, but otel_stepspan/_stepcall.c was not built by the install")
+        pytest.skip("no C compiler here: the compiled step call was not built")
+    return runtime._stepcall
+
+
+def _runner_class(compiled: bool) -> type:
+    """A stand-in sglang ModelRunner whose forward is sglang's traced forward, as the compiled
+    step call or as the Python wrapper alone (built from the same capture)."""
+    capture, attributes, plan = sglang._capture_for("sglang")
+    forward = runtime.wrap_method(
+        fakes.ModelRunner.forward, capture, sglang.finish, attributes, sglang.label_of,
+        compiled=plan if compiled else None,
+    )
+    if compiled:
+        assert type(forward) is _compiled_module().StepCall
+    return type("ModelRunner", (fakes.ModelRunner,), {"forward": forward})
+
+
+def _with_requests(batch):
+    rows: list = [(f"r{i}", 0x1234 + i, 0x99 + i, 1) for i in range(batch.batch_size)]
+    sglang.mark_requests(batch, rows, queued_requests=3, kv_tokens=640)
+    return batch
+
+
+def _steps():
+    """(batch, the compiled call takes it) for one of each shape the plan covers or declines."""
+    return [
+        (fakes.decode_batch(4), False),  # DECODE's first step: the Python capture names the member
+        (fakes.decode_batch(6), True),
+        (fakes.extend_batch([300, 212]), False),
+        (fakes.extend_batch([5]), True),
+        (fakes.mixed_batch([200, 56], running_bs=6), False),
+        (fakes.mixed_batch([7], running_bs=2), True),
+        (fakes.ForwardBatch(fakes.ForwardMode.IDLE, batch_size=0), False),
+        (fakes.ForwardBatch(fakes.ForwardMode.IDLE, batch_size=0), True),
+        (_with_requests(fakes.decode_batch(3)), True),
+        (fakes.verify_batch(bs=3, draft_token_num=4), False),  # spec_info: the Python capture
+        (fakes.verify_batch(bs=2, draft_token_num=4), False),
+    ]
+
+
+def _seen(span) -> tuple:
+    return (
+        span.name,
+        dict(span.attributes),
+        [(link.context.trace_id, link.context.span_id, dict(link.attributes or {})) for link in span.links],
+        span.status.status_code,
+    )
+
+
+def test_the_compiled_call_traces_each_step_as_the_python_wrapper_does(memory_spans):
+    _compiled_module()
+    seen = {}
+    for compiled in (False, True):
+        sglang._mode_by_member.clear()
+        runner = _runner_class(compiled)(tp_rank=1)
+        for batch, _ in _steps():
+            assert runner.forward(batch, pp_proxy_tensors="pp", split_forward_count=2)[0] == "output"
+            assert runner.seen[-1] == (batch, None, "pp", 2)
+        seen[compiled] = [_seen(span) for span in memory_spans.spans()[len(seen.get(False, [])):]]
+        if compiled:
+            forward = type(runner).__dict__["forward"]
+            assert forward.fast_steps == sum(fast for _, fast in _steps())
+    assert len(seen[True]) == len(_steps())
+    assert seen[True] == seen[False]
+    names = [name for name, *_ in seen[True]]
+    assert names[:3] == ["step[decode bs=4]", "step[decode bs=6]", "step[prefill bs=2 toks=512]"]
+    assert names[4] == "step[mixed bs=8 ext=256 dec=6]"
+    assert seen[True][8][1]["forward.request_ids"] == ("r0", "r1", "r2")
+    assert seen[True][8][1]["scheduler.queued_requests"] == 3
+
+
+def test_a_draft_runner_goes_through_the_python_capture(memory_spans):
+    forward_class = _runner_class(True)
+    runner = forward_class(is_draft_worker=True)
+    for _ in range(3):
+        runner.forward(fakes.decode_batch(5))
+    assert [s.name for s in memory_spans.spans()] == ["step[draft bs=5]"] * 3
+    assert forward_class.__dict__["forward"].fast_steps == 0
+
+
+def test_an_exception_from_the_forward_is_submitted_and_raised_as_it_was(memory_spans):
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    runner.forward(fakes.decode_batch(2))  # names DECODE
+    batch = fakes.decode_batch(2)
+    boom = RuntimeError("CUDA out of memory")
+    batch.explode = boom
+    with pytest.raises(RuntimeError) as raised:
+        runner.forward(batch)
+    assert raised.value is boom and boom.__traceback__ is not None
+    assert runner_class.__dict__["forward"].fast_steps == 1
+    span = memory_spans.spans()[-1]
+    assert span.status.status_code == StatusCode.ERROR
+    (event,) = span.events
+    assert event.attributes["exception.message"] == "CUDA out of memory"
+    assert "raise forward_batch.explode" in event.attributes["exception.stacktrace"]
+
+
+def test_a_step_under_a_current_span_is_its_child_by_the_python_wrapper(memory_spans):
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    runner.forward(fakes.decode_batch(2))
+    tracer = memory_spans.provider.get_tracer("test")
+    with tracer.start_as_current_span("request") as request:
+        runner.forward(fakes.decode_batch(2))
+    step = memory_spans.spans()[-1]
+    assert step.parent is not None and step.parent.span_id == request.get_span_context().span_id
+    assert runner_class.__dict__["forward"].fast_steps == 0
+
+
+def test_with_nothing_on_the_forward_is_called_with_its_arguments_and_nothing_is_traced():
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    batch = fakes.decode_batch(2)
+    assert runner.forward(batch, True, pp_proxy_tensors="pp") == ("output", 1)
+    assert runner.seen == [(batch, True, "pp", 1)]
+    assert runtime._state.decided_for is not None  # never decided: the off test alone ran
+    assert runner_class.__dict__["forward"].fast_steps == 0
+
+
+def test_a_provider_set_after_the_first_steps_is_decided_for_and_then_taken(memory_spans, monkeypatch):
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    runner.forward(fakes.decode_batch(2))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", memory_spans.provider)
+    runner.forward(fakes.decode_batch(3))  # decided here, by the Python wrapper
+    runner.forward(fakes.decode_batch(4))
+    assert [s.name for s in memory_spans.spans()] == ["step[decode bs=3]", "step[decode bs=4]"]
+    assert runner_class.__dict__["forward"].fast_steps == 1
+
+
+def test_it_reads_as_the_engine_method_and_keeps_no_runner_alive(memory_spans):
+    runner_class = _runner_class(True)
+    forward = runner_class.__dict__["forward"]
+    assert forward.__wrapped__ is fakes.ModelRunner.forward and forward.__name__ == "forward"
+    assert inspect.signature(runner_class.forward) == inspect.signature(fakes.ModelRunner.forward)
+    keeper = runner_class()
+    keeper.forward(fakes.decode_batch(2))  # DECODE named by the Python wrapper, which keeps its runner
+    runner = runner_class()
+    runner.forward(fakes.decode_batch(2))
+    assert forward.fast_steps == 1
+    gone = weakref.ref(runner)
+    del runner
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_captured_type_that_is_not_a_tuple_is_refused():
+    stepcall = _compiled_module()
+    args = (print, print, print, dict, (), (), {}, "n", print, {}, {}, {}, print)
+    with pytest.raises(TypeError, match="tuple"):
+        stepcall.StepCall(*args)
+
+
+def test_under_the_torch_profiler_a_step_is_a_range_made_by_the_python_wrapper(memory_spans):
+    import torch
+
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    runner.forward(fakes.decode_batch(2))  # names DECODE
+    runner.forward(fakes.decode_batch(2))
+    assert runner_class.__dict__["forward"].fast_steps == 1
+    with torch.profiler.profile() as profile:
+        runner.forward(fakes.decode_batch(3))
+    assert "step[decode bs=3]" in {event.name for event in profile.events()}
+    assert runner_class.__dict__["forward"].fast_steps == 1
+    runner.forward(fakes.decode_batch(4))
+    assert runner_class.__dict__["forward"].fast_steps == 2
+    assert [s.name for s in memory_spans.spans()][-2:] == ["step[decode bs=3]", "step[decode bs=4]"]
