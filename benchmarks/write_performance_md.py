@@ -104,14 +104,16 @@ GIL released; added wall is the wall time of `forward` minus the time inside the
 `forward` (the wrapper before and after), median per step. The hot loop (steps back to back) is
 there for reference.
 
-What the engine thread does per step: the integration's reads of the batch, then one call of
-the compiled producer (`otel_stepspan/exporter/_ringput.c`) that packs the step and copies it
-into the ring. After a wait, the caches are cold and each Python-level operation costs about a
-microsecond on this machine; what is left is the wrapper's and the capture's own Python, about
-6 us before the engine's `forward` and 6 after at 1 ms waits (timed inside the stand-in
-`forward`), more after longer waits, when more of it has gone cold. The exporter process reads
-the ring every 50 ms: each of its wake-ups costs the engine thread too on a machine whose CPUs
-share caches (1 ms steps: +28 us with 5 ms polls, +15 with 50 ms, +12 with none).
+What the engine thread does per step, for sglang (and the reference engine): one compiled call
+(`otel_stepspan/_stepcall.c`) that checks the same state the Python wrapper checks, reads the
+batch by the integration's plan, times the engine's `forward` and hands the step to the
+compiled submitter (`otel_stepspan/exporter/_ringput.c`), which writes it into the ring in
+marshal's format. After a wait, the caches are cold: each Python-level operation costs about a
+microsecond on this machine, and so, less so, does each C function of the interpreter that the
+call touches for the first time since the last step. The exporter process reads the ring every
+50 ms: each of its wake-ups costs the engine thread too on a machine whose CPUs share caches
+(1 ms steps: +28 us with 5 ms polls, +15 with 50 ms, +12 with none, measured with the Python
+wrapper).
 
 {body(paced_tables)}
 
