@@ -53,10 +53,11 @@ typedef struct {
     unsigned long long fast_steps;
 } StepCall;
 
-static PyObject *time_ns(void) {
+/* time.time_ns(), as the Python wrapper reads it */
+static long long now_ns(void) {
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
-    return PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+    return (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
 }
 
 /* 1 true, 0 false, -1 error */
@@ -232,19 +233,20 @@ static PyObject *StepCall_vectorcall(StepCall *self, PyObject *const *args, size
         Py_XDECREF(context);
         return slow(self, args, nargsf, kwnames); /* a current span, suppression, an odd batch */
     }
-    PyObject *start = time_ns();
+    Py_INCREF(statics); /* the slot may change hands while the forward runs */
+    long long start_ns = now_ns();
     PyObject *result = PyObject_Vectorcall(self->method, args, nargsf, kwnames);
-    PyObject *end = time_ns();
-    PyObject *error = Py_None, *type = NULL, *value = NULL, *traceback = NULL;
+    long long end_ns = now_ns();
+    PyObject *type = NULL, *value = NULL, *traceback = NULL;
     if (result == NULL) {
         PyErr_Fetch(&type, &value, &traceback);
         PyErr_NormalizeException(&type, &value, &traceback);
         if (value != NULL && traceback != NULL)
             PyException_SetTraceback(value, traceback);
-        error = value != NULL ? value : Py_None;
     }
+    PyObject *start = PyLong_FromLongLong(start_ns), *end = PyLong_FromLongLong(end_ns);
     if (start != NULL && end != NULL) {
-        PyObject *call[7] = {self->finish, captured, statics, context, start, end, error};
+        PyObject *call[7] = {self->finish, captured, statics, context, start, end, value != NULL ? value : Py_None};
         submit(sink, call);
         self->fast_steps += 1;
     } else {
@@ -254,6 +256,7 @@ static PyObject *StepCall_vectorcall(StepCall *self, PyObject *const *args, size
         PyErr_Restore(type, value, traceback);
     Py_XDECREF(start);
     Py_XDECREF(end);
+    Py_DECREF(statics);
     Py_DECREF(captured);
     Py_DECREF(context);
     Py_DECREF(sink);
@@ -298,8 +301,13 @@ static int StepCall_traverse(StepCall *self, visitproc visit, void *arg) {
     Py_VISIT(self->finish);
     Py_VISIT(self->captured_type);
     Py_VISIT(self->fields);
+    Py_VISIT(self->guards);
     Py_VISIT(self->modes);
+    Py_VISIT(self->pass_name);
     Py_VISIT(self->statics_of);
+    Py_VISIT(self->runtime);
+    Py_VISIT(self->trace_api);
+    Py_VISIT(self->profiler);
     Py_VISIT(self->get_current);
     for (int i = 0; i < RUNNERS; i++)
         Py_VISIT(self->statics[i]);

@@ -193,3 +193,32 @@ def test_under_the_torch_profiler_a_step_is_a_range_made_by_the_python_wrapper(m
     runner.forward(fakes.decode_batch(4))
     assert runner_class.__dict__["forward"].fast_steps == 2
     assert [s.name for s in memory_spans.spans()][-2:] == ["step[decode bs=3]", "step[decode bs=4]"]
+
+
+def test_steps_keep_no_reference_to_what_they_read(memory_spans):
+    import sys
+
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    batch = fakes.mixed_batch([7], running_bs=2)
+    boom = fakes.decode_batch(2)
+    boom.explode = ValueError("boom")
+    runner.forward(batch)  # names MIXED
+    with pytest.raises(ValueError):
+        runner.forward(boom)  # names DECODE
+    statics = sglang._facts_by_runner[id(runner)].attributes
+    runner.seen.clear()
+    boom.explode.__traceback__ = None  # its frames hold the runner
+    assert len(memory_spans.spans()) == 2  # flushed: nothing is held for export
+    watched = (batch, batch.extend_seq_lens_cpu, statics, runner, boom.explode, runner_class.__dict__["forward"])
+    before = [sys.getrefcount(obj) for obj in watched]
+    taken = runner_class.__dict__["forward"].fast_steps
+    for _ in range(200):
+        runner.forward(batch)
+        with pytest.raises(ValueError):
+            runner.forward(boom)
+        runner.seen.clear()
+    assert len(memory_spans.spans()) == 402
+    boom.explode.__traceback__ = None
+    assert [sys.getrefcount(obj) for obj in watched] == before
+    assert runner_class.__dict__["forward"].fast_steps - taken == 400
