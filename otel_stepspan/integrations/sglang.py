@@ -448,15 +448,12 @@ def _capture_for(
     read by the same names."""
     last: list = [None]
 
-    def facts_of(runner: Any) -> _RunnerFacts:
-        facts = _facts_by_runner.get(id(runner))
-        if facts is None or facts.runner() is not runner:
-            facts = _runner_facts(runner, engine_name)
-        return facts
-
     def capture_forward(runner: Any, forward_batch: Any) -> Captured:
         counter = getattr(runner, "forward_pass_id", None)
-        facts = last[0] = facts_of(runner)
+        facts = _facts_by_runner.get(id(runner))  # _runner_facts' own look-up, without its frame
+        if facts is None or facts.runner() is not runner:
+            facts = _runner_facts(runner, engine_name)
+        last[0] = facts
         # sglang increments forward_pass_id first thing in forward(): this step's id is the next.
         return capture(forward_batch, facts.is_draft_worker, counter + 1 if type(counter) is int else None)
 
@@ -467,7 +464,7 @@ def _capture_for(
         return facts.attributes
 
     def target_attributes(runner: Any) -> Optional[dict[str, AttributeValue]]:
-        facts = facts_of(runner)
+        facts = _runner_facts(runner, engine_name)  # asked once per runner, by the compiled call
         return None if facts.is_draft_worker else facts.attributes  # a draft model's: capture()
 
     plan = runtime.CompiledCapture(
