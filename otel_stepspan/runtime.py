@@ -75,7 +75,9 @@ class _State:
         self.decided_for: object = _UNDECIDED
         self.sink: Optional[Sink] = None
         #: The sink when a step needs nothing but its submit (no GPU timer, no NVTX): what the
-        #: compiled step call (otel_stepspan/_stepcall.c) reads, with decided_for, every step.
+        #: compiled step call (otel_stepspan/_stepcall.c) reads, with decided_for and wanted. It
+        #: keeps what it read until otel_sink() decides again (and says so), the state is replaced
+        #: or the provider changes: these fields change nowhere else.
         self.fast_sink: Optional[Sink] = None
         self.gpu_timer: Optional[GpuStepTimer] = None
         self.gpu_timers: list[GpuStepTimer] = []
@@ -140,6 +142,8 @@ def otel_sink() -> Optional[DeferredSpanSink]:
         state.sink = sink
         state.fast_sink = sink if state.gpu_timer is None and not state.nvtx else None
         state.decided_for = provider_key
+        if _stepcall is not None:
+            _stepcall.changed()  # compiled step calls keep what they read of the state until then
         return sink
 
 

@@ -111,10 +111,12 @@ def _finish(fields):  # a finisher the submitters below know by number 0
 def _submitter(ring: Ring, statics: dict, slow=None, not_put=None):
     """The compiled submitter of ``ring``, knowing ``_finish`` as finisher 0 and ``statics`` as
     attributes 1, as ExporterProcessSink installs it; ``slow`` records what it hands on."""
+    from otel_stepspan.span_data import exception_event
     from otel_stepspan.step import StepInfo
 
     return ring.producer.submitter(
-        {_finish: 0}, {id(statics): (1,)}, slow or (lambda *args: None), not_put or (lambda: None), StepInfo
+        {_finish: 0}, {id(statics): (1,)}, slow or (lambda *args: None), not_put or (lambda: None), StepInfo,
+        exception_event,
     )
 
 

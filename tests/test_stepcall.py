@@ -222,3 +222,183 @@ def test_steps_keep_no_reference_to_what_they_read(memory_spans):
     boom.explode.__traceback__ = None
     assert [sys.getrefcount(obj) for obj in watched] == before
     assert runner_class.__dict__["forward"].fast_steps - taken == 400
+
+
+def _sink_with_ring(capacity: int = 1 << 16):
+    """An exporter-process sink with its ring and the compiled producer, read here: no exporter
+    process is started."""
+    from otel_stepspan.exporter.ring import Ring
+    from otel_stepspan.sinks.otel_process import ExporterProcessSink
+
+    sink = ExporterProcessSink()
+    ring = Ring.create(capacity)
+    sink._started = True
+    sink._attach_ring(ring)
+    assert ring.producer is not None and type(sink.submit).__name__ == "Submitter"
+    return sink
+
+
+def _ring_sink(monkeypatch, capacity: int = 1 << 16):
+    """The runtime's state as the variables set it up (export wanted, no provider), decided for
+    an exporter-process sink whose ring is read here."""
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    state = runtime._State()
+    sink = _sink_with_ring(capacity)
+    state.wanted, state.decided_for, state.sink, state.fast_sink = True, None, sink, sink
+    monkeypatch.setattr(runtime, "_state", state)
+    return state, sink
+
+
+def _ring_records(compiled: bool, monkeypatch) -> tuple[list, type]:
+    """Every record the steps of :func:`_steps` (and an erring one) put into an exporter-process
+    sink's ring, as the exporter loads them, and the runner class that made them."""
+    import marshal
+    import os
+
+    from otel_stepspan.exporter.ring import Ring
+
+    _, sink = _ring_sink(monkeypatch)
+    reader = Ring.attach(os.dup(sink._ring.fd))
+    try:
+        sglang._mode_by_member.clear()
+        runner_class = _runner_class(compiled)
+        runner = runner_class(tp_rank=1)
+        for batch, _ in _steps():
+            assert runner.forward(batch, pp_proxy_tensors="pp")[0] == "output"
+        boom = fakes.decode_batch(5)
+        boom.explode = RuntimeError("CUDA out of memory")
+        with pytest.raises(RuntimeError):
+            runner.forward(boom)
+        records = [marshal.loads(record) for record in reader.take()]
+        assert sink.emitted_total == len(_steps()) + 1 and sink.failed_total == sink.dropped_total == 0
+        return records, runner_class
+    finally:
+        reader.close()
+        sink._ring.close()
+
+
+def _comparable(record: tuple) -> tuple:
+    """A ring record without what differs from run to run: the clock, and the stacktrace's frames
+    (the Python wrapper's own are in it)."""
+    from otel_stepspan.exporter import wire
+
+    if record[0] != wire.CAPTURED:
+        return record
+    exception = dict(record[6]) if record[6] else record[6]
+    if exception:
+        assert "raise forward_batch.explode" in exception.pop("exception.stacktrace")
+    return (record[0], record[3], record[4], record[5], exception, record[7], record[8])
+
+
+def test_a_staged_step_puts_the_record_the_python_wrapper_puts(monkeypatch):
+    """With the exporter process's sink, the compiled call writes the usual step's fields before
+    the forward and puts them after it (exporter/_ringput.h): the ring then holds, record for
+    record, what the Python wrapper puts for the same steps, an erring step included."""
+    _compiled_module()
+    python, _ = _ring_records(False, monkeypatch)
+    compiled, runner_class = _ring_records(True, monkeypatch)
+    forward = runner_class.__dict__["forward"]
+    fast = sum(fast for _, fast in _steps()) + 1
+    # The first fast step is staged already: the Python path defined the finisher and statics.
+    assert forward.fast_steps == forward.staged_steps == fast
+    assert [_comparable(r) for r in compiled] == [_comparable(r) for r in python]
+    steps = [r for r in compiled if r[0] == 4]
+    assert len(steps) == len(_steps()) + 1 and all(r[1] <= r[2] for r in steps)
+    assert steps[-1][6]["exception.message"] == "CUDA out of memory"
+    assert steps[8][8][11] == ([("r0", 0x1234, 0x99, 1), ("r1", 0x1235, 0x9A, 1), ("r2", 0x1236, 0x9B, 1)], 3, 640)
+
+
+def test_a_staged_step_the_ring_has_no_room_for_is_counted(monkeypatch):
+    import os
+
+    _compiled_module()
+    _, sink = _ring_sink(monkeypatch, 1 << 12)
+    read_fd, write_fd = os.pipe()  # an exporter that is alive but behind: the step is dropped
+    sink._status_fd = read_fd
+    try:
+        runner_class = _runner_class(True)
+        runner = runner_class()
+        runner.forward(fakes.decode_batch(2))
+        runner.forward(fakes.decode_batch(2))
+        while sink._ring.put(b"x" * 200):
+            pass
+        runner.forward(fakes.decode_batch(3))
+        assert runner_class.__dict__["forward"].staged_steps == 2
+        assert sink.dropped_total == 1 and sink.emitted_total == 2 and sink.failed_total == 0
+    finally:
+        sink._status_fd = None
+        os.close(read_fd)
+        os.close(write_fd)
+        sink._ring.close()
+
+
+def test_once_the_runtime_decides_again_the_step_call_reads_its_state_again(monkeypatch):
+    """The compiled call keeps what it read of the runtime's state (a paced step pays for every
+    attribute it reads) until otel_sink() says it decided again."""
+    _compiled_module()
+    state, first = _ring_sink(monkeypatch)
+    second = _sink_with_ring()
+    try:
+        runner_class = _runner_class(True)
+        runner = runner_class()
+        for _ in range(3):
+            runner.forward(fakes.decode_batch(2))
+        state.sink = state.fast_sink = second  # as otel_sink() sets it, and then says so:
+        runtime._stepcall.changed()
+        for _ in range(2):
+            runner.forward(fakes.decode_batch(2))
+        assert (first.emitted_total, second.emitted_total) == (3, 2)
+        assert runner_class.__dict__["forward"].staged_steps == 3  # the second's first step defines
+    finally:
+        first._ring.close()
+        second._ring.close()
+
+
+def test_staged_steps_keep_no_reference_to_what_they_read(monkeypatch):
+    import sys
+
+    _compiled_module()
+    _, sink = _ring_sink(monkeypatch, 1 << 22)
+    try:
+        runner_class = _runner_class(True)
+        runner = runner_class()
+        batches = [fakes.mixed_batch([7], running_bs=2), _with_requests(fakes.decode_batch(3))]
+        for batch in batches:
+            runner.forward(batch)  # names the modes; the first defines the finisher and statics
+        runner.seen.clear()
+        statics = sglang._facts_by_runner[id(runner)].attributes
+        watched = (*batches, batches[0].extend_seq_lens_cpu, batches[1]._otel_stepspan_requests, statics, runner)
+        before = [sys.getrefcount(obj) for obj in watched]
+        forward = runner_class.__dict__["forward"]
+        staged = forward.staged_steps
+        for _ in range(200):
+            for batch in batches:
+                runner.forward(batch)
+            runner.seen.clear()
+        assert [sys.getrefcount(obj) for obj in watched] == before
+        assert forward.staged_steps - staged == 400 and sink.emitted_total == 402
+    finally:
+        sink._ring.close()
+
+
+def test_steps_go_into_the_ring_the_sink_has_now(monkeypatch):
+    """A fork's child closes the sink's ring and makes its own on its first step: the compiled
+    call, which keeps the sink's submitter, takes the new one."""
+    from otel_stepspan.exporter.ring import Ring
+
+    _compiled_module()
+    _, sink = _ring_sink(monkeypatch)
+    try:
+        runner = _runner_class(True)()
+        for _ in range(3):
+            runner.forward(fakes.decode_batch(2))
+        old = sink._ring
+        old.close()
+        sink._reset()  # what the child does after a fork (its exporter starts on the next step)
+        sink._started = True
+        sink._attach_ring(Ring.create(1 << 16))
+        for _ in range(2):
+            runner.forward(fakes.decode_batch(2))
+        assert sink.emitted_total == 2 and sink.failed_total == 0 and sink._ring.put_total == 4  # and the definitions
+    finally:
+        sink._ring.close()

@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_ringput.h"
+
 #define HEADER 4096
 #define WRITTEN 0 /* indexes of the header's 64-bit words, as in ring.py */
 #define READ 8
@@ -45,11 +47,16 @@ static inline volatile uint64_t *counters(Producer *self) {
     return (volatile uint64_t *)self->view.buf;
 }
 
-static int copy_record(Producer *self, const char *payload, uint64_t size) {
+/* One record, given in pieces that are copied one after the other: 1 put, 0 refused (full,
+ * counted), -1 with an error when the ring is closed. */
+static int copy_parts(Producer *self, const unsigned char *const *parts, const uint64_t *lens, int n) {
     if (!self->has_view) {
         PyErr_SetString(PyExc_ValueError, "the ring is closed");
         return -1;
     }
+    uint64_t size = 0;
+    for (int p = 0; p < n; p++)
+        size += lens[p];
     uint64_t need = size + PREFIX;
     volatile uint64_t *c = counters(self);
     if (size > 0xFFFFFFFFu)
@@ -72,24 +79,29 @@ static int copy_record(Producer *self, const char *payload, uint64_t size) {
         prefix[4 + i] = (unsigned char)(words[1] >> (8 * i));
     }
     uint64_t at = self->written & mask;
-    /* the prefix, then the payload, each split across the end of the circle when it must be */
-    const unsigned char *parts[2] = {prefix, (const unsigned char *)payload};
-    uint64_t lens[2] = {PREFIX, size};
-    for (int p = 0; p < 2; p++) {
+    /* the prefix, then the pieces, each split across the end of the circle when it must be */
+    for (int p = -1; p < n; p++) {
+        const unsigned char *part = p < 0 ? prefix : parts[p];
+        uint64_t len = p < 0 ? PREFIX : lens[p];
         uint64_t first = self->capacity - at;
-        if (lens[p] <= first) {
-            memcpy(data + at, parts[p], lens[p]);
+        if (len <= first) {
+            memcpy(data + at, part, len);
         } else {
-            memcpy(data + at, parts[p], first);
-            memcpy(data, parts[p] + first, lens[p] - first);
+            memcpy(data + at, part, first);
+            memcpy(data, part + first, len - first);
         }
-        at = (at + lens[p]) & mask;
+        at = (at + len) & mask;
     }
     self->written += need;
     self->room -= need;
     self->put_total += 1;
     __atomic_store_n(&c[WRITTEN], self->written, __ATOMIC_RELEASE);
     return 1;
+}
+
+static int copy_record(Producer *self, const char *payload, uint64_t size) {
+    const unsigned char *parts[1] = {(const unsigned char *)payload};
+    return copy_parts(self, parts, &size, 1);
 }
 
 static PyObject *put_bytes(Producer *self, PyObject *marshalled) {
@@ -110,7 +122,7 @@ static PyObject *Producer_put(Producer *self, PyObject *payload) {
 }
 
 /* marshal's format (version 4) for the values a usual step holds, written by hand: None, bools,
- * ints up to 127 bits, floats, str, and tuples and lists of them. marshal.loads reads it as it
+ * ints up to 127 bits, floats, str, and tuples, lists and dicts of them. marshal.loads reads it as it
  * reads PyMarshal's own output. Why: PyMarshal_WriteObjectToString sets up a table of references
  * and a bytes object per call, and walks them with cold caches after the GPU wait; this writes
  * straight into a buffer on the stack. Anything else (or more than the buffer holds) returns -1,
@@ -137,37 +149,8 @@ static int out_u32(Out *out, uint32_t value) {
     return out_bytes(out, le, 4);
 }
 
-static int write_int(Out *out, PyObject *value) {
-    int overflow;
-    long long small = PyLong_AsLongLongAndOverflow(value, &overflow);
-    if (small == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-    }
-    if (!overflow && small >= INT32_MIN && small <= INT32_MAX) /* TYPE_INT */
-        return out_byte(out, 'i') || out_u32(out, (uint32_t)(int32_t)small);
-    /* TYPE_LONG: the sign with the count of 15-bit digits, then the magnitude's digits, lowest first */
-    unsigned __int128 magnitude;
-    int negative;
-    if (!overflow) {
-        negative = small < 0;
-        magnitude = negative ? (unsigned __int128)(-(small + 1)) + 1 : (unsigned __int128)small;
-    } else {
-        negative = overflow < 0;
-        if (_PyLong_NumBits(value) > 127)
-            return -1;
-        PyObject *absolute = PyNumber_Absolute(value);
-        unsigned char le[16];
-        int failed = absolute == NULL || _PyLong_AsByteArray((PyLongObject *)absolute, le, 16, 1, 0) < 0;
-        Py_XDECREF(absolute);
-        if (failed) {
-            PyErr_Clear();
-            return -1;
-        }
-        magnitude = 0;
-        for (int i = 15; i >= 0; i--)
-            magnitude = (magnitude << 8) | le[i];
-    }
+/* TYPE_LONG: the sign with the count of 15-bit digits, then the magnitude's digits, lowest first */
+static int write_magnitude(Out *out, unsigned __int128 magnitude, int negative) {
     unsigned char digits[2 * 9];
     int n = 0;
     for (; magnitude != 0; magnitude >>= 15, n++) {
@@ -176,6 +159,38 @@ static int write_int(Out *out, PyObject *value) {
     }
     return out_byte(out, 'l') || out_u32(out, (uint32_t)(int32_t)(negative ? -n : n)) ||
            out_bytes(out, digits, (size_t)(2 * n));
+}
+
+static int write_long_long(Out *out, long long value) {
+    if (value >= INT32_MIN && value <= INT32_MAX) /* TYPE_INT */
+        return out_byte(out, 'i') || out_u32(out, (uint32_t)(int32_t)value);
+    int negative = value < 0;
+    return write_magnitude(out, negative ? (unsigned __int128)(-(value + 1)) + 1 : (unsigned __int128)value, negative);
+}
+
+static int write_int(Out *out, PyObject *value) {
+    int overflow;
+    long long small = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (small == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (!overflow)
+        return write_long_long(out, small);
+    if (_PyLong_NumBits(value) > 127)
+        return -1;
+    PyObject *absolute = PyNumber_Absolute(value);
+    unsigned char le[16];
+    int failed = absolute == NULL || _PyLong_AsByteArray((PyLongObject *)absolute, le, 16, 1, 0) < 0;
+    Py_XDECREF(absolute);
+    if (failed) {
+        PyErr_Clear();
+        return -1;
+    }
+    unsigned __int128 magnitude = 0;
+    for (int i = 15; i >= 0; i--)
+        magnitude = (magnitude << 8) | le[i];
+    return write_magnitude(out, magnitude, overflow < 0);
 }
 
 static int write_value(Out *out, PyObject *value, int depth) {
@@ -211,8 +226,22 @@ static int write_value(Out *out, PyObject *value, int depth) {
         }
         return out_byte(out, 'g') || out_bytes(out, le, 8);
     }
+    if (depth > 8)
+        return -1;
+    if (PyDict_CheckExact(value)) { /* TYPE_DICT: key, value, ..., then TYPE_NULL */
+        Py_ssize_t pos = 0;
+        PyObject *key, *item;
+        if (out_byte(out, '{'))
+            return -1;
+        /* nothing here runs Python code that could change the dict while it is walked */
+        while (PyDict_Next(value, &pos, &key, &item)) {
+            if (write_value(out, key, depth + 1) < 0 || write_value(out, item, depth + 1) < 0)
+                return -1;
+        }
+        return out_byte(out, '0');
+    }
     int tuple = PyTuple_CheckExact(value);
-    if ((!tuple && !PyList_CheckExact(value)) || depth > 8)
+    if (!tuple && !PyList_CheckExact(value))
         return -1;
     Py_ssize_t n = Py_SIZE(value);
     if (tuple && n < 256) { /* TYPE_SMALL_TUPLE */
@@ -270,14 +299,16 @@ static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, Py
 
 /* Submitter: ExporterProcessSink.submit for the usual step, as one call with no Python frame.
  *
- * submitter(finishers, static_ids, slow, not_put, step_info_type) is installed as the sink's
- * own `submit`. Called as submit(finish, captured, static_attributes, parent, start_ns, end_ns,
- * error) it puts the step's CAPTURED message when the step is the usual one: no error, no
- * extra, no current span in `parent`, `captured` not already a StepInfo, its finisher known by
- * a number >= 0 in `finishers` and its static attributes known by id() in `static_ids`. Anything
- * else, and anything that fails on the way, is handed to `slow` (the sink's Python submit, which
- * never raises) with the same arguments: the sink's behaviour is the Python one. A full ring
- * calls `not_put()`, which counts the step. Never raises. */
+ * submitter(finishers, static_ids, slow, not_put, step_info_type, exception_event) is installed
+ * as the sink's own `submit`. Called as submit(finish, captured, static_attributes, parent,
+ * start_ns, end_ns, error) it puts the step's CAPTURED message when the step is the usual one: no
+ * error, no extra, no current span in `parent`, `captured` not already a StepInfo, its finisher
+ * known by a number >= 0 in `finishers` and its static attributes known by id() in `static_ids`.
+ * Anything else, and anything that fails on the way, is handed to `slow` (the sink's Python
+ * submit, which never raises) with the same arguments: the sink's behaviour is the Python one. A
+ * full ring calls `not_put()`, which counts the step. Never raises. The compiled step call puts
+ * its steps through the same submitter by the capsule's put_staged (_ringput.h), which makes an
+ * error's event with `exception_event(error)`. */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
@@ -287,8 +318,40 @@ typedef struct {
     PyObject *slow;
     PyObject *not_put;
     PyObject *step_info_type;
+    PyObject *exception_event;
     unsigned long long emitted;
 } Submitter;
+
+/* The numbers of `finish` and of `statics` (borrowed Python ints), or 0 with no error set when
+ * either is not known yet (or `finish` runs on the engine thread). */
+static int known_numbers(Submitter *self, PyObject *finish, PyObject *statics, PyObject **finisher_id,
+                         PyObject **static_id) {
+    PyObject *finisher = PyDict_GetItemWithError(self->finishers, finish); /* borrowed */
+    if (finisher == NULL || !PyLong_CheckExact(finisher) || PyLong_AsLong(finisher) < 0)
+        goto unknown;
+    PyObject *key = PyLong_FromVoidPtr(statics);
+    if (key == NULL)
+        goto unknown;
+    PyObject *known = PyDict_GetItemWithError(self->static_ids, key); /* borrowed */
+    Py_DECREF(key);
+    if (known == NULL || !PyTuple_Check(known) || PyTuple_GET_SIZE(known) < 1 ||
+        !PyLong_CheckExact(PyTuple_GET_ITEM(known, 0)))
+        goto unknown;
+    *finisher_id = finisher;
+    *static_id = PyTuple_GET_ITEM(known, 0);
+    return 1;
+unknown:
+    PyErr_Clear();
+    return 0;
+}
+
+/* A step the ring did not take: counted by the sink, as its Python path counts it. */
+static void not_put(Submitter *self) {
+    PyObject *counted = PyObject_CallNoArgs(self->not_put);
+    if (counted == NULL)
+        PyErr_Clear();
+    Py_XDECREF(counted);
+}
 
 static PyObject *Submitter_vectorcall(Submitter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -302,28 +365,16 @@ static PyObject *Submitter_vectorcall(Submitter *self, PyObject *const *args, si
         if (current != 0)
             goto slow_clear;
     }
-    PyObject *finisher_id = PyDict_GetItemWithError(self->finishers, finish); /* borrowed */
-    if (finisher_id == NULL || !PyLong_CheckExact(finisher_id) || PyLong_AsLong(finisher_id) < 0)
-        goto slow_clear;
-    PyObject *key = PyLong_FromVoidPtr(statics);
-    if (key == NULL)
-        goto slow_clear;
-    PyObject *known = PyDict_GetItemWithError(self->static_ids, key); /* borrowed */
-    Py_DECREF(key);
-    if (known == NULL || !PyTuple_Check(known) || PyTuple_GET_SIZE(known) < 1)
-        goto slow_clear;
-    int put = put_captured(self->producer, args[4], args[5], finisher_id, PyTuple_GET_ITEM(known, 0), Py_None,
-                           captured);
+    PyObject *finisher_id, *static_id;
+    if (!known_numbers(self, finish, statics, &finisher_id, &static_id))
+        goto slow;
+    int put = put_captured(self->producer, args[4], args[5], finisher_id, static_id, Py_None, captured);
     if (put < 0)
         goto slow_clear; /* e.g. a value marshal cannot carry: the sink describes the step itself */
-    if (put) {
+    if (put)
         self->emitted += 1;
-        Py_RETURN_NONE;
-    }
-    PyObject *counted = PyObject_CallNoArgs(self->not_put);
-    if (counted == NULL)
-        PyErr_Clear();
-    Py_XDECREF(counted);
+    else
+        not_put(self);
     Py_RETURN_NONE;
 slow_clear:
     PyErr_Clear();
@@ -331,31 +382,108 @@ slow:
     return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
 }
 
+/* -- the capsule's functions (_ringput.h) -- */
+
+static int api_known_ids(PyObject *submitter, PyObject *finish, PyObject *statics, long *finisher_id,
+                         long *static_id) {
+    PyObject *finisher, *statics_number;
+    if (Py_TYPE(submitter) != &SubmitterType ||
+        !known_numbers((Submitter *)submitter, finish, statics, &finisher, &statics_number))
+        return 0;
+    *finisher_id = PyLong_AsLong(finisher);
+    *static_id = PyLong_AsLong(statics_number);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+static int api_live(PyObject *submitter) {
+    return Py_TYPE(submitter) == &SubmitterType && ((Submitter *)submitter)->producer->has_view;
+}
+
+static int api_write_value(unsigned char **at, unsigned char *end, PyObject *value, int depth) {
+    Out out = {*at, end};
+    if (write_value(&out, value, depth) < 0)
+        return -1;
+    *at = out.at;
+    return 0;
+}
+
+/* An erring step: the whole message made as Python objects and marshalled, its fields read
+ * back from their bytes. 1 put, 0 refused, -1 failed (errors cleared by the caller). */
+static int put_erring(Submitter *self, long long start_ns, long long end_ns, long finisher_id, long static_id,
+                      PyObject *error, const unsigned char *fields, size_t size) {
+    PyObject *event = PyObject_CallOneArg(self->exception_event, error);
+    PyObject *captured = event != NULL ? PyMarshal_ReadObjectFromString((const char *)fields, (Py_ssize_t)size) : NULL;
+    PyObject *message = captured != NULL ? Py_BuildValue("(OLLllOOOO)", self->producer->captured_tag, start_ns, end_ns,
+                                                         finisher_id, static_id, Py_None, event, Py_None, captured)
+                                         : NULL;
+    PyObject *marshalled = message != NULL ? PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION) : NULL;
+    int put = marshalled != NULL ? copy_record(self->producer, PyBytes_AS_STRING(marshalled),
+                                               (uint64_t)PyBytes_GET_SIZE(marshalled))
+                                 : -1;
+    Py_XDECREF(marshalled);
+    Py_XDECREF(message);
+    Py_XDECREF(captured);
+    Py_XDECREF(event);
+    return put;
+}
+
+static void api_put_staged(PyObject *submitter, long long start_ns, long long end_ns, long finisher_id,
+                           long static_id, PyObject *error, const unsigned char *fields, size_t size) {
+    Submitter *self = (Submitter *)submitter;
+    int put = -1;
+    if (error != NULL) {
+        put = put_erring(self, start_ns, end_ns, finisher_id, static_id, error, fields, size);
+    } else if (self->producer->has_view) {
+        /* the head, (CAPTURED, start, end, finisher, static, parent None, exception None, extra
+         * None, then the fields */
+        unsigned char head[128];
+        Out out = {head, head + sizeof(head)};
+        int written = out_byte(&out, ')') || out_byte(&out, 9) || write_value(&out, self->producer->captured_tag, 1) ||
+                      write_long_long(&out, start_ns) || write_long_long(&out, end_ns) ||
+                      write_long_long(&out, finisher_id) || write_long_long(&out, static_id) ||
+                      out_bytes(&out, "NNN", 3);
+        if (written == 0) {
+            const unsigned char *parts[2] = {head, fields};
+            uint64_t lens[2] = {(uint64_t)(out.at - head), (uint64_t)size};
+            put = copy_parts(self->producer, parts, lens, 2);
+        }
+    }
+    if (put > 0) {
+        self->emitted += 1;
+        return;
+    }
+    PyErr_Clear();
+    not_put(self); /* full, closed, or the erring step could not be made: counted as the sink counts it */
+}
+
+static RingputAPI ringput_api = {
+    RINGPUT_API_VERSION, &SubmitterType, api_live, api_known_ids, api_write_value, api_put_staged,
+};
+
 static PyObject *Producer_submitter(Producer *self, PyObject *args) {
-    PyObject *finishers, *static_ids, *slow, *not_put, *step_info_type;
-    if (!PyArg_ParseTuple(args, "O!O!OOO!", &PyDict_Type, &finishers, &PyDict_Type, &static_ids, &slow, &not_put,
-                          &PyType_Type, &step_info_type))
+    PyObject *finishers, *static_ids, *slow, *not_put, *step_info_type, *exception_event;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!O", &PyDict_Type, &finishers, &PyDict_Type, &static_ids, &slow, &not_put,
+                          &PyType_Type, &step_info_type, &exception_event))
         return NULL;
-    if (!PyCallable_Check(slow) || !PyCallable_Check(not_put)) {
-        PyErr_SetString(PyExc_TypeError, "submitter: slow and not_put must be callable");
+    if (!PyCallable_Check(slow) || !PyCallable_Check(not_put) || !PyCallable_Check(exception_event)) {
+        PyErr_SetString(PyExc_TypeError, "submitter: slow, not_put and exception_event must be callable");
         return NULL;
     }
     Submitter *submitter = PyObject_New(Submitter, &SubmitterType);
     if (submitter == NULL)
         return NULL;
     submitter->vectorcall = (vectorcallfunc)Submitter_vectorcall;
-    Py_INCREF(self);
-    submitter->producer = self;
-    Py_INCREF(finishers);
-    submitter->finishers = finishers;
-    Py_INCREF(static_ids);
-    submitter->static_ids = static_ids;
-    Py_INCREF(slow);
-    submitter->slow = slow;
-    Py_INCREF(not_put);
-    submitter->not_put = not_put;
-    Py_INCREF(step_info_type);
-    submitter->step_info_type = step_info_type;
+    submitter->producer = (Producer *)Py_NewRef(self);
+    submitter->finishers = Py_NewRef(finishers);
+    submitter->static_ids = Py_NewRef(static_ids);
+    submitter->slow = Py_NewRef(slow);
+    submitter->not_put = Py_NewRef(not_put);
+    submitter->step_info_type = Py_NewRef(step_info_type);
+    submitter->exception_event = Py_NewRef(exception_event);
     submitter->emitted = 0;
     return (PyObject *)submitter;
 }
@@ -367,6 +495,7 @@ static void Submitter_dealloc(Submitter *self) {
     Py_XDECREF(self->slow);
     Py_XDECREF(self->not_put);
     Py_XDECREF(self->step_info_type);
+    Py_XDECREF(self->exception_event);
     PyObject_Free(self);
 }
 
@@ -443,7 +572,7 @@ static PyObject *Producer_get_put_total(Producer *self, void *closure) {
 static PyMethodDef Producer_methods[] = {
     {"put", (PyCFunction)Producer_put, METH_O, "put(payload: bytes) -> bool: copy one record in; False (counted as dropped) when full"},
     {"submitter", (PyCFunction)Producer_submitter, METH_VARARGS,
-     "submitter(finishers, static_ids, slow, not_put, step_info_type): the sink's submit for the usual step"},
+     "submitter(finishers, static_ids, slow, not_put, step_info_type, exception_event): the sink's submit for the usual step"},
     {"release", (PyCFunction)Producer_release, METH_NOARGS, "let go of the mapping (before it is closed)"},
     {NULL},
 };
@@ -476,11 +605,13 @@ PyMODINIT_FUNC PyInit__ringput(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&ProducerType);
-    if (PyModule_AddObject(m, "Producer", (PyObject *)&ProducerType) < 0) {
-        Py_DECREF(&ProducerType);
+    PyObject *api = PyCapsule_New(&ringput_api, RINGPUT_CAPSULE, NULL);
+    if (api == NULL || PyModule_AddObjectRef(m, "_C_API", api) < 0 ||
+        PyModule_AddObjectRef(m, "Producer", (PyObject *)&ProducerType) < 0) {
+        Py_XDECREF(api);
         Py_DECREF(m);
         return NULL;
     }
+    Py_DECREF(api);
     return m;
 }

@@ -310,7 +310,7 @@ class ExporterProcessSink:
         if compiled and ring.use_compiled(_CAPTURED):
             python_submit = ExporterProcessSink.submit.__get__(self)
             self.submit = ring.producer.submitter(  # type: ignore[method-assign]
-                self._finishers, self._static_ids, python_submit, self._not_put, StepInfo
+                self._finishers, self._static_ids, python_submit, self._not_put, StepInfo, exception_event
             )
 
     @property
