@@ -39,6 +39,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
@@ -78,8 +79,8 @@ typedef struct {
      * runtime decides again, the state is replaced or the provider changes. */
     unsigned long long seen;
     PyObject *seen_state, *seen_provider; /* strong: compared by identity, never reused meanwhile */
-    int wanted, decided;                   /* state.wanted; state.decided_for is seen_provider */
-    PyObject *sink;                        /* state.fast_sink when decided, else NULL */
+    int wanted;                            /* state.wanted */
+    PyObject *sink; /* state.fast_sink when state.decided_for is seen_provider, else NULL: the runtime decides */
     PyObject *submitter;                   /* sink.submit, while its ring is open (api->live) */
     PyObject *context_var;                 /* the ContextVar get_current reads, where it is one */
     PyObject *torch_flags;                 /* torch.autograd.profiler's globals, once found */
@@ -226,7 +227,6 @@ static int see_state(StepCall *self, PyObject *state, PyObject *provider) {
     Py_XSETREF(self->seen_provider, Py_NewRef(provider));
     Py_XSETREF(self->sink, sink);
     self->wanted = on;
-    self->decided = decided == provider;
     return 0;
 }
 
@@ -391,7 +391,7 @@ static PyObject *StepCall_vectorcall(StepCall *self, PyObject *const *args, size
         return slow(self, args, nargsf, kwnames);
     if (!profiling && provider == Py_None && !self->wanted) /* runtime.sinks_off() */
         return PyObject_Vectorcall(self->method, args, nargsf, kwnames);
-    if (profiling || !self->decided || self->sink == NULL)
+    if (profiling || self->sink == NULL)
         return slow(self, args, nargsf, kwnames); /* the runtime decides, or the step needs more */
     PyObject *sink = Py_NewRef(self->sink); /* held: another thread may see the state change */
     PyObject *context = NULL;
@@ -551,19 +551,16 @@ static PyObject *StepCall_get(PyObject *self, PyObject *obj, PyObject *type) {
     return PyMethod_New(self, obj);
 }
 
-static PyObject *StepCall_get_fast_steps(StepCall *self, void *closure) {
-    return PyLong_FromUnsignedLongLong(self->fast_steps);
-}
-
-static PyObject *StepCall_get_staged_steps(StepCall *self, void *closure) {
-    return PyLong_FromUnsignedLongLong(self->staged_steps);
-}
-
 static PyGetSetDef StepCall_getset[] = {
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
-    {"fast_steps", (getter)StepCall_get_fast_steps, NULL, "steps this call traced without the Python wrapper", NULL},
-    {"staged_steps", (getter)StepCall_get_staged_steps, NULL,
-     "of those, steps whose fields were written for the ring before the forward (exporter/_ringput.h)", NULL},
+    {NULL},
+};
+
+static PyMemberDef StepCall_members[] = {
+    {"fast_steps", T_ULONGLONG, offsetof(StepCall, fast_steps), READONLY,
+     "steps this call traced without the Python wrapper"},
+    {"staged_steps", T_ULONGLONG, offsetof(StepCall, staged_steps), READONLY,
+     "of those, steps whose fields were written for the ring before the forward (exporter/_ringput.h)"},
     {NULL},
 };
 
@@ -582,6 +579,7 @@ static PyTypeObject StepCallType = {
     .tp_dealloc = (destructor)StepCall_dealloc,
     .tp_descr_get = StepCall_get,
     .tp_getset = StepCall_getset,
+    .tp_members = StepCall_members,
 };
 
 static PyObject *changed(PyObject *module, PyObject *Py_UNUSED(ignored)) {

@@ -259,17 +259,39 @@ static int write_value(Out *out, PyObject *value, int depth) {
     return 0;
 }
 
-/* The CAPTURED message of wire.py, (CAPTURED, start, end, finisher, static, parent, None, None,
- * tuple(fields)), marshalled and put: 1 put, 0 refused (full, counted), -1 with ValueError when
- * marshal cannot carry a field (the submitter then hands the step to the Python path). */
-static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, PyObject *finisher_id,
-                        PyObject *static_id, PyObject *parent_ids, PyObject *captured) {
+/* The head of wire.py's CAPTURED message, (CAPTURED, start, end, finisher, static, parent None,
+ * exception None, extra None, and the fields' tuple, which the caller writes next. */
+static int write_head(Out *out, PyObject *tag, long long start_ns, long long end_ns, long finisher_id,
+                      long static_id) {
+    return out_byte(out, ')') || out_byte(out, 9) || write_value(out, tag, 1) || write_long_long(out, start_ns) ||
+           write_long_long(out, end_ns) || write_long_long(out, finisher_id) || write_long_long(out, static_id) ||
+           out_bytes(out, "NNN", 3);
+}
+
+/* The CAPTURED message made as Python objects and marshalled by PyMarshal: for what the hand
+ * writer does not carry, and for an erring step (its `exception` event). 1 put, 0 refused (full,
+ * counted), -1 with an error. */
+static int put_marshalled(Producer *self, long long start_ns, long long end_ns, long finisher_id, long static_id,
+                          PyObject *exception, PyObject *fields) {
+    PyObject *message = Py_BuildValue("(OLLllOOOO)", self->captured_tag, start_ns, end_ns, finisher_id, static_id,
+                                      Py_None, exception, Py_None, fields);
+    PyObject *marshalled = message != NULL ? PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION) : NULL;
+    int put = marshalled != NULL ? copy_record(self, PyBytes_AS_STRING(marshalled),
+                                               (uint64_t)PyBytes_GET_SIZE(marshalled))
+                                 : -1;
+    Py_XDECREF(marshalled);
+    Py_XDECREF(message);
+    return put;
+}
+
+/* The CAPTURED message of a usual step, (CAPTURED, start, end, finisher, static, None, None,
+ * None, tuple(fields)), marshalled and put: 1 put, 0 refused (full, counted), -1 with ValueError
+ * when marshal cannot carry a field (the submitter then hands the step to the Python path). */
+static int put_captured(Producer *self, long long start_ns, long long end_ns, long finisher_id, long static_id,
+                        PyObject *captured) {
     unsigned char buffer[4096];
     Out out = {buffer, buffer + sizeof(buffer)};
-    PyObject *head[] = {self->captured_tag, start_ns, end_ns, finisher_id, static_id, parent_ids, Py_None, Py_None};
-    int written = out_byte(&out, ')') || out_byte(&out, 9) ? -1 : 0;
-    for (size_t i = 0; written == 0 && i < sizeof(head) / sizeof(head[0]); i++)
-        written = write_value(&out, head[i], 1);
+    int written = write_head(&out, self->captured_tag, start_ns, end_ns, finisher_id, static_id);
     if (written == 0 && PyTuple_Check(captured)) { /* a NamedTuple goes as the plain tuple it is */
         Py_ssize_t n = PyTuple_GET_SIZE(captured);
         written = n < 256 ? out_byte(&out, ')') || out_byte(&out, (unsigned char)n) : -1;
@@ -283,17 +305,8 @@ static int put_captured(Producer *self, PyObject *start_ns, PyObject *end_ns, Py
     PyObject *fields = PySequence_Tuple(captured);
     if (fields == NULL)
         return -1;
-    PyObject *message = PyTuple_Pack(9, self->captured_tag, start_ns, end_ns, finisher_id, static_id, parent_ids,
-                                     Py_None, Py_None, fields);
+    int put = put_marshalled(self, start_ns, end_ns, finisher_id, static_id, Py_None, fields);
     Py_DECREF(fields);
-    if (message == NULL)
-        return -1;
-    PyObject *marshalled = PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION);
-    Py_DECREF(message);
-    if (marshalled == NULL)
-        return -1;
-    int put = copy_record(self, PyBytes_AS_STRING(marshalled), (uint64_t)PyBytes_GET_SIZE(marshalled));
-    Py_DECREF(marshalled);
     return put;
 }
 
@@ -322,12 +335,11 @@ typedef struct {
     unsigned long long emitted;
 } Submitter;
 
-/* The numbers of `finish` and of `statics` (borrowed Python ints), or 0 with no error set when
- * either is not known yet (or `finish` runs on the engine thread). */
-static int known_numbers(Submitter *self, PyObject *finish, PyObject *statics, PyObject **finisher_id,
-                         PyObject **static_id) {
+/* 1 with the numbers of `finish` and of `statics` set, or 0 with no error set when either is not
+ * known yet (or `finish` runs on the engine thread). */
+static int known_numbers(Submitter *self, PyObject *finish, PyObject *statics, long *finisher_id, long *static_id) {
     PyObject *finisher = PyDict_GetItemWithError(self->finishers, finish); /* borrowed */
-    if (finisher == NULL || !PyLong_CheckExact(finisher) || PyLong_AsLong(finisher) < 0)
+    if (finisher == NULL || !PyLong_CheckExact(finisher) || (*finisher_id = PyLong_AsLong(finisher)) < 0)
         goto unknown;
     PyObject *key = PyLong_FromVoidPtr(statics);
     if (key == NULL)
@@ -337,8 +349,9 @@ static int known_numbers(Submitter *self, PyObject *finish, PyObject *statics, P
     if (known == NULL || !PyTuple_Check(known) || PyTuple_GET_SIZE(known) < 1 ||
         !PyLong_CheckExact(PyTuple_GET_ITEM(known, 0)))
         goto unknown;
-    *finisher_id = finisher;
-    *static_id = PyTuple_GET_ITEM(known, 0);
+    *static_id = PyLong_AsLong(PyTuple_GET_ITEM(known, 0));
+    if (*static_id == -1 && PyErr_Occurred())
+        goto unknown;
     return 1;
 unknown:
     PyErr_Clear();
@@ -365,10 +378,13 @@ static PyObject *Submitter_vectorcall(Submitter *self, PyObject *const *args, si
         if (current != 0)
             goto slow_clear;
     }
-    PyObject *finisher_id, *static_id;
+    long finisher_id, static_id;
     if (!known_numbers(self, finish, statics, &finisher_id, &static_id))
         goto slow;
-    int put = put_captured(self->producer, args[4], args[5], finisher_id, static_id, Py_None, captured);
+    long long start_ns = PyLong_AsLongLong(args[4]), end_ns = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        goto slow_clear;
+    int put = put_captured(self->producer, start_ns, end_ns, finisher_id, static_id, captured);
     if (put < 0)
         goto slow_clear; /* e.g. a value marshal cannot carry: the sink describes the step itself */
     if (put)
@@ -386,17 +402,8 @@ slow:
 
 static int api_known_ids(PyObject *submitter, PyObject *finish, PyObject *statics, long *finisher_id,
                          long *static_id) {
-    PyObject *finisher, *statics_number;
-    if (Py_TYPE(submitter) != &SubmitterType ||
-        !known_numbers((Submitter *)submitter, finish, statics, &finisher, &statics_number))
-        return 0;
-    *finisher_id = PyLong_AsLong(finisher);
-    *static_id = PyLong_AsLong(statics_number);
-    if (PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    return 1;
+    return Py_TYPE(submitter) == &SubmitterType &&
+           known_numbers((Submitter *)submitter, finish, statics, finisher_id, static_id);
 }
 
 static int api_live(PyObject *submitter) {
@@ -411,21 +418,14 @@ static int api_write_value(unsigned char **at, unsigned char *end, PyObject *val
     return 0;
 }
 
-/* An erring step: the whole message made as Python objects and marshalled, its fields read
- * back from their bytes. 1 put, 0 refused, -1 failed (errors cleared by the caller). */
+/* An erring step: its fields read back from their bytes, and the message marshalled with the
+ * exception's event. 1 put, 0 refused, -1 failed (errors cleared by the caller). */
 static int put_erring(Submitter *self, long long start_ns, long long end_ns, long finisher_id, long static_id,
                       PyObject *error, const unsigned char *fields, size_t size) {
     PyObject *event = PyObject_CallOneArg(self->exception_event, error);
     PyObject *captured = event != NULL ? PyMarshal_ReadObjectFromString((const char *)fields, (Py_ssize_t)size) : NULL;
-    PyObject *message = captured != NULL ? Py_BuildValue("(OLLllOOOO)", self->producer->captured_tag, start_ns, end_ns,
-                                                         finisher_id, static_id, Py_None, event, Py_None, captured)
-                                         : NULL;
-    PyObject *marshalled = message != NULL ? PyMarshal_WriteObjectToString(message, Py_MARSHAL_VERSION) : NULL;
-    int put = marshalled != NULL ? copy_record(self->producer, PyBytes_AS_STRING(marshalled),
-                                               (uint64_t)PyBytes_GET_SIZE(marshalled))
-                                 : -1;
-    Py_XDECREF(marshalled);
-    Py_XDECREF(message);
+    int put = captured != NULL ? put_marshalled(self->producer, start_ns, end_ns, finisher_id, static_id, event, captured)
+                               : -1;
     Py_XDECREF(captured);
     Py_XDECREF(event);
     return put;
@@ -438,15 +438,9 @@ static void api_put_staged(PyObject *submitter, long long start_ns, long long en
     if (error != NULL) {
         put = put_erring(self, start_ns, end_ns, finisher_id, static_id, error, fields, size);
     } else if (self->producer->has_view) {
-        /* the head, (CAPTURED, start, end, finisher, static, parent None, exception None, extra
-         * None, then the fields */
         unsigned char head[128];
         Out out = {head, head + sizeof(head)};
-        int written = out_byte(&out, ')') || out_byte(&out, 9) || write_value(&out, self->producer->captured_tag, 1) ||
-                      write_long_long(&out, start_ns) || write_long_long(&out, end_ns) ||
-                      write_long_long(&out, finisher_id) || write_long_long(&out, static_id) ||
-                      out_bytes(&out, "NNN", 3);
-        if (written == 0) {
+        if (write_head(&out, self->producer->captured_tag, start_ns, end_ns, finisher_id, static_id) == 0) {
             const unsigned char *parts[2] = {head, fields};
             uint64_t lens[2] = {(uint64_t)(out.at - head), (uint64_t)size};
             put = copy_parts(self->producer, parts, lens, 2);
