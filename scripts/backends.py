@@ -95,6 +95,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -1080,15 +1081,45 @@ _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux's ``ip_local_port_range``;
+    the IANA range where that cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+# Below the ephemeral range, above the well-known and most registered servers' ports.
+_PICKED_FROM = 20000
+
+
 def free_ports(n: int, host: str = LOCALHOST) -> list[int]:
     """``n`` distinct free ports, none handed out before by this process: each stack started
-    side by side (the fault tests run several at once) gets ports of its own. They are held
-    open together while picked, so the kernel cannot give one of them twice."""
+    side by side (the fault tests run several at once) gets ports of its own.
+
+    They come from below the kernel's ephemeral range. A port the kernel picked for ``bind(0)``
+    is one it may hand to any outgoing connection a moment later; a scenario that keeps its
+    collector down for 20 s while the engine and other stacks connect around it found its port
+    taken that way. Ports outside the range only go to those who ask for them by number."""
+    low, high = ephemeral_range()
+    start, stop = (_PICKED_FROM, low) if low - _PICKED_FROM >= 1000 else (1024, low)
+    if stop - start < 1000:  # a range that leaves no room below it: let the kernel pick
+        start = stop = 0
     with _handed_out_lock, contextlib.ExitStack() as held:
         picked: list[int] = []
+        tries = 0
         while len(picked) < n:
+            tries += 1
+            if tries > 100 * n + 1000:
+                raise BackendError(f"no {n} free ports on {host} below {low}")
             s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind((host, 0))
+            candidate = random.randrange(start, stop) if stop else 0
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
             port = s.getsockname()[1]
             if port not in _handed_out:
                 picked.append(port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import socket
 import sys
 import tarfile
 from pathlib import Path
@@ -75,6 +76,17 @@ def test_local_jaeger_config_keeps_badger_and_moves_only_endpoints_and_directori
 def test_free_ports_are_distinct():
     ports = backends.free_ports(50)
     assert len(set(ports)) == 50
+
+
+def test_free_ports_are_ones_the_kernel_never_gives_to_outgoing_connections():
+    # A port from the ephemeral range can be taken by any client's connect() before the server
+    # that was meant to have it binds it (a collector started 20 s after its engine lost it so).
+    low, high = backends.ephemeral_range()
+    assert low < high
+    ports = backends.free_ports(20)
+    assert all(1024 <= p < low for p in ports), (ports, low)
+    with socket.socket() as s:  # and a picked port is really free
+        s.bind((backends.LOCALHOST, ports[0]))
 
 
 def test_rebuilt_jaeger_image_is_laid_out_like_the_published_one(tmp_path):

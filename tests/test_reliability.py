@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from otel_stepspan.testing.otlp_receiver import OtlpReceiver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import backends  # noqa: E402
 
 PROGRAMS = Path(__file__).parent / "programs"
 
@@ -36,9 +38,9 @@ def env_for(endpoint: str, **extra: str) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port for a receiver started after its program: one outside the kernel's ephemeral
+    range, so that no connection (the program's own retries included) takes it meanwhile."""
+    return backends.free_port()
 
 
 def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 60) -> None:
