@@ -23,6 +23,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed)
 
 
+#: The generator's own draw, for callers that cannot afford :func:`random_bits`'s frame; it
+#: may return zero. Reseeding keeps the generator, so this stays bound to it across a fork.
+getrandbits = _generator.getrandbits
+
+
 def random_bits(bits: int) -> int:
     """A random non-zero integer of ``bits`` bits (zero is the invalid id)."""
     return _generator.getrandbits(bits) or 1
