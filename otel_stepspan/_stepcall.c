@@ -13,13 +13,15 @@
  * - nothing on (no profiler, no tracer provider, no OTEL_* variable asking for a sink: the test
  *   of runtime.sinks_off): the engine's forward, called at once;
  * - OpenTelemetry alone, the usual step: the runtime's state decided for the provider in place
- *   now, a sink that takes steps as they come (state.fast_sink: no GPU timer, no NVTX), an empty
- *   OpenTelemetry context, a runner whose static attributes `statics_of(runner)` gave, a batch
+ *   now, a sink that takes steps as they come (state.fast_sink: no GPU timer, no NVTX), an
+ *   OpenTelemetry context that is empty or holds a current span without suppress_instrumentation()
+ *   (runtime._suppressed's two keys), a runner whose static attributes `statics_of(runner)` gave, a batch
  *   whose `guards` attributes are all None and whose fields the plan below can read. Then: the
  *   capture by the plan, the clock, the forward, the clock, and sink.submit(finish, captured,
  *   static, context, start_ns, end_ns, error), as runtime.wrap_method's Python path calls it.
  *
- *   Staged, where the sink is the exporter process's with the compiled ring producer and its
+ *   Staged, for a step with no current span (the ring's record carries no parent), where the
+ *   sink is the exporter process's with the compiled ring producer and its
  *   submitter knows this finisher and runner already (every step after the first): the captured
  *   fields are written as the ring's marshal bytes before the forward, into a buffer on this
  *   call's stack, and after the forward the step is put with the clock and a copy alone
@@ -60,7 +62,7 @@ static PyObject *MODE, *PASS_ID; /* the plan's markers */
 static unsigned long long decisions = 1;
 static PyObject *ONE;
 static PyObject *s_state, *s_provider, *s_wanted, *s_decided_for, *s_fast_sink, *s_profiler_enabled, *s_submit,
-    *s_forward_mode, *s_torch_profiler_globals, *s_is_profiler_enabled;
+    *s_forward_mode, *s_torch_profiler_globals, *s_is_profiler_enabled, *s_suppress_key, *s_suppress_key_plain;
 
 typedef struct {
     PyObject_HEAD
@@ -373,6 +375,25 @@ static void submit(PyObject *sink, PyObject *const *args) {
     Py_XDECREF(done);
 }
 
+/* 1 when a current context (a dict, as OpenTelemetry's Context is) carries neither of the keys
+ * of OpenTelemetry's suppress_instrumentation(), as runtime._suppressed reads them; 0 when one is
+ * set; -1 when that cannot be told here (no error is left set). */
+static int unsuppressed(StepCall *self, PyObject *context) {
+    if (!PyDict_Check(context))
+        return -1;
+    PyObject *names[2] = {s_suppress_key, s_suppress_key_plain};
+    for (int i = 0; i < 2; i++) {
+        PyObject *key = PyDict_GetItemWithError(self->runtime, names[i]);
+        PyObject *value = key != NULL ? PyDict_GetItemWithError(context, key) : NULL;
+        int set = value != NULL ? PyObject_IsTrue(value) : (PyErr_Occurred() || key == NULL ? -1 : 0);
+        if (set != 0) {
+            PyErr_Clear();
+            return set > 0 ? 0 : -1;
+        }
+    }
+    return 1;
+}
+
 static PyObject *StepCall_vectorcall(StepCall *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs < 2)
@@ -402,9 +423,12 @@ static PyObject *StepCall_vectorcall(StepCall *self, PyObject *const *args, size
         context = PyObject_CallNoArgs(self->get_current);
     }
     int current = context != NULL ? PyObject_IsTrue(context) : -1;
-    int slot = current == 0 ? slot_for(self, runner) : -1;
+    if (current > 0 && unsuppressed(self, context) <= 0)
+        current = -1; /* suppressed, or a context of an odd kind: the Python wrapper decides */
+    int slot = current >= 0 ? slot_for(self, runner) : -1;
     PyObject *statics = slot >= 0 ? self->statics[slot] : NULL;
-    PyObject *submitter = statics != NULL && ringput != NULL ? sink_submitter(self, sink) : NULL;
+    /* The ring's record carries no parent: a step under a current span is submitted with it. */
+    PyObject *submitter = current == 0 && statics != NULL && ringput != NULL ? sink_submitter(self, sink) : NULL;
     if (submitter != NULL) {
         long finisher_id, static_id;
         unsigned char fields[STAGE];
@@ -421,7 +445,7 @@ static PyObject *StepCall_vectorcall(StepCall *self, PyObject *const *args, size
     if (captured == NULL) {
         Py_DECREF(sink);
         Py_XDECREF(context);
-        return slow(self, args, nargsf, kwnames); /* a current span, suppression, an odd batch */
+        return slow(self, args, nargsf, kwnames); /* suppression, an odd batch or context */
     }
     Py_INCREF(statics); /* the slot may change hands while the forward runs */
     Forward forward;
@@ -616,7 +640,9 @@ PyMODINIT_FUNC PyInit__stepcall(void) {
     s_forward_mode = PyUnicode_InternFromString("forward_mode");
     s_torch_profiler_globals = PyUnicode_InternFromString("torch_profiler_globals");
     s_is_profiler_enabled = PyUnicode_InternFromString("_is_profiler_enabled");
-    if (MODE == NULL || PASS_ID == NULL || ONE == NULL || s_is_profiler_enabled == NULL || s_forward_mode == NULL || PyModule_AddObjectRef(m, "MODE", MODE) < 0 ||
+    s_suppress_key = PyUnicode_InternFromString("_SUPPRESS_KEY");
+    s_suppress_key_plain = PyUnicode_InternFromString("_SUPPRESS_KEY_PLAIN");
+    if (MODE == NULL || s_suppress_key == NULL || s_suppress_key_plain == NULL || PASS_ID == NULL || ONE == NULL || s_is_profiler_enabled == NULL || s_forward_mode == NULL || PyModule_AddObjectRef(m, "MODE", MODE) < 0 ||
         PyModule_AddObjectRef(m, "PASS_ID", PASS_ID) < 0 ||
         PyModule_AddObjectRef(m, "StepCall", (PyObject *)&StepCallType) < 0) {
         Py_DECREF(m);

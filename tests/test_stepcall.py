@@ -121,15 +121,37 @@ def test_an_exception_from_the_forward_is_submitted_and_raised_as_it_was(memory_
     assert "raise forward_batch.explode" in event.attributes["exception.stacktrace"]
 
 
-def test_a_step_under_a_current_span_is_its_child_by_the_python_wrapper(memory_spans):
+def test_a_step_under_a_current_span_is_its_child_through_the_compiled_call(memory_spans):
     runner_class = _runner_class(True)
     runner = runner_class()
-    runner.forward(fakes.decode_batch(2))
+    runner.forward(fakes.decode_batch(2))  # names DECODE
     tracer = memory_spans.provider.get_tracer("test")
     with tracer.start_as_current_span("request") as request:
         runner.forward(fakes.decode_batch(2))
     step = memory_spans.spans()[-1]
+    assert [s.name for s in memory_spans.spans()] == ["step[decode bs=2]"] * 2
     assert step.parent is not None and step.parent.span_id == request.get_span_context().span_id
+    assert step.context.trace_id == request.get_span_context().trace_id
+    assert runner_class.__dict__["forward"].fast_steps == 1
+
+
+@pytest.mark.parametrize("plain_key", [False, True])
+def test_under_suppressed_instrumentation_no_step_is_traced(memory_spans, plain_key):
+    from opentelemetry import context
+
+    runner_class = _runner_class(True)
+    runner = runner_class()
+    runner.forward(fakes.decode_batch(2))  # names DECODE
+    tracer = memory_spans.provider.get_tracer("test")
+    key = runtime._SUPPRESS_KEY_PLAIN if plain_key else runtime._SUPPRESS_KEY
+    with tracer.start_as_current_span("request"):
+        token = context.attach(context.set_value(key, True))
+        try:
+            assert runner.forward(fakes.decode_batch(3))[0] == "output"
+        finally:
+            context.detach(token)
+    assert [s.name for s in memory_spans.spans()] == ["step[decode bs=2]"]  # not the suppressed one
+    assert "request" in [s.name for s in memory_spans.all_spans()]
     assert runner_class.__dict__["forward"].fast_steps == 0
 
 
