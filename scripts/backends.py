@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -110,6 +111,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -1178,6 +1180,7 @@ def _start(argv: list[str], log_path: Path, health_url: str | None, timeout: flo
     _log(f"starting: {' '.join(argv)}  (log: {log_path})")
     proc = subprocess.Popen(_tied_to_this_thread(argv), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, cwd=log_path.parent, env={**os.environ, **(env or {})})
+    proc.log_path = log_path  # type: ignore[attr-defined]  # named when it ends (Supervisor)
     log.close()
     try:
         if ready is not None:
@@ -1647,9 +1650,12 @@ class LocalBackends:
                                    src=self.jaeger_config)
         # The search front outlives Jaeger's restarts, as a reverse proxy would (502 meanwhile).
         if self.front is None or self.front.poll() is not None:
-            self.front = start_search_front(
-                self.front_port, self.jaeger_direct_url, self.workdir / "search_front.log",
-                binary=self.binaries.get("search_front"))
+            self.start_front()
+
+    def start_front(self) -> None:
+        self.front = start_search_front(
+            self.front_port, self.jaeger_direct_url, self.workdir / "search_front.log",
+            binary=self.binaries.get("search_front"))
 
     def start_collector(self) -> None:
         self.collector = start_collector(
@@ -1675,6 +1681,14 @@ class LocalBackends:
     def processes(self) -> "list[subprocess.Popen]":
         """The processes started, in the order they stop: Prometheus, the collector(s), Jaeger."""
         return [p for p in (self.prometheus, self.collector, self.front, self.jaeger) if p is not None]
+
+    def components(self) -> "list[Component]":
+        """Each process started, by name, with what starts it again on the same ports and state
+        (what ``run`` does when one exits: :class:`Supervisor`)."""
+        return [Component(name, proc, start) for name, proc, start in (
+            ("Prometheus", self.prometheus, self.start_prometheus), ("collector", self.collector, self.start_collector),
+            ("search front", self.front, self.start_front), ("Jaeger", self.jaeger, self.start_jaeger),
+        ) if proc is not None]
 
     def close(self) -> None:
         for proc in self.processes():
@@ -1874,9 +1888,12 @@ class LocalFleet(LocalBackends):
         self.gateways = []
         for index in range(len(self.gateway_configs)):
             self.start_gateway(index)
-        binary = self.binaries["otelcol_gateway"]
+        self.start_agent()
+
+    def start_agent(self) -> None:
+        """The agent on its ports and queue: started again, it finds what it held on disk."""
         self.agent = self.collector = start_collector(
-            self.config, self.health, binary=binary,
+            self.config, self.health, binary=self.binaries["otelcol_gateway"],
             other_ports=(self.otlp_grpc, self.otlp_http, *([self.agent_own_metrics] if self.agent_own_metrics else [])))
 
     def start_gateway(self, index: int, extra_configs: "tuple[Path, ...]" = ()) -> None:
@@ -1901,6 +1918,16 @@ class LocalFleet(LocalBackends):
         OpenSearch nodes (the data node before the cluster manager)."""
         return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger, self.kafka,
                             *reversed(self.opensearch.values())) if p is not None]
+
+    def components(self) -> "list[Component]":
+        named = [("Prometheus", self.prometheus, self.start_prometheus), ("agent", self.agent, self.start_agent)]
+        named += [(f"gateway-{i}", proc, functools.partial(self.start_gateway, i - 1))
+                  for i, proc in enumerate(self.gateways, 1)]
+        named += [("search front", self.front, self.start_front), ("Jaeger", self.jaeger, self.start_jaeger),
+                  ("Kafka", self.kafka, self.start_kafka)]
+        named += [(f"OpenSearch {name}", proc, functools.partial(self.start_opensearch, name))
+                  for name, proc in self.opensearch.items()]
+        return [Component(name, proc, start) for name, proc, start in named if proc is not None]
 
 
 def validate_collector_config(config: Path = COLLECTOR_CONFIG, *overlays: Path,
@@ -2010,6 +2037,70 @@ def _stop_on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class Component(NamedTuple):
+    """A process of a local stack: its name, the process, and what starts it again."""
+
+    name: str
+    proc: subprocess.Popen
+    start: Callable[[], None]
+
+
+def exit_reason(returncode: int) -> str:
+    """``exit code 2``, or ``killed by SIGKILL`` for a process a signal ended."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+#: A backend that exits more often than this within RESTART_WINDOW_S is given up on.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 300.0
+
+
+class Supervisor:
+    """What ``run`` does while it serves: a backend that exits is started again on its ports
+    and state, as compose's ``restart: unless-stopped`` does there, with a line naming it, why
+    it ended and its log. A gateway killed in a fleet is back on the agents' ring in seconds
+    (their queues hold its share meanwhile) rather than its share waiting out the agents'
+    retries. One that exits more than ``limit`` times within ``window_s`` seconds is given up
+    on: ``check`` raises, and ``run`` stops the rest and fails naming it."""
+
+    def __init__(self, stack: "LocalBackends", *, limit: int = RESTART_LIMIT, window_s: float = RESTART_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stack = stack
+        self.limit = limit
+        self.window_s = window_s
+        self.clock = clock
+        self.exits: dict[str, list[float]] = {}
+
+    def check(self) -> list[str]:
+        """Start again every component found ended; the lines said about them."""
+        said = []
+        for component in self.stack.components():
+            code = component.proc.poll()
+            if code is None:
+                continue
+            now = self.clock()
+            exits = [t for t in self.exits.get(component.name, []) if now - t < self.window_s] + [now]
+            self.exits[component.name] = exits
+            log = getattr(component.proc, "log_path", None)
+            where = f" (log: {log})" if log else ""
+            if len(exits) > self.limit:
+                raise BackendError(f"{component.name} ended {len(exits)} times in {self.window_s:.0f} s, the last "
+                                   f"with {exit_reason(code)}; not started again{where}")
+            said.append(f"{component.name} ended ({exit_reason(code)}); starting it again{where}")
+            _log(said[-1])
+            try:
+                component.start()
+            except BackendError as error:  # told, and tried again at the next check
+                said.append(f"{component.name} did not start again: {error}")
+                _log(said[-1])
+        return said
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.fleet and args.secured:
         raise BackendError("--secured is for the single collector; the fleet's agent takes plain OTLP")
@@ -2067,9 +2158,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"engine     OTEL_EXPORTER_OTLP_CERTIFICATE={workdir / 'secrets' / 'ca.crt'}\n"
                   f"           OTEL_EXPORTER_OTLP_HEADERS=\"authorization=Bearer%20$(cat "
                   f"{workdir / 'secrets' / 'token'})\"", flush=True)
+        supervisor = Supervisor(stack)
         try:
-            while all(p.poll() is None for p in stack.processes()):
+            while True:
                 time.sleep(0.5)
+                supervisor.check()
         except KeyboardInterrupt:
             pass
     return 0
@@ -2103,7 +2196,9 @@ def main(argv: list[str] | None = None) -> int:
         "run", help="run Jaeger (Badger) + collector + Prometheus on 127.0.0.1 until Ctrl-C; "
                     "--fleet: an agent + gateways instead of the collector",
         description="Run the backends on 127.0.0.1, without Docker, until Ctrl-C or SIGTERM (which stop "
-                    "everything started). Plain: one Collector (collector/config.yaml) in front of Jaeger, "
+                    "everything started). A backend that ends meanwhile is started again on its ports and "
+                    f"state, with a line on stderr; one that ends more than {RESTART_LIMIT} times in "
+                    f"{RESTART_WINDOW_S / 60:.0f} minutes stops the run (exit 1). Plain: one Collector (collector/config.yaml) in front of Jaeger, "
                     "and Prometheus scraping its span metrics. --fleet: the tier of docs/scale.md "
                     "instead of that Collector: one agent (collector/agent.yaml: engines point "
                     "OTEL_EXPORTER_OTLP_ENDPOINT at its OTLP ports) load-balancing by trace id onto N "

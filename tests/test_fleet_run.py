@@ -13,6 +13,8 @@ users and Jaeger's Monitor tab use:
   * Prometheus's `sum by (forward_mode)` of the span metrics counts every step sent, mode by
     mode, and its series come from both gateways;
   * Jaeger's Monitor tab reads that Prometheus: one series per mode, the gateways summed;
+  * a gateway SIGKILLed is started again by `run` on its ports (a line names it, why it ended
+    and its log), and `run` goes on serving;
   * SIGTERM stops everything `run --fleet` started (its exit status is 0, every port is free).
 
 Once the binaries are built (`python scripts/backends.py build --fleet`), about 30 s. Skips
@@ -189,6 +191,46 @@ def test_jaeger_monitor_tab_reads_the_gateways_summed(fleet_run, sent):
     series = poll(lambda: monitor_series(fleet_run["jaeger"], SERVICE, "calls"), lambda s: steps <= set(s), 60, 1.0)
     assert steps <= set(series), series
     assert all(len(per_op) == 1 for per_op in series.values()), series  # one per mode, not per gateway
+
+
+def _pids_naming(path: Path) -> list[int]:
+    """The processes whose command line names ``path``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(str(path).encode() in arg for arg in argv):
+                pids.append(int(entry.name))
+    return pids
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def test_a_gateway_killed_is_started_again_by_run(fleet_run, sent):
+    config = fleet_run["workdir"] / "gateway-2.yaml"
+    (killed,) = _pids_naming(config)
+    metrics = f"http://127.0.0.1:{fleet_run['ports'][8]}/metrics"  # gateway 2's span metrics
+    assert _answers(metrics)
+    os.kill(killed, signal.SIGKILL)
+    line = f"gateway-2 ended (killed by SIGKILL); starting it again (log: {fleet_run['workdir']}"
+
+    def said() -> str:  # read apart from run's own handle on it (they would share an offset)
+        return (fleet_run["workdir"] / "run.stderr").read_text(errors="replace")
+
+    assert line in poll(said, lambda text: line in text, 60, 0.5), said()[-3000:]
+    started = poll(lambda: _pids_naming(config), lambda pids: len(pids) == 1 and pids[0] != killed, 60, 0.5)
+    assert len(started) == 1 and started[0] != killed, started
+    assert poll(lambda: _answers(metrics), bool, 60, 0.5), f"gateway 2 does not answer again: {said()[-3000:]}"
+    assert fleet_run["proc"].poll() is None  # run goes on serving
 
 
 def test_sigterm_stops_everything_run_fleet_started(fleet_run, sent):
