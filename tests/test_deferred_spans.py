@@ -118,6 +118,38 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(memory_spans, monkeyp
     assert trace.get_tracer_provider() is memory_spans.provider
 
 
+def test_a_batch_processor_with_a_small_queue_gets_every_span_and_drops_none(monkeypatch):
+    """The span thread never outruns the provider's batch processor: a span made while that
+    queue is full would be dropped there, unseen by stats()."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class SlowExporter(SpanExporter):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def export(self, spans):
+            time.sleep(0.002)  # 4 spans per 2 ms: far slower than the span thread makes them
+            self.names.extend(span.name for span in spans)
+            return SpanExportResult.SUCCESS
+
+    exporter = SlowExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8, max_export_batch_size=4,
+                                                   schedule_delay_millis=1))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    monkeypatch.setenv("OTEL_STEPSPAN_TIMELINE", "off")
+    runtime.refresh_settings()
+    for bs in range(1, 201):
+        with step_span(StepInfo("decode", bs, 0, bs, 0, bs)):
+            pass
+    assert otel_stepspan.flush(30.0)
+    provider.force_flush()
+    assert sorted(exporter.names) == sorted(f"step[decode bs={bs}]" for bs in range(1, 201))
+    assert stats()["dropped"] == 0
+    provider.shutdown()
+
+
 def test_suppress_instrumentation_silences_step_spans(memory_spans):
     from opentelemetry.instrumentation.utils import suppress_instrumentation
 
