@@ -1679,12 +1679,13 @@ class LocalBackends:
         return self
 
     def processes(self) -> "list[subprocess.Popen]":
-        """The processes started, in the order they stop: Prometheus, the collector(s), Jaeger."""
-        return [p for p in (self.prometheus, self.collector, self.front, self.jaeger) if p is not None]
+        """The processes started, in the order they stop (that of :meth:`components`)."""
+        return [component.proc for component in self.components()]
 
     def components(self) -> "list[Component]":
         """Each process started, by name, with what starts it again on the same ports and state
-        (what ``run`` does when one exits: :class:`Supervisor`)."""
+        (what ``run`` does when one exits: :class:`Supervisor`), in the order they stop:
+        Prometheus, the collector(s), the search front, Jaeger."""
         return [Component(name, proc, start) for name, proc, start in (
             ("Prometheus", self.prometheus, self.start_prometheus), ("collector", self.collector, self.start_collector),
             ("search front", self.front, self.start_front), ("Jaeger", self.jaeger, self.start_jaeger),
@@ -1912,21 +1913,17 @@ class LocalFleet(LocalBackends):
         self.prometheus = start_prometheus(self.workdir, self.prometheus_port, self.gateway_metrics,
                                            binary=self.binaries["prometheus"], src=PROMETHEUS_FLEET_CONFIG)
 
-    def processes(self) -> "list[subprocess.Popen]":
-        """Prometheus, the agent (it flushes to the gateways), the gateways (they flush to
-        Jaeger or Kafka), the search front, Jaeger (an ingester commits its offsets), Kafka, the
-        OpenSearch nodes (the data node before the cluster manager)."""
-        return [p for p in (self.prometheus, self.agent, *self.gateways, self.front, self.jaeger, self.kafka,
-                            *reversed(self.opensearch.values())) if p is not None]
-
     def components(self) -> "list[Component]":
+        """In the order they stop: Prometheus, the agent (it flushes to the gateways), the
+        gateways (they flush to Jaeger or Kafka), the search front, Jaeger (an ingester commits
+        its offsets), Kafka, the OpenSearch nodes (the data node before the cluster manager)."""
         named = [("Prometheus", self.prometheus, self.start_prometheus), ("agent", self.agent, self.start_agent)]
         named += [(f"gateway-{i}", proc, functools.partial(self.start_gateway, i - 1))
                   for i, proc in enumerate(self.gateways, 1)]
         named += [("search front", self.front, self.start_front), ("Jaeger", self.jaeger, self.start_jaeger),
                   ("Kafka", self.kafka, self.start_kafka)]
         named += [(f"OpenSearch {name}", proc, functools.partial(self.start_opensearch, name))
-                  for name, proc in self.opensearch.items()]
+                  for name, proc in reversed(self.opensearch.items())]
         return [Component(name, proc, start) for name, proc, start in named if proc is not None]
 
 
