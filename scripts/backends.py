@@ -1097,6 +1097,14 @@ def ephemeral_range() -> tuple[int, int]:
 _PICKED_FROM = 20000
 
 
+def reserve_ports(ports: "Mapping[str, int | None] | None") -> None:
+    """Keep ``free_ports`` off ports given by number (``run --otlp-grpc-port``, a test's fixed
+    ports): a stack picks its other ports before it binds those, and in a process of its own
+    it would not know them otherwise."""
+    with _handed_out_lock:
+        _handed_out.update(port for port in (ports or {}).values() if port)
+
+
 def free_ports(n: int, host: str = LOCALHOST) -> list[int]:
     """``n`` distinct free ports, none handed out before by this process: each stack started
     side by side (the fault tests run several at once) gets ports of its own.
@@ -1574,6 +1582,7 @@ class LocalBackends:
                  binaries: "Mapping[str, Path] | None" = None,
                  ui_assets: str | os.PathLike[str] | None = None) -> None:
         ports = dict(ports or {})
+        reserve_ports(ports)
         self.ui_assets = ui_assets
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -1742,6 +1751,7 @@ class LocalFleet(LocalBackends):
                  ui_assets: str | os.PathLike[str] | None = None) -> None:
         if gateways < 1:
             raise BackendError("a fleet needs at least one gateway")
+        reserve_ports(ports)  # before the fleet's own picks below
         self.gateway_count = gateways
         if retention_days is not None and not opensearch:
             raise BackendError("retention_days is for the OpenSearch store (Badger's is JAEGER_RETENTION)")

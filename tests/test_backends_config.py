@@ -89,6 +89,16 @@ def test_free_ports_are_ones_the_kernel_never_gives_to_outgoing_connections():
         s.bind((backends.LOCALHOST, ports[0]))
 
 
+def test_free_ports_never_pick_a_port_given_by_number(monkeypatch):
+    # `run --fleet --otlp-grpc-port P` picks its gateways' ports before its agent binds P.
+    low, _ = backends.ephemeral_range()
+    monkeypatch.setattr(backends, "_handed_out", set())
+    backends.reserve_ports({str(port): port for port in range(backends._PICKED_FROM, low, 2)})
+    backends.reserve_ports({"metrics": None})
+    picked = backends.free_ports(200)
+    assert all((port - backends._PICKED_FROM) % 2 == 1 for port in picked), picked
+
+
 def test_rebuilt_jaeger_image_is_laid_out_like_the_published_one(tmp_path):
     binary, box = tmp_path / "jaeger", tmp_path / "busybox"
     binary.write_bytes(b"\x7fELF jaeger")
